@@ -1,0 +1,81 @@
+//! Rollout manifests (`rollouts/<rolloutId>.json` + `.sig`, SPEC.md §4): the frozen plan of
+//! one rollout of one channel.
+
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::{HealthGate, OnHealthFailure, Selector};
+use crate::meta::Meta;
+
+/// The only manifest schema this build understands.
+pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
+
+/// `rolloutId` is the lowercase hex SHA-256 of the manifest's canonical bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutManifest {
+    pub schema_version: u32,
+    /// `<channel>@<short commit>`.
+    pub display_name: String,
+    pub channel: String,
+    /// The CI commit the release was built from.
+    pub channel_ref: String,
+    /// SHA-256 of the canonical fleet.resolved this manifest was projected from.
+    pub fleet_resolved_hash: String,
+    /// Sorted by hostname.
+    pub host_set: Vec<HostSetEntry>,
+    pub waves: Vec<ManifestWave>,
+    pub health_gate: HealthGate,
+    pub on_health_failure: OnHealthFailure,
+    #[serde(default)]
+    pub compliance_frameworks: Vec<String>,
+    #[serde(default)]
+    pub disruption_budgets: Vec<ManifestBudget>,
+    /// The channel's freshness window in minutes, signed with the plan so that an agent
+    /// does not have to take the control plane's word for it.
+    #[serde(default)]
+    pub freshness_window: Option<u32>,
+    pub meta: Meta,
+}
+
+impl RolloutManifest {
+    /// The host-set entry for a host, if it is part of this rollout.
+    pub fn entry(&self, hostname: &str) -> Option<&HostSetEntry> {
+        self.host_set
+            .binary_search_by(|e| e.hostname.as_str().cmp(hostname))
+            .ok()
+            .map(|i| &self.host_set[i])
+    }
+
+    /// Whether `(hostname, waveIndex, closure)` is part of the signed plan.
+    pub fn contains(&self, hostname: &str, wave_index: u32, target_closure: &str) -> bool {
+        self.entry(hostname)
+            .is_some_and(|e| e.wave_index == wave_index && e.target_closure == target_closure)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostSetEntry {
+    pub hostname: String,
+    pub wave_index: u32,
+    pub target_closure: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestWave {
+    pub soak_minutes: u32,
+}
+
+/// A disruption budget frozen for the rollout: the selector and the hosts it matched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestBudget {
+    pub selector: Selector,
+    /// Sorted.
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    #[serde(default)]
+    pub max_in_flight_pct: Option<u32>,
+}

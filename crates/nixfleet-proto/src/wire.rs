@@ -1,0 +1,179 @@
+//! The agent ↔ control-plane protocol (SPEC.md §5), camelCase JSON over mTLS.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::token::BootstrapToken;
+
+/// Agents send this header with their protocol major version on every request.
+pub const PROTOCOL_HEADER: &str = "X-Nixfleet-Protocol";
+/// The protocol major version this build speaks.
+pub const PROTOCOL_MAJOR: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    pub token: BootstrapToken,
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewRequest {
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewResponse {
+    pub cert_pem: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckinRequest {
+    pub hostname: String,
+    pub agent_version: String,
+    pub boot_id: String,
+    pub current_generation: CurrentGeneration,
+    /// When the agent last got a 204 confirm for its current closure.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_confirmed_at: Option<OffsetDateTime>,
+    /// Closures that failed on this host; they are never activated again in that rollout.
+    #[serde(default)]
+    pub failed_targets: Vec<FailedTarget>,
+    pub health: Health,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CurrentGeneration {
+    pub closure_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedTarget {
+    pub rollout_id: String,
+    pub closure_hash: String,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    pub failed_units: u32,
+    pub uptime_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckinResponse {
+    #[serde(default)]
+    pub target: Option<Target>,
+    #[serde(default)]
+    pub rollback: Option<RollbackSignal>,
+    pub next_checkin_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    pub closure_hash: String,
+    pub rollout_id: String,
+    pub wave_index: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub signed_at: OffsetDateTime,
+    pub freshness_window_secs: u64,
+    pub confirm_window_secs: u64,
+}
+
+/// Sent to every host of a rollout that activated its closure when the rollout's health
+/// gate trips under `rollback-and-halt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackSignal {
+    pub rollout_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfirmRequest {
+    pub hostname: String,
+    pub rollout_id: String,
+    pub wave_index: u32,
+    pub generation: Generation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Generation {
+    pub closure_hash: String,
+    pub boot_id: String,
+}
+
+/// A host-signed event. The signature is ed25519 by the host SSH key over the canonical
+/// bytes of `report`, base64; auditors verify it offline against fleet.resolved's pubkey.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportRequest {
+    pub report: Report,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub hostname: String,
+    /// Chosen by the agent, unique per event, so that a re-sent report is stored once.
+    pub report_id: String,
+    pub kind: ReportKind,
+    #[serde(default)]
+    pub rollout_id: Option<String>,
+    #[serde(default)]
+    pub closure_hash: Option<String>,
+    pub boot_id: String,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReportKind {
+    Activated,
+    ActivationFailed,
+    RolledBack,
+    RollbackFailed,
+    StaleTarget,
+    ManifestRejected,
+    ClosureRejected,
+    ConfirmTimeout,
+    CertificateExpired,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportResponse {
+    pub event_id: String,
+}
+
+/// The body of every non-2xx answer, agent and operator routes alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
