@@ -1,0 +1,724 @@
+//! The verification pipeline (SPEC.md §3): one implementation for every signed artifact.
+//!
+//! Steps, in order, each with its own [`VerifyError`] variant: size limit; UTF-8 + JSON
+//! parse and canonicalisation of the *received* bytes; signature against the slot's
+//! `current` then `previous` key; `schemaVersion`; `meta.signedAt` present; `rejectBefore`;
+//! staleness; future dating; then the artifact-specific checks. Time is always an argument.
+
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use thiserror::Error;
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+use nixfleet_proto::wire::ReportRequest;
+use nixfleet_proto::{
+    BootstrapToken, FleetResolved, KeySlot, Meta, Revocations, RolloutManifest, TokenClaims,
+    TrustFile, FLEET_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION, REVOCATIONS_SCHEMA_VERSION,
+    TOKEN_VERSION, TRUST_SCHEMA_VERSION,
+};
+
+use crate::jcs::{self, JcsError};
+use crate::keys::{self, KeyError, PublicKey};
+
+/// Clock skew tolerated in both directions (stale and future-dated checks).
+pub const CLOCK_SLACK: Duration = Duration::seconds(60);
+
+/// Input size limits. fleet.resolved for 100,000 hosts is about 30 MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub fleet_bytes: usize,
+    pub manifest_bytes: usize,
+    pub revocations_bytes: usize,
+    pub token_bytes: usize,
+    pub report_bytes: usize,
+    pub trust_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fleet_bytes: 64 << 20,
+            manifest_bytes: 32 << 20,
+            revocations_bytes: 16 << 20,
+            token_bytes: 16 << 10,
+            report_bytes: 64 << 10,
+            trust_bytes: 64 << 10,
+        }
+    }
+}
+
+/// What is being verified; named in every error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Artifact {
+    Fleet,
+    Manifest,
+    Revocations,
+    Token,
+    Report,
+    TrustFile,
+}
+
+impl std::fmt::Display for Artifact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Artifact::Fleet => "fleet.resolved",
+            Artifact::Manifest => "rollout manifest",
+            Artifact::Revocations => "revocations list",
+            Artifact::Token => "bootstrap token",
+            Artifact::Report => "host report",
+            Artifact::TrustFile => "trust file",
+        })
+    }
+}
+
+/// The trust slot a signature was checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    CiReleaseKey,
+    OrgRootKey,
+    HostKey,
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Slot::CiReleaseKey => "ciReleaseKey",
+            Slot::OrgRootKey => "orgRootKey",
+            Slot::HostKey => "the host's pubkey",
+        })
+    }
+}
+
+/// Which key of a slot produced a valid signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignedBy {
+    Current,
+    /// The rotation-grace key; worth a warning so operators finish the rotation.
+    Previous,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum VerifyError {
+    #[error("{artifact} is {size} bytes, over the {limit}-byte limit; refusing to parse it (check the URL or file, or an endless download)")]
+    TooLarge {
+        artifact: Artifact,
+        size: usize,
+        limit: usize,
+    },
+    #[error("{artifact} is not valid JSON: {source}")]
+    Parse {
+        artifact: Artifact,
+        source: JcsError,
+    },
+    #[error("{artifact} signature is {len} bytes; signatures are raw 64 bytes (check it is not base64 or DER)")]
+    SignatureLength { artifact: Artifact, len: usize },
+    #[error("{artifact} signature does not verify against {slot}.current or {slot}.previous; the artifact was altered, or signed by a key this trust file does not pin")]
+    BadSignature { artifact: Artifact, slot: Slot },
+    #[error("{slot} in the trust file is unusable: {source}")]
+    TrustKey { slot: Slot, source: KeyError },
+    #[error("{artifact} has schemaVersion {found}; this build understands only {supported} (upgrade nixfleet or re-sign with a supported version)")]
+    UnsupportedSchema {
+        artifact: Artifact,
+        found: u64,
+        supported: u32,
+    },
+    #[error("{artifact} does not have the expected shape: {detail}")]
+    Shape { artifact: Artifact, detail: String },
+    #[error("{artifact} has no meta.signedAt; unsigned artifacts are refused (sign it with `nixfleet release`)")]
+    Unsigned { artifact: Artifact },
+    #[error("{artifact} was signed at {signed_at}, before {slot}.rejectBefore {reject_before}; anything signed before the key-compromise cut-off is refused (re-sign with the new key)")]
+    RejectedBefore {
+        artifact: Artifact,
+        slot: Slot,
+        signed_at: String,
+        reject_before: String,
+    },
+    #[error("{artifact} signed at {signed_at} is stale: older than its {window_minutes}-minute freshness window (+60 s) at {now}; CI must re-sign it (an old artifact is being replayed, or signing stopped)")]
+    Stale {
+        artifact: Artifact,
+        signed_at: String,
+        window_minutes: u64,
+        now: String,
+    },
+    #[error("{artifact} is dated {signed_at}, more than 60 s after now ({now}); check the signer's and this machine's clocks")]
+    FutureDated {
+        artifact: Artifact,
+        signed_at: String,
+        now: String,
+    },
+    #[error("{artifact} has no freshness window (neither its own freshnessWindow nor its channel's); refusing it because it could be replayed forever")]
+    NoFreshnessWindow { artifact: Artifact },
+    #[error("rollout manifest hashes to {actual}, not to its id {expected}; it was altered or served under the wrong id")]
+    ManifestIdMismatch { expected: String, actual: String },
+    #[error("rollout manifest belongs to fleet.resolved {manifest_fleet_hash}, but the fleet in use hashes to {fleet_hash}; a manifest from another release is refused (mix-and-match)")]
+    FleetMismatch {
+        manifest_fleet_hash: String,
+        fleet_hash: String,
+    },
+    #[error("revocations list signed at {signed_at} is older than the list already applied (signed at {last_applied}); revocations never roll back")]
+    RevocationsRollback {
+        signed_at: String,
+        last_applied: String,
+    },
+    #[error("bootstrap token expired at {expires_at} (now {now}); mint a new one with `nixfleet mint-token`")]
+    TokenExpired { expires_at: String, now: String },
+    #[error("bootstrap token is not valid before {issued_at} (now {now}); check the clocks")]
+    TokenNotYetValid { issued_at: String, now: String },
+    #[error("{artifact} signature field is not base64: {detail}")]
+    SignatureEncoding { artifact: Artifact, detail: String },
+    #[error(
+        "report is for host {report_host}, but was checked against the key of {expected_host}"
+    )]
+    ReportHostMismatch {
+        report_host: String,
+        expected_host: String,
+    },
+}
+
+/// An artifact that passed the pipeline.
+#[derive(Debug, Clone)]
+pub struct Verified<T> {
+    pub value: T,
+    /// The canonical bytes the signature covers, as received.
+    pub canonical: Vec<u8>,
+    /// Lowercase hex SHA-256 of `canonical`: the artifact's identity.
+    pub sha256: String,
+    pub signed_at: OffsetDateTime,
+    pub signed_by: SignedBy,
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+/// Steps 1–3: size limit, parse + canonicalise received bytes, signature.
+fn check_signed(
+    artifact: Artifact,
+    bytes: &[u8],
+    limit: usize,
+    signature: &[u8],
+    slot: &KeySlot,
+    slot_name: Slot,
+) -> Result<(Vec<u8>, SignedBy), VerifyError> {
+    if bytes.len() > limit {
+        return Err(VerifyError::TooLarge {
+            artifact,
+            size: bytes.len(),
+            limit,
+        });
+    }
+    let canonical =
+        jcs::canonicalize(bytes).map_err(|source| VerifyError::Parse { artifact, source })?;
+    let signed_by = check_slot_signature(artifact, &canonical, signature, slot, slot_name)?;
+    Ok((canonical, signed_by))
+}
+
+fn check_slot_signature(
+    artifact: Artifact,
+    canonical: &[u8],
+    signature: &[u8],
+    slot: &KeySlot,
+    slot_name: Slot,
+) -> Result<SignedBy, VerifyError> {
+    if signature.len() != keys::SIGNATURE_LEN {
+        return Err(VerifyError::SignatureLength {
+            artifact,
+            len: signature.len(),
+        });
+    }
+    let key = |entry| {
+        PublicKey::from_entry(entry).map_err(|source| VerifyError::TrustKey {
+            slot: slot_name,
+            source,
+        })
+    };
+    if key(&slot.current)?.verify(canonical, signature).is_ok() {
+        return Ok(SignedBy::Current);
+    }
+    if let Some(previous) = &slot.previous {
+        if key(previous)?.verify(canonical, signature).is_ok() {
+            return Ok(SignedBy::Previous);
+        }
+    }
+    Err(VerifyError::BadSignature {
+        artifact,
+        slot: slot_name,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SchemaProbe {
+    schema_version: Option<serde_json::Value>,
+}
+
+/// Step 4, then the typed parse.
+fn check_schema<T: DeserializeOwned>(
+    artifact: Artifact,
+    canonical: &[u8],
+    supported: u32,
+) -> Result<T, VerifyError> {
+    let shape = |e: serde_json::Error| VerifyError::Shape {
+        artifact,
+        detail: e.to_string(),
+    };
+    let probe: SchemaProbe = serde_json::from_slice(canonical).map_err(shape)?;
+    match probe.schema_version {
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(supported)) => {}
+        Some(serde_json::Value::Number(n)) => {
+            return Err(VerifyError::UnsupportedSchema {
+                artifact,
+                found: n.as_u64().unwrap_or(u64::MAX),
+                supported,
+            })
+        }
+        _ => {
+            return Err(VerifyError::Shape {
+                artifact,
+                detail: "schemaVersion is missing or not a number".into(),
+            })
+        }
+    }
+    serde_json::from_slice(canonical).map_err(shape)
+}
+
+/// Steps 5–8 on `meta`: signed, not before the compromise cut-off, fresh, not future-dated.
+fn check_time(
+    artifact: Artifact,
+    meta: &Meta,
+    slot: &KeySlot,
+    slot_name: Slot,
+    freshness_window_minutes: Option<u32>,
+    now: OffsetDateTime,
+) -> Result<OffsetDateTime, VerifyError> {
+    let signed_at = meta.signed_at.ok_or(VerifyError::Unsigned { artifact })?;
+    check_reject_before(artifact, signed_at, slot, slot_name)?;
+    if let Some(window) = freshness_window_minutes {
+        if now - signed_at > Duration::minutes(i64::from(window)) + CLOCK_SLACK {
+            return Err(VerifyError::Stale {
+                artifact,
+                signed_at: rfc3339(signed_at),
+                window_minutes: u64::from(window),
+                now: rfc3339(now),
+            });
+        }
+    }
+    if signed_at - now > CLOCK_SLACK {
+        return Err(VerifyError::FutureDated {
+            artifact,
+            signed_at: rfc3339(signed_at),
+            now: rfc3339(now),
+        });
+    }
+    Ok(signed_at)
+}
+
+fn check_reject_before(
+    artifact: Artifact,
+    signed_at: OffsetDateTime,
+    slot: &KeySlot,
+    slot_name: Slot,
+) -> Result<(), VerifyError> {
+    match slot.reject_before {
+        Some(cutoff) if signed_at < cutoff => Err(VerifyError::RejectedBefore {
+            artifact,
+            slot: slot_name,
+            signed_at: rfc3339(signed_at),
+            reject_before: rfc3339(cutoff),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Verifies `fleet.resolved.json` against `ciReleaseKey`. The fleet is one signature over
+/// every channel, so it goes stale with the shortest channel freshness window.
+pub fn verify_fleet(
+    bytes: &[u8],
+    signature: &[u8],
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    limits: &Limits,
+) -> Result<Verified<FleetResolved>, VerifyError> {
+    let artifact = Artifact::Fleet;
+    let slot = &trust.ci_release_key;
+    let (canonical, signed_by) = check_signed(
+        artifact,
+        bytes,
+        limits.fleet_bytes,
+        signature,
+        slot,
+        Slot::CiReleaseKey,
+    )?;
+    let value: FleetResolved = check_schema(artifact, &canonical, FLEET_SCHEMA_VERSION)?;
+    let window = value.freshness_window_minutes();
+    if window.is_none() {
+        return Err(VerifyError::NoFreshnessWindow { artifact });
+    }
+    let signed_at = check_time(artifact, &value.meta, slot, Slot::CiReleaseKey, window, now)?;
+    Ok(Verified {
+        sha256: jcs::sha256_hex(&canonical),
+        value,
+        canonical,
+        signed_at,
+        signed_by,
+    })
+}
+
+/// What a manifest is expected to be: both checks are optional so that an auditor can
+/// verify a manifest file on its own, but every runtime caller passes both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ManifestContext<'a> {
+    /// The rollout id it was fetched under (URL, file name, or a check-in target).
+    pub rollout_id: Option<&'a str>,
+    /// The verified fleet it is used with.
+    pub fleet: Option<&'a Verified<FleetResolved>>,
+}
+
+/// Verifies a rollout manifest against `ciReleaseKey`. Its freshness window is its own
+/// signed `freshnessWindow`, else its channel's in the fleet it is used with.
+pub fn verify_manifest(
+    bytes: &[u8],
+    signature: &[u8],
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    context: ManifestContext<'_>,
+    limits: &Limits,
+) -> Result<Verified<RolloutManifest>, VerifyError> {
+    let artifact = Artifact::Manifest;
+    let slot = &trust.ci_release_key;
+    let (canonical, signed_by) = check_signed(
+        artifact,
+        bytes,
+        limits.manifest_bytes,
+        signature,
+        slot,
+        Slot::CiReleaseKey,
+    )?;
+    let value: RolloutManifest = check_schema(artifact, &canonical, MANIFEST_SCHEMA_VERSION)?;
+    let window = value.freshness_window.or_else(|| {
+        context
+            .fleet
+            .and_then(|f| f.value.channels.get(&value.channel))
+            .map(|c| c.freshness_window)
+    });
+    if window.is_none() {
+        return Err(VerifyError::NoFreshnessWindow { artifact });
+    }
+    let signed_at = check_time(artifact, &value.meta, slot, Slot::CiReleaseKey, window, now)?;
+    let sha256 = jcs::sha256_hex(&canonical);
+    if let Some(expected) = context.rollout_id {
+        if expected != sha256 {
+            return Err(VerifyError::ManifestIdMismatch {
+                expected: expected.to_owned(),
+                actual: sha256,
+            });
+        }
+    }
+    if let Some(fleet) = context.fleet {
+        if value.fleet_resolved_hash != fleet.sha256 {
+            return Err(VerifyError::FleetMismatch {
+                manifest_fleet_hash: value.fleet_resolved_hash,
+                fleet_hash: fleet.sha256.clone(),
+            });
+        }
+    }
+    Ok(Verified {
+        value,
+        canonical,
+        sha256,
+        signed_at,
+        signed_by,
+    })
+}
+
+/// Verifies `revocations.json` against `ciReleaseKey`. `last_applied` is the `signedAt` of
+/// the list already applied: an older list is refused, the same one is accepted again.
+pub fn verify_revocations(
+    bytes: &[u8],
+    signature: &[u8],
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    last_applied: Option<OffsetDateTime>,
+    limits: &Limits,
+) -> Result<Verified<Revocations>, VerifyError> {
+    let artifact = Artifact::Revocations;
+    let slot = &trust.ci_release_key;
+    let (canonical, signed_by) = check_signed(
+        artifact,
+        bytes,
+        limits.revocations_bytes,
+        signature,
+        slot,
+        Slot::CiReleaseKey,
+    )?;
+    let value: Revocations = check_schema(artifact, &canonical, REVOCATIONS_SCHEMA_VERSION)?;
+    let signed_at = check_time(
+        artifact,
+        &value.meta,
+        slot,
+        Slot::CiReleaseKey,
+        value.freshness_window,
+        now,
+    )?;
+    if let Some(last) = last_applied {
+        if signed_at < last {
+            return Err(VerifyError::RevocationsRollback {
+                signed_at: rfc3339(signed_at),
+                last_applied: rfc3339(last),
+            });
+        }
+    }
+    Ok(Verified {
+        sha256: jcs::sha256_hex(&canonical),
+        value,
+        canonical,
+        signed_at,
+        signed_by,
+    })
+}
+
+/// Canonical bytes of one member of a JSON object, taken from the received bytes.
+fn canonical_member(
+    artifact: Artifact,
+    bytes: &[u8],
+    limit: usize,
+    member: &str,
+) -> Result<(Vec<u8>, serde_json::Value), VerifyError> {
+    if bytes.len() > limit {
+        return Err(VerifyError::TooLarge {
+            artifact,
+            size: bytes.len(),
+            limit,
+        });
+    }
+    let canonical =
+        jcs::canonicalize(bytes).map_err(|source| VerifyError::Parse { artifact, source })?;
+    let whole: serde_json::Value =
+        serde_json::from_slice(&canonical).map_err(|e| VerifyError::Shape {
+            artifact,
+            detail: e.to_string(),
+        })?;
+    let part = whole.get(member).ok_or_else(|| VerifyError::Shape {
+        artifact,
+        detail: format!("missing field `{member}`"),
+    })?;
+    let part_canonical =
+        jcs::to_canonical(part).map_err(|source| VerifyError::Parse { artifact, source })?;
+    Ok((part_canonical, whole))
+}
+
+fn decode_signature(artifact: Artifact, text: &str) -> Result<Vec<u8>, VerifyError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| VerifyError::SignatureEncoding {
+            artifact,
+            detail: e.to_string(),
+        })
+}
+
+/// Verifies a bootstrap token (its JSON bytes as received) against `orgRootKey`: the
+/// signature over the canonical `claims`, `rejectBefore`, and the validity interval.
+/// Nonce replay and the fingerprint/hostname binding are the enrolling server's checks.
+pub fn verify_token(
+    bytes: &[u8],
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    limits: &Limits,
+) -> Result<Verified<TokenClaims>, VerifyError> {
+    let artifact = Artifact::Token;
+    let (canonical, whole) = canonical_member(artifact, bytes, limits.token_bytes, "claims")?;
+    let token: BootstrapToken = serde_json::from_value(whole).map_err(|e| VerifyError::Shape {
+        artifact,
+        detail: e.to_string(),
+    })?;
+    let signature = decode_signature(artifact, &token.signature)?;
+    let slot = &trust.org_root_key;
+    let signed_by = check_slot_signature(artifact, &canonical, &signature, slot, Slot::OrgRootKey)?;
+    if token.version != TOKEN_VERSION {
+        return Err(VerifyError::UnsupportedSchema {
+            artifact,
+            found: u64::from(token.version),
+            supported: TOKEN_VERSION,
+        });
+    }
+    let claims = token.claims;
+    check_reject_before(artifact, claims.issued_at, slot, Slot::OrgRootKey)?;
+    if claims.issued_at - now > CLOCK_SLACK {
+        return Err(VerifyError::TokenNotYetValid {
+            issued_at: rfc3339(claims.issued_at),
+            now: rfc3339(now),
+        });
+    }
+    if now > claims.expires_at {
+        return Err(VerifyError::TokenExpired {
+            expires_at: rfc3339(claims.expires_at),
+            now: rfc3339(now),
+        });
+    }
+    Ok(Verified {
+        sha256: jcs::sha256_hex(&canonical),
+        signed_at: claims.issued_at,
+        value: claims,
+        canonical,
+        signed_by,
+    })
+}
+
+/// Verifies a host-signed report (the `ReportRequest` JSON bytes as received) against the
+/// host's SSH public key line from fleet.resolved.
+pub fn verify_report(
+    bytes: &[u8],
+    hostname: &str,
+    host_pubkey_line: &str,
+    limits: &Limits,
+) -> Result<Verified<ReportRequest>, VerifyError> {
+    let artifact = Artifact::Report;
+    let (canonical, whole) = canonical_member(artifact, bytes, limits.report_bytes, "report")?;
+    let request: ReportRequest = serde_json::from_value(whole).map_err(|e| VerifyError::Shape {
+        artifact,
+        detail: e.to_string(),
+    })?;
+    if request.report.hostname != hostname {
+        return Err(VerifyError::ReportHostMismatch {
+            report_host: request.report.hostname,
+            expected_host: hostname.to_owned(),
+        });
+    }
+    let key = keys::parse_ssh_ed25519_public(host_pubkey_line).map_err(|source| {
+        VerifyError::TrustKey {
+            slot: Slot::HostKey,
+            source,
+        }
+    })?;
+    let signature = decode_signature(artifact, &request.signature)?;
+    if signature.len() != keys::SIGNATURE_LEN {
+        return Err(VerifyError::SignatureLength {
+            artifact,
+            len: signature.len(),
+        });
+    }
+    key.verify(&canonical, &signature)
+        .map_err(|_| VerifyError::BadSignature {
+            artifact,
+            slot: Slot::HostKey,
+        })?;
+    Ok(Verified {
+        sha256: jcs::sha256_hex(&canonical),
+        signed_at: request.report.at,
+        value: request,
+        canonical,
+        signed_by: SignedBy::Current,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TrustFileError {
+    #[error("trust file {path} is writable by group or others (mode {mode:o}); anyone who can write it can replace the trust roots: chmod go-w {path}")]
+    Writable { path: String, mode: u32 },
+    #[error(
+        "trust file {path} is {size} bytes, over the {limit}-byte limit; is it the right file?"
+    )]
+    TooLarge {
+        path: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error("trust file {path} is not a valid trust.json: {detail}")]
+    Invalid { path: String, detail: String },
+    #[error("trust file {path} has schemaVersion {found}; this build understands only {TRUST_SCHEMA_VERSION}")]
+    UnsupportedSchema { path: String, found: u64 },
+    #[error("trust file {path}: orgRootKey must be ed25519, found {found}")]
+    OrgRootNotEd25519 {
+        path: String,
+        found: nixfleet_proto::Algorithm,
+    },
+    #[error("trust file {path}: cache key {key:?} is not `name:base64-of-32-bytes` as `nix-store --generate-binary-cache-key` writes the public half")]
+    CacheKey { path: String, key: String },
+    #[error("trust file {path}: {slot} is unusable: {source}")]
+    Key {
+        path: String,
+        slot: &'static str,
+        source: KeyError,
+    },
+}
+
+/// Checks trust.json as read from disk: its permission bits (`mode` from the file's
+/// metadata), schema version, and that every pinned key parses. `path` is for messages.
+pub fn check_trust_file(
+    path: &str,
+    bytes: &[u8],
+    mode: u32,
+    limits: &Limits,
+) -> Result<TrustFile, TrustFileError> {
+    if mode & 0o022 != 0 {
+        return Err(TrustFileError::Writable {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    if bytes.len() > limits.trust_bytes {
+        return Err(TrustFileError::TooLarge {
+            path: path.to_owned(),
+            size: bytes.len(),
+            limit: limits.trust_bytes,
+        });
+    }
+    let invalid = |detail: String| TrustFileError::Invalid {
+        path: path.to_owned(),
+        detail,
+    };
+    let probe: SchemaProbe = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    match probe.schema_version.as_ref().and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(TRUST_SCHEMA_VERSION) => {}
+        Some(found) => {
+            return Err(TrustFileError::UnsupportedSchema {
+                path: path.to_owned(),
+                found,
+            })
+        }
+        None => return Err(invalid("schemaVersion is missing or not a number".into())),
+    }
+    let trust: TrustFile = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    let slots: [(&'static str, &KeySlot); 2] = [
+        ("ciReleaseKey", &trust.ci_release_key),
+        ("orgRootKey", &trust.org_root_key),
+    ];
+    for (name, slot) in slots {
+        for entry in std::iter::once(&slot.current).chain(slot.previous.as_ref()) {
+            PublicKey::from_entry(entry).map_err(|source| TrustFileError::Key {
+                path: path.to_owned(),
+                slot: name,
+                source,
+            })?;
+        }
+    }
+    for entry in std::iter::once(&trust.org_root_key.current).chain(&trust.org_root_key.previous) {
+        if entry.algorithm != nixfleet_proto::Algorithm::Ed25519 {
+            return Err(TrustFileError::OrgRootNotEd25519 {
+                path: path.to_owned(),
+                found: entry.algorithm,
+            });
+        }
+    }
+    for key in &trust.cache_keys {
+        if parse_cache_key(key).is_none() {
+            return Err(TrustFileError::CacheKey {
+                path: path.to_owned(),
+                key: key.clone(),
+            });
+        }
+    }
+    Ok(trust)
+}
+
+/// Splits a Nix binary-cache public key `name:base64` into its name and 32 key bytes.
+pub fn parse_cache_key(key: &str) -> Option<(&str, [u8; 32])> {
+    let (name, b64) = key.split_once(':')?;
+    if name.is_empty() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Some((name, bytes.try_into().ok()?))
+}

@@ -1,0 +1,656 @@
+//! One test per attack of SPEC.md §3 against the verification pipeline, each asserting the
+//! specific error variant, plus the positive cases (rotation, P-256, high-S).
+
+use base64::Engine as _;
+use nixfleet_proto::wire::{Report, ReportKind, ReportRequest};
+use nixfleet_proto::*;
+use nixfleet_trust::jcs;
+use nixfleet_trust::keys::{self, PrivateKey};
+use nixfleet_trust::verify::*;
+use proptest::prelude::*;
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+
+const SIGNED_AT: OffsetDateTime = datetime!(2026-11-27 10:00:00 UTC);
+
+struct Keys {
+    ci: PrivateKey,
+    org: PrivateKey,
+}
+
+fn keys() -> Keys {
+    Keys {
+        ci: PrivateKey::generate(Algorithm::Ed25519),
+        org: PrivateKey::generate(Algorithm::Ed25519),
+    }
+}
+
+fn slot(key: &PrivateKey) -> KeySlot {
+    KeySlot {
+        current: key.public_key().to_entry(),
+        previous: None,
+        reject_before: None,
+    }
+}
+
+fn trust(k: &Keys) -> TrustFile {
+    TrustFile {
+        schema_version: 1,
+        ci_release_key: slot(&k.ci),
+        org_root_key: slot(&k.org),
+        cache_keys: vec![],
+    }
+}
+
+fn meta(signed_at: Option<OffsetDateTime>) -> Meta {
+    Meta {
+        schema_version: 1,
+        signed_at,
+        ci_commit: Some("0123456789abcdef".into()),
+        signature_algorithm: Some(Algorithm::Ed25519),
+    }
+}
+
+fn fleet(signed_at: Option<OffsetDateTime>) -> FleetResolved {
+    serde_json::from_value(serde_json::json!({
+        "schemaVersion": 1,
+        "hosts": {
+            "web-01": {"system": "x86_64-linux", "tags": ["web"], "channel": "stable",
+                       "closureHash": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-web-01", "pubkey": null}
+        },
+        "channels": {
+            "stable": {"rolloutPolicy": "all", "reconcileIntervalMinutes": 5,
+                       "signingIntervalMinutes": 60, "freshnessWindow": 120}
+        },
+        "rolloutPolicies": {
+            "all": {"strategy": "all-at-once", "waves": [{"selector": {"all": true}, "soakMinutes": 0}],
+                    "healthGate": {"systemdFailedUnits": {"max": 0}, "maxFailures": 0},
+                    "onHealthFailure": "halt"}
+        },
+        "waves": {"stable": [{"hosts": ["web-01"], "soakMinutes": 0}]},
+        "edges": [], "channelEdges": [], "disruptionBudgets": [],
+        "meta": meta(signed_at),
+    }))
+    .unwrap()
+}
+
+fn manifest(fleet_hash: &str, signed_at: OffsetDateTime) -> RolloutManifest {
+    RolloutManifest {
+        schema_version: 1,
+        display_name: "stable@0123456".into(),
+        channel: "stable".into(),
+        channel_ref: "0123456789abcdef".into(),
+        fleet_resolved_hash: fleet_hash.into(),
+        host_set: vec![HostSetEntry {
+            hostname: "web-01".into(),
+            wave_index: 0,
+            target_closure: "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-web-01".into(),
+        }],
+        waves: vec![ManifestWave { soak_minutes: 0 }],
+        health_gate: HealthGate::default(),
+        on_health_failure: OnHealthFailure::Halt,
+        compliance_frameworks: vec![],
+        disruption_budgets: vec![],
+        freshness_window: Some(120),
+        meta: meta(Some(signed_at)),
+    }
+}
+
+fn revocations(signed_at: OffsetDateTime) -> Revocations {
+    Revocations {
+        schema_version: 1,
+        revocations: vec![Revocation {
+            hostname: "web-02".into(),
+            not_before: SIGNED_AT,
+            reason: Some("decommissioned".into()),
+            revoked_by: Some("ops".into()),
+        }],
+        freshness_window: None,
+        meta: meta(Some(signed_at)),
+    }
+}
+
+/// Serialises, canonicalises and signs: what `nixfleet release` does.
+fn signed<T: serde::Serialize>(value: &T, key: &PrivateKey) -> (Vec<u8>, Vec<u8>) {
+    let bytes = jcs::to_canonical(value).unwrap();
+    let sig = key.sign(&bytes).to_vec();
+    (bytes, sig)
+}
+
+fn now() -> OffsetDateTime {
+    SIGNED_AT + Duration::minutes(5)
+}
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+fn verified_fleet(k: &Keys) -> Verified<FleetResolved> {
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    verify_fleet(&bytes, &sig, &trust(k), now(), &limits()).unwrap()
+}
+
+#[test]
+fn valid_fleet_verifies_with_current_key() {
+    let k = keys();
+    let v = verified_fleet(&k);
+    assert_eq!(v.signed_by, SignedBy::Current);
+    assert_eq!(v.signed_at, SIGNED_AT);
+    assert_eq!(v.sha256, jcs::sha256_hex(&v.canonical));
+    assert_eq!(v.value.hosts.len(), 1);
+}
+
+#[test]
+fn received_bytes_are_canonicalised_not_reserialised() {
+    // The signer signed canonical bytes; the transport pretty-printed them. Still valid.
+    let k = keys();
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let pretty = serde_json::to_vec_pretty(&value).unwrap();
+    let v = verify_fleet(&pretty, &sig, &trust(&k), now(), &limits()).unwrap();
+    assert_eq!(v.canonical, bytes);
+}
+
+#[test]
+fn bit_flip_in_payload_is_refused() {
+    let k = keys();
+    let (mut bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    let at = bytes.windows(6).position(|w| w == b"web-01").unwrap();
+    bytes[at] ^= 0x01; // "web-01" -> "vab-01": still valid JSON
+    let err = verify_fleet(&bytes, &sig, &trust(&k), now(), &limits()).unwrap_err();
+    assert!(matches!(
+        err,
+        VerifyError::BadSignature {
+            artifact: Artifact::Fleet,
+            slot: Slot::CiReleaseKey
+        }
+    ));
+}
+
+#[test]
+fn bit_flip_in_signature_is_refused() {
+    let k = keys();
+    let (bytes, mut sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    sig[10] ^= 0x80;
+    let err = verify_fleet(&bytes, &sig, &trust(&k), now(), &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+}
+
+#[test]
+fn signature_by_a_foreign_key_is_refused() {
+    let k = keys();
+    let foreign = PrivateKey::generate(Algorithm::Ed25519);
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &foreign);
+    let err = verify_fleet(&bytes, &sig, &trust(&k), now(), &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+}
+
+#[test]
+fn missing_or_truncated_signature_is_refused() {
+    let k = keys();
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    for bad in [&[][..], &sig[..63]] {
+        let err = verify_fleet(&bytes, bad, &trust(&k), now(), &limits()).unwrap_err();
+        assert!(matches!(err, VerifyError::SignatureLength { .. }), "{err}");
+    }
+}
+
+#[test]
+fn unsigned_artifact_is_refused_even_with_a_valid_signature() {
+    let k = keys();
+    let (bytes, sig) = signed(&fleet(None), &k.ci);
+    let err = verify_fleet(&bytes, &sig, &trust(&k), now(), &limits()).unwrap_err();
+    assert!(matches!(
+        err,
+        VerifyError::Unsigned {
+            artifact: Artifact::Fleet
+        }
+    ));
+}
+
+#[test]
+fn unsupported_schema_version_is_refused() {
+    let k = keys();
+    let mut f = fleet(Some(SIGNED_AT));
+    f.schema_version = 2;
+    let (bytes, sig) = signed(&f, &k.ci);
+    let err = verify_fleet(&bytes, &sig, &trust(&k), now(), &limits()).unwrap_err();
+    assert!(matches!(
+        err,
+        VerifyError::UnsupportedSchema {
+            found: 2,
+            supported: 1,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn artifact_signed_before_reject_before_is_refused_for_either_key() {
+    let k = keys();
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    let mut t = trust(&k);
+    t.ci_release_key.reject_before = Some(SIGNED_AT + Duration::seconds(1));
+    let err = verify_fleet(&bytes, &sig, &t, now(), &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::RejectedBefore { .. }), "{err}");
+    // Same cut-off when the signature comes from the previous key.
+    let new = PrivateKey::generate(Algorithm::Ed25519);
+    t.ci_release_key.previous = Some(t.ci_release_key.current.clone());
+    t.ci_release_key.current = new.public_key().to_entry();
+    let err = verify_fleet(&bytes, &sig, &t, now(), &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::RejectedBefore { .. }), "{err}");
+    t.ci_release_key.reject_before = Some(SIGNED_AT);
+    assert!(verify_fleet(&bytes, &sig, &t, now(), &limits()).is_ok());
+}
+
+#[test]
+fn stale_artifact_is_refused_after_window_plus_slack() {
+    // freshnessWindow 120 minutes + 60 s slack.
+    let k = keys();
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    let edge = SIGNED_AT + Duration::minutes(120) + Duration::seconds(60);
+    assert!(verify_fleet(&bytes, &sig, &trust(&k), edge, &limits()).is_ok());
+    let err = verify_fleet(
+        &bytes,
+        &sig,
+        &trust(&k),
+        edge + Duration::seconds(1),
+        &limits(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VerifyError::Stale {
+                window_minutes: 120,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn future_dated_by_61s_is_refused_and_59s_accepted() {
+    let k = keys();
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    let t = trust(&k);
+    let ok = verify_fleet(
+        &bytes,
+        &sig,
+        &t,
+        SIGNED_AT - Duration::seconds(59),
+        &limits(),
+    );
+    assert!(ok.is_ok());
+    let err = verify_fleet(
+        &bytes,
+        &sig,
+        &t,
+        SIGNED_AT - Duration::seconds(61),
+        &limits(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, VerifyError::FutureDated { .. }), "{err}");
+}
+
+#[test]
+fn oversize_input_is_refused_before_parsing() {
+    let k = keys();
+    let limits = Limits {
+        fleet_bytes: 1024,
+        ..Limits::default()
+    };
+    // Not even JSON: the size check comes first.
+    let endless = vec![b'['; 1025];
+    let err = verify_fleet(&endless, &[0; 64], &trust(&k), now(), &limits).unwrap_err();
+    assert!(matches!(
+        err,
+        VerifyError::TooLarge {
+            size: 1025,
+            limit: 1024,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn malformed_json_is_a_parse_error() {
+    let k = keys();
+    let err = verify_fleet(b"{\"a\":", &[0; 64], &trust(&k), now(), &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::Parse { .. }), "{err}");
+}
+
+#[test]
+fn previous_key_verifies_during_rotation() {
+    let k = keys();
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    let mut t = trust(&k);
+    t.ci_release_key.previous = Some(t.ci_release_key.current.clone());
+    t.ci_release_key.current = PrivateKey::generate(Algorithm::EcdsaP256)
+        .public_key()
+        .to_entry();
+    let v = verify_fleet(&bytes, &sig, &t, now(), &limits()).unwrap();
+    assert_eq!(v.signed_by, SignedBy::Previous);
+}
+
+#[test]
+fn ecdsa_p256_release_key_verifies() {
+    let ci = PrivateKey::generate(Algorithm::EcdsaP256);
+    let k = Keys {
+        ci,
+        org: PrivateKey::generate(Algorithm::Ed25519),
+    };
+    let v = verified_fleet(&k);
+    assert_eq!(v.signed_by, SignedBy::Current);
+}
+
+#[test]
+fn high_s_p256_signature_is_accepted() {
+    use p256::elliptic_curve::ops::Reduce;
+    use p256::elliptic_curve::scalar::IsHigh;
+    use p256::elliptic_curve::PrimeField;
+    let k = Keys {
+        ci: PrivateKey::generate(Algorithm::EcdsaP256),
+        org: PrivateKey::generate(Algorithm::Ed25519),
+    };
+    let (bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+    // s' = n - s is the other valid signature of the same message.
+    let mut s_bytes = p256::FieldBytes::default();
+    s_bytes.copy_from_slice(&sig[32..]);
+    let s = p256::Scalar::reduce_bytes(&s_bytes);
+    let high = if bool::from(s.is_high()) { s } else { -s };
+    assert!(bool::from(high.is_high()), "constructed s must be high");
+    let mut high_sig = sig.clone();
+    high_sig[32..].copy_from_slice(&high.to_repr());
+    let v = verify_fleet(&bytes, &high_sig, &trust(&k), now(), &limits()).unwrap();
+    assert_eq!(v.signed_by, SignedBy::Current);
+}
+
+#[test]
+fn manifest_verifies_with_its_id_and_fleet() {
+    let k = keys();
+    let f = verified_fleet(&k);
+    let (bytes, sig) = signed(&manifest(&f.sha256, SIGNED_AT), &k.ci);
+    let id = jcs::sha256_hex(&bytes);
+    let ctx = ManifestContext {
+        rollout_id: Some(&id),
+        fleet: Some(&f),
+    };
+    let v = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap();
+    assert_eq!(v.sha256, id);
+}
+
+#[test]
+fn manifest_served_under_another_id_is_refused() {
+    let k = keys();
+    let f = verified_fleet(&k);
+    let (bytes, sig) = signed(&manifest(&f.sha256, SIGNED_AT), &k.ci);
+    let wrong = "0".repeat(64);
+    let ctx = ManifestContext {
+        rollout_id: Some(&wrong),
+        fleet: Some(&f),
+    };
+    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::ManifestIdMismatch { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn manifest_from_another_release_is_refused_mix_and_match() {
+    let k = keys();
+    let current = verified_fleet(&k);
+    // A manifest validly signed for an older release of the fleet.
+    let mut older = fleet(Some(SIGNED_AT - Duration::minutes(30)));
+    older.meta.ci_commit = Some("older".into());
+    let older_hash = jcs::sha256_hex(&jcs::to_canonical(&older).unwrap());
+    let (bytes, sig) = signed(&manifest(&older_hash, SIGNED_AT), &k.ci);
+    let ctx = ManifestContext {
+        rollout_id: None,
+        fleet: Some(&current),
+    };
+    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::FleetMismatch { .. }), "{err}");
+}
+
+#[test]
+fn replayed_expired_manifest_is_refused_indefinite_freeze() {
+    let k = keys();
+    let (bytes, sig) = signed(&manifest("x", SIGNED_AT), &k.ci);
+    let later = SIGNED_AT + Duration::days(30);
+    let err = verify_manifest(
+        &bytes,
+        &sig,
+        &trust(&k),
+        later,
+        ManifestContext::default(),
+        &limits(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, VerifyError::Stale { .. }), "{err}");
+}
+
+#[test]
+fn manifest_without_any_freshness_window_is_refused() {
+    let k = keys();
+    let mut m = manifest("x", SIGNED_AT);
+    m.freshness_window = None;
+    let (bytes, sig) = signed(&m, &k.ci);
+    let err = verify_manifest(
+        &bytes,
+        &sig,
+        &trust(&k),
+        now(),
+        ManifestContext::default(),
+        &limits(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, VerifyError::NoFreshnessWindow { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn revocations_verify_and_older_list_is_refused_rollback() {
+    let k = keys();
+    let t = trust(&k);
+    let (bytes, sig) = signed(&revocations(SIGNED_AT), &k.ci);
+    let v = verify_revocations(&bytes, &sig, &t, now(), None, &limits()).unwrap();
+    assert_eq!(v.value.revocations[0].hostname, "web-02");
+    // The same list again is fine (a re-poll).
+    assert!(verify_revocations(&bytes, &sig, &t, now(), Some(SIGNED_AT), &limits()).is_ok());
+    let newer = SIGNED_AT + Duration::minutes(1);
+    let err = verify_revocations(&bytes, &sig, &t, now(), Some(newer), &limits()).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::RevocationsRollback { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn revocations_with_a_freshness_window_go_stale() {
+    let k = keys();
+    let mut r = revocations(SIGNED_AT);
+    r.freshness_window = Some(60);
+    let (bytes, sig) = signed(&r, &k.ci);
+    let later = SIGNED_AT + Duration::minutes(62);
+    let err = verify_revocations(&bytes, &sig, &trust(&k), later, None, &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::Stale { .. }), "{err}");
+}
+
+fn token(k: &Keys, issued_at: OffsetDateTime, hours: i64) -> Vec<u8> {
+    let claims = TokenClaims {
+        hostname: "web-01".into(),
+        expected_pubkey_fingerprint: "SHA256:abc".into(),
+        issued_at,
+        expires_at: issued_at + Duration::hours(hours),
+        nonce: "00112233445566778899aabbccddeeff".into(),
+    };
+    let sig = k.org.sign(&jcs::to_canonical(&claims).unwrap());
+    let token = BootstrapToken {
+        version: 1,
+        claims,
+        signature: base64::engine::general_purpose::STANDARD.encode(sig),
+    };
+    serde_json::to_vec_pretty(&token).unwrap()
+}
+
+#[test]
+fn token_verifies_against_org_root_key() {
+    let k = keys();
+    let bytes = token(&k, SIGNED_AT, 24);
+    let v = verify_token(&bytes, &trust(&k), now(), &limits()).unwrap();
+    assert_eq!(v.value.hostname, "web-01");
+}
+
+#[test]
+fn token_attacks_are_refused() {
+    let k = keys();
+    let t = trust(&k);
+    let bytes = token(&k, SIGNED_AT, 24);
+    let expired = SIGNED_AT + Duration::hours(25);
+    assert!(matches!(
+        verify_token(&bytes, &t, expired, &limits()).unwrap_err(),
+        VerifyError::TokenExpired { .. }
+    ));
+    let tampered = String::from_utf8(bytes.clone())
+        .unwrap()
+        .replace("web-01", "db-01");
+    assert!(matches!(
+        verify_token(tampered.as_bytes(), &t, now(), &limits()).unwrap_err(),
+        VerifyError::BadSignature {
+            slot: Slot::OrgRootKey,
+            ..
+        }
+    ));
+    // Signed by the CI key instead of the org root key.
+    let wrong = Keys {
+        ci: k.org.clone(),
+        org: k.ci.clone(),
+    };
+    assert!(matches!(
+        verify_token(&token(&wrong, SIGNED_AT, 24), &t, now(), &limits()).unwrap_err(),
+        VerifyError::BadSignature { .. }
+    ));
+    let mut cut = t.clone();
+    cut.org_root_key.reject_before = Some(SIGNED_AT + Duration::hours(1));
+    assert!(matches!(
+        verify_token(&bytes, &cut, now(), &limits()).unwrap_err(),
+        VerifyError::RejectedBefore { .. }
+    ));
+}
+
+#[test]
+fn host_report_verifies_against_the_host_key_and_tampering_is_refused() {
+    let host = PrivateKey::generate(Algorithm::Ed25519);
+    let line = keys::to_ssh_public_line(&host.public_key(), "root@web-01").unwrap();
+    let report = Report {
+        hostname: "web-01".into(),
+        report_id: "r1".into(),
+        kind: ReportKind::RolledBack,
+        rollout_id: Some("abc".into()),
+        closure_hash: None,
+        boot_id: "boot".into(),
+        reason: "confirm window expired".into(),
+        at: SIGNED_AT,
+    };
+    let sig = host.sign(&jcs::to_canonical(&report).unwrap());
+    let req = ReportRequest {
+        report,
+        signature: base64::engine::general_purpose::STANDARD.encode(sig),
+    };
+    let bytes = serde_json::to_vec(&req).unwrap();
+    let v = verify_report(&bytes, "web-01", &line, &limits()).unwrap();
+    assert_eq!(v.value.report.kind, ReportKind::RolledBack);
+    let tampered = String::from_utf8(bytes.clone())
+        .unwrap()
+        .replace("confirm window expired", "all good");
+    assert!(matches!(
+        verify_report(tampered.as_bytes(), "web-01", &line, &limits()).unwrap_err(),
+        VerifyError::BadSignature {
+            slot: Slot::HostKey,
+            ..
+        }
+    ));
+    assert!(matches!(
+        verify_report(&bytes, "db-01", &line, &limits()).unwrap_err(),
+        VerifyError::ReportHostMismatch { .. }
+    ));
+}
+
+#[test]
+fn trust_file_checks() {
+    let k = keys();
+    let bytes = serde_json::to_vec(&trust(&k)).unwrap();
+    assert!(check_trust_file("t.json", &bytes, 0o100644, &limits()).is_ok());
+    assert!(matches!(
+        check_trust_file("t.json", &bytes, 0o100664, &limits()).unwrap_err(),
+        TrustFileError::Writable { .. }
+    ));
+    assert!(matches!(
+        check_trust_file("t.json", &bytes, 0o100646, &limits()).unwrap_err(),
+        TrustFileError::Writable { .. }
+    ));
+    let v2 = String::from_utf8(bytes.clone())
+        .unwrap()
+        .replace("\"schemaVersion\":1", "\"schemaVersion\":2");
+    let err = check_trust_file("t.json", v2.as_bytes(), 0o100600, &limits()).unwrap_err();
+    assert!(matches!(
+        err,
+        TrustFileError::UnsupportedSchema { found: 2, .. }
+    ));
+    assert!(err.to_string().contains("t.json"));
+    let mut p256_org = trust(&k);
+    p256_org.org_root_key.current = PrivateKey::generate(Algorithm::EcdsaP256)
+        .public_key()
+        .to_entry();
+    let bytes = serde_json::to_vec(&p256_org).unwrap();
+    assert!(matches!(
+        check_trust_file("t.json", &bytes, 0o100600, &limits()).unwrap_err(),
+        TrustFileError::OrgRootNotEd25519 { .. }
+    ));
+    let mut bad_cache = trust(&k);
+    bad_cache.cache_keys = vec!["no-colon".into()];
+    let bytes = serde_json::to_vec(&bad_cache).unwrap();
+    assert!(matches!(
+        check_trust_file("t.json", &bytes, 0o100600, &limits()).unwrap_err(),
+        TrustFileError::CacheKey { .. }
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn no_artifact_parser_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048), sig in proptest::collection::vec(any::<u8>(), 0..80)) {
+        let k = keys();
+        let t = trust(&k);
+        let l = limits();
+        prop_assert!(verify_fleet(&bytes, &sig, &t, now(), &l).is_err());
+        prop_assert!(verify_manifest(&bytes, &sig, &t, now(), ManifestContext::default(), &l).is_err());
+        prop_assert!(verify_revocations(&bytes, &sig, &t, now(), None, &l).is_err());
+        prop_assert!(verify_token(&bytes, &t, now(), &l).is_err());
+        prop_assert!(verify_report(&bytes, "h", "ssh-ed25519 AAAA", &l).is_err());
+        let _ = check_trust_file("t", &bytes, 0o600, &l);
+    }
+
+    #[test]
+    fn no_artifact_parser_panics_on_mutated_valid_artifacts(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let k = keys();
+        let t = trust(&k);
+        let (mut bytes, sig) = signed(&fleet(Some(SIGNED_AT)), &k.ci);
+        for (i, b) in flips {
+            let at = i.index(bytes.len());
+            bytes[at] = b;
+        }
+        let original = signed(&fleet(Some(SIGNED_AT)), &k.ci).0;
+        let result = verify_fleet(&bytes, &sig, &t, now(), &limits());
+        // Any change to the canonical content must be refused.
+        if jcs::canonicalize(&bytes).ok().as_deref() != Some(&original[..]) {
+            prop_assert!(result.is_err());
+        }
+    }
+}
