@@ -354,6 +354,15 @@ impl PublicKey {
     }
 }
 
+/// Converts a DER-encoded ECDSA P-256 signature (what `openssl pkeyutl` and many HSMs emit)
+/// to the raw r‖s form nixfleet stores.
+pub fn p256_der_to_raw(der: &[u8]) -> Result<[u8; SIGNATURE_LEN], SignatureError> {
+    let sig = p256::ecdsa::Signature::from_der(der).map_err(|_| SignatureError::Malformed)?;
+    let mut raw = [0u8; SIGNATURE_LEN];
+    raw.copy_from_slice(&sig.to_bytes());
+    Ok(raw)
+}
+
 /// Parses an OpenSSH public key line (`ssh-ed25519 AAAA... comment`); other key types are refused.
 pub fn parse_ssh_ed25519_public(line: &str) -> Result<PublicKey, KeyError> {
     let key = parse_ssh_public(line)?;

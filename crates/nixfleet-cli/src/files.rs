@@ -1,0 +1,86 @@
+//! File helpers shared by the subcommands: bounded reads and atomic writes.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::CliError;
+
+/// Reads at most `limit` bytes; a larger file is an error rather than an allocation.
+pub fn read_limited(path: &Path, limit: usize) -> Result<Vec<u8>, CliError> {
+    let file = fs::File::open(path).map_err(|e| CliError::io("read", path, e))?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CliError::io("read", path, e))?;
+    if bytes.len() > limit {
+        return Err(CliError::TooLarge {
+            path: path.to_path_buf(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+pub fn read_text(path: &Path, limit: usize) -> Result<String, CliError> {
+    String::from_utf8(read_limited(path, limit)?).map_err(|_| CliError::NotUtf8 {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Writes via a temporary file in the same directory and a rename, so a reader never
+/// sees a half-written artifact and a crash leaves the old file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(CliError::io("write", path, e));
+    }
+    Ok(())
+}
+
+/// Creates a new file that must not exist yet (private keys are never overwritten).
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                CliError::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                CliError::io("create", path, e)
+            }
+        })?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| CliError::io("write", path, e))
+}
+
+pub fn create_dir(path: &Path) -> Result<(), CliError> {
+    fs::create_dir_all(path).map_err(|e| CliError::io("create directory", path, e))
+}

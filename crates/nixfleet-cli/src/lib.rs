@@ -1,0 +1,56 @@
+//! The `nixfleet` operator CLI (SPEC.md §8): keys, trust roots, releases, offline
+//! verification and bootstrap tokens. `main.rs` holds the flag definitions; the work is
+//! here so that it can be tested without spawning the binary.
+
+pub mod commands;
+pub mod files;
+pub mod release;
+pub mod signer;
+
+use std::path::{Path, PathBuf};
+
+use nixfleet_trust::keys::KeyError;
+use nixfleet_trust::verify::{TrustFileError, VerifyError};
+
+/// Every way a command fails, each one sentence an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is larger than {limit} bytes; is it the right file?", path.display())]
+    TooLarge { path: PathBuf, limit: usize },
+    #[error("{} is not UTF-8 text", path.display())]
+    NotUtf8 { path: PathBuf },
+    #[error("{} already exists; refusing to overwrite it (move it away or pick another --out)", path.display())]
+    Exists { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Key { path: PathBuf, source: KeyError },
+    #[error("{what}: {source}")]
+    PublicKey { what: String, source: KeyError },
+    #[error("{}: {detail}", path.display())]
+    Json { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Trust(#[from] TrustFileError),
+    #[error("{}: {source}", path.display())]
+    Verify { path: PathBuf, source: VerifyError },
+    #[error("fleet is invalid:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Fleet(Vec<release::FleetError>),
+    #[error("signing command {command:?} failed: {reason}")]
+    SignCommand { command: String, reason: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CliError {
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        CliError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
