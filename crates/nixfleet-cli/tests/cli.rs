@@ -10,7 +10,7 @@ const SOON_AFTER: &str = "2026-11-27T10:05:00Z";
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("../../examples")
         .join(name)
 }
 
