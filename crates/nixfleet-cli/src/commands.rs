@@ -47,19 +47,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CliError>
 
 /// Reads and checks a trust file the way every nixfleet binary does.
 pub fn load_trust(path: &Path) -> Result<TrustFile, CliError> {
-    use std::os::unix::fs::PermissionsExt;
-    let limits = Limits::default();
-    let bytes = files::read_limited(path, limits.trust_bytes)?;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| CliError::io("read", path, e))?
-        .permissions()
-        .mode();
-    Ok(verify::check_trust_file(
-        &path.display().to_string(),
-        &bytes,
-        mode,
-        &limits,
-    )?)
+    Ok(verify::read_trust_file(path, &Limits::default())?)
 }
 
 pub fn load_private_key(path: &Path) -> Result<PrivateKey, CliError> {

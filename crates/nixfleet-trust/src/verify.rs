@@ -615,6 +615,8 @@ pub fn verify_report(
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum TrustFileError {
+    #[error("trust file {path} cannot be read: {detail}; every nixfleet binary needs its pinned trust roots (create it with `nixfleet trust init`)")]
+    Unreadable { path: String, detail: String },
     #[error("trust file {path} is writable by group or others (mode {mode:o}); anyone who can write it can replace the trust roots: chmod go-w {path}")]
     Writable { path: String, mode: u32 },
     #[error(
@@ -642,6 +644,25 @@ pub enum TrustFileError {
         slot: &'static str,
         source: KeyError,
     },
+}
+
+/// Reads and checks trust.json from disk. The one file access in this crate: every binary
+/// must treat the trust file identically (missing, unreadable, writable by others).
+pub fn read_trust_file(path: &std::path::Path, limits: &Limits) -> Result<TrustFile, TrustFileError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let name = path.display().to_string();
+    let unreadable = |e: std::io::Error| TrustFileError::Unreadable {
+        path: name.clone(),
+        detail: e.to_string(),
+    };
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let mode = file.metadata().map_err(unreadable)?.permissions().mode();
+    let mut bytes = Vec::new();
+    file.take(limits.trust_bytes as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    check_trust_file(&name, &bytes, mode, limits)
 }
 
 /// Checks trust.json as read from disk: its permission bits (`mode` from the file's

@@ -1,0 +1,487 @@
+//! mkFleet, the Nix half of a release, evaluated with the real `nix-instantiate`:
+//! golden fixtures under `nix/tests/positive`, error fixtures under `nix/tests/negative`
+//! (adding a case is adding a directory), every `.nix` file parses, and every golden
+//! fleet goes through `nixfleet release` and `nixfleet verify` with the waves mkFleet
+//! resolved.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{ErrorKind, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Nix as root without a daemon, sandbox or build users, on the dummy store: evaluating
+/// writes nothing under /nix.
+const NIX_CONFIG: &str =
+    "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nstore = dummy://";
+const NIX_TIMEOUT: Duration = Duration::from_secs(120);
+const SIGNED_AT: &str = "2026-11-27T10:00:00Z";
+const SOON_AFTER: &str = "2026-11-27T10:05:00Z";
+/// Set to rewrite every positive fixture's expected.json from mkFleet's output.
+const BLESS: &str = "NIXFLEET_BLESS";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// What one `nix-instantiate` run gave.
+struct Nix {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `nix-instantiate` from the repository root with a throwaway HOME and XDG
+/// directories, and a time limit.
+fn nix_instantiate<S: AsRef<OsStr>>(args: &[S]) -> Nix {
+    let home = tempfile::tempdir().unwrap();
+    let mut command = Command::new("nix-instantiate");
+    command
+        .args(args)
+        .current_dir(repo())
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("HOME", home.path())
+        .env("XDG_CACHE_HOME", home.path().join("cache"))
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .env("XDG_DATA_HOME", home.path().join("data"))
+        .env("XDG_STATE_HOME", home.path().join("state"))
+        .env_remove("NIX_PATH")
+        .env_remove("NIX_REMOTE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+            "nix-instantiate is not installed; the mkFleet tests need it: \
+             apt-get install -y nix-bin"
+        ),
+        Err(e) => panic!("cannot run nix-instantiate: {e}"),
+    };
+    // Read both pipes while waiting, so a long error trace cannot fill one and stall.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            pipe.read_to_string(&mut text).map(|_| text)
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + NIX_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+            panic!("nix-instantiate {shown:?} took longer than {NIX_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Nix {
+        success: status.success(),
+        stdout: stdout.join().unwrap().unwrap(),
+        stderr: stderr.join().unwrap().unwrap(),
+    }
+}
+
+/// Evaluates an attribute of mkFleet's result for one fixture (via nix/tests/eval.nix).
+fn eval_fixture(fixture: &Path, attr: &str) -> Result<Value, String> {
+    let fleet_nix = fixture.join("fleet.nix");
+    let out = nix_instantiate(&[
+        OsStr::new("--eval"),
+        OsStr::new("--strict"),
+        OsStr::new("--json"),
+        OsStr::new("nix/tests/eval.nix"),
+        OsStr::new("--argstr"),
+        OsStr::new("fixture"),
+        fleet_nix.as_os_str(),
+        OsStr::new("--argstr"),
+        OsStr::new("attr"),
+        OsStr::new(attr),
+    ]);
+    if out.success {
+        Ok(serde_json::from_str(&out.stdout).expect("nix-instantiate --json prints JSON"))
+    } else {
+        Err(out.stderr)
+    }
+}
+
+fn eval_expr(expr: &str) -> Nix {
+    nix_instantiate(&["--eval", "--strict", "--json", "--expr", expr])
+}
+
+/// The fixture directories of one kind, by name.
+fn fixtures(kind: &str) -> Vec<(String, PathBuf)> {
+    let dir = repo().join("nix/tests").join(kind);
+    let mut out: Vec<(String, PathBuf)> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_dir())
+        .map(|path| {
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                path,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn positive_fixtures_evaluate_to_their_golden_json() {
+    let cases = fixtures("positive");
+    assert!(cases.len() >= 10, "expected at least 10 positive fixtures");
+    let bless = std::env::var_os(BLESS).is_some();
+    let mut failures = Vec::new();
+    for (name, dir) in &cases {
+        let got = match eval_fixture(dir, "resolved") {
+            Ok(got) => got,
+            Err(stderr) => {
+                failures.push(format!("{name}: evaluation failed:\n{stderr}"));
+                continue;
+            }
+        };
+        let golden = dir.join("expected.json");
+        let pretty = serde_json::to_string_pretty(&got).unwrap() + "\n";
+        if bless {
+            fs::write(&golden, pretty).unwrap();
+        } else if !golden.exists() {
+            failures.push(format!(
+                "{name}: no expected.json; run with {BLESS}=1 to write it, then review it"
+            ));
+        } else if read_json(&golden) != got {
+            failures.push(format!(
+                "{name}: mkFleet's output differs from expected.json ({BLESS}=1 rewrites it):\n{pretty}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn negative_fixtures_fail_with_their_message() {
+    let cases = fixtures("negative");
+    assert!(cases.len() >= 8, "expected at least 8 negative fixtures");
+    let mut failures = Vec::new();
+    for (name, dir) in &cases {
+        // Each non-empty line of expected-error.txt must appear in the error.
+        let expected = fs::read_to_string(dir.join("expected-error.txt"))
+            .unwrap_or_else(|e| panic!("{name}/expected-error.txt: {e}"));
+        let wanted: Vec<&str> = expected.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!wanted.is_empty(), "{name}/expected-error.txt is empty");
+        match eval_fixture(dir, "resolved") {
+            Ok(got) => failures.push(format!("{name}: evaluated instead of failing:\n{got}")),
+            Err(stderr) => {
+                for line in wanted.iter().filter(|l| !stderr.contains(*l)) {
+                    failures.push(format!(
+                        "{name}: error does not contain {line:?}:\n{stderr}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn every_nix_file_in_the_repository_parses() {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy();
+            if path.is_dir() {
+                // Build output, git data and the demo's scratch directory hold no sources.
+                if !name.starts_with('.') && name != "target" && name != "nixfleet-demo" {
+                    walk(&path, out);
+                }
+            } else if name.ends_with(".nix") {
+                out.push(path);
+            }
+        }
+    }
+    let root = repo();
+    let mut files = Vec::new();
+    walk(&root, &mut files);
+    files.sort();
+    for required in ["flake.nix", "nix/lib/default.nix", "nix/lib/mk-fleet.nix"] {
+        assert!(
+            files.contains(&root.join(required)),
+            "{required} is missing"
+        );
+    }
+    let failures: Vec<String> = files
+        .iter()
+        .filter_map(|file| {
+            let out = nix_instantiate(&[OsStr::new("--parse"), file.as_os_str()]);
+            (!out.success).then(|| format!("{}:\n{}", file.display(), out.stderr))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn the_example_fixture_is_examples_fleet_json() {
+    // examples/fleet.json (what the docs and scripts/run-local release) is exactly what
+    // mkFleet makes of the example fixture, less the waves that release resolves anyway.
+    let mut golden = read_json(&repo().join("nix/tests/positive/example/expected.json"));
+    golden.as_object_mut().unwrap().remove("waves");
+    assert_eq!(golden, read_json(&repo().join("examples/fleet.json")));
+}
+
+#[test]
+fn flake_exposes_the_library_without_any_input() {
+    // Every input but `self` throws: lib must evaluate without nixpkgs.
+    let out = eval_expr(
+        r#"
+        let
+          flake = import ./flake.nix;
+          inputs = builtins.mapAttrs (name: _: throw "lib needs the flake input ${name}")
+            (builtins.functionArgs flake.outputs);
+          outputs = flake.outputs (inputs // { self = outputs; });
+          fleet = import ./nix/tests/positive/example/fleet.nix;
+        in {
+          lib = builtins.attrNames outputs.lib;
+          resolved = (outputs.lib.mkFleet fleet).resolved;
+          merged = (outputs.lib.mkFleet (outputs.lib.mergeFleets [ fleet ])).resolved;
+        }
+        "#,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let got: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(got["lib"], serde_json::json!(["mergeFleets", "mkFleet"]));
+    let golden = read_json(&repo().join("nix/tests/positive/example/expected.json"));
+    assert_eq!(got["resolved"], golden);
+    assert_eq!(got["merged"], golden, "merging one fleet changes nothing");
+}
+
+#[test]
+fn host_configurations_are_for_ci_and_guarded_by_validation() {
+    let out = eval_expr(
+        r#"
+        let
+          fleet = (import ./nix/lib).mkFleet (import ./nix/tests/positive/defaults-and-nulls/fleet.nix);
+          configurations = fleet.hostConfigurations;
+        in {
+          names = builtins.attrNames configurations;
+          isModule = builtins.isFunction configurations.configured-01;
+        }
+        "#,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let got: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        got,
+        serde_json::json!({"names": ["configured-01"], "isModule": true}),
+        "only hosts with a configuration, passed through untouched"
+    );
+
+    // CI must not build closures for a fleet that release would refuse.
+    let out = eval_expr(
+        r#"builtins.attrNames ((import ./nix/lib).mkFleet (import ./nix/tests/negative/unknown-channel/fleet.nix)).hostConfigurations"#,
+    );
+    assert!(!out.success, "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains(r#"host web-04: unknown channel "stabel""#),
+        "{}",
+        out.stderr
+    );
+}
+
+// ---------------------------------------------------------------- through release
+
+fn nixfleet(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nixfleet"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run nixfleet")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> Output {
+    let out = nixfleet(dir, args);
+    assert!(
+        out.status.success(),
+        "nixfleet {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A CI release key and trust.json in `dir`.
+fn trust_roots(dir: &Path) {
+    let ci = stdout(&ok(
+        dir,
+        &["keygen", "--algorithm", "ed25519", "--out", "ci.pem"],
+    ));
+    let org = stdout(&ok(
+        dir,
+        &["keygen", "--algorithm", "ed25519", "--out", "org.pem"],
+    ));
+    ok(
+        dir,
+        &[
+            "trust",
+            "init",
+            "--ci-release-key",
+            &ci,
+            "--org-root-key",
+            &org,
+            "--cache-key",
+            "cache-1:Ff8AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "--out",
+            "trust.json",
+        ],
+    );
+}
+
+/// A fake but well-formed store basename per host, as CI's build step would list them.
+fn closures(fleet: &Value) -> BTreeMap<String, String> {
+    fleet["hosts"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .enumerate()
+        .map(|(i, host)| (host.clone(), format!("{:032}-nixos-system-{host}", i + 1)))
+        .collect()
+}
+
+#[test]
+fn golden_fleets_round_trip_through_release_and_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trust_roots(dir);
+    for (name, fixture) in fixtures("positive") {
+        let fleet = eval_fixture(&fixture, "resolved").unwrap_or_else(|e| panic!("{name}: {e}"));
+        let nix_warnings = eval_fixture(&fixture, "warnings").unwrap_or_else(|e| panic!("{e}"));
+        let closures = closures(&fleet);
+        fs::write(dir.join(format!("{name}.json")), fleet.to_string()).unwrap();
+        fs::write(
+            dir.join(format!("{name}-closures.json")),
+            serde_json::to_string(&closures).unwrap(),
+        )
+        .unwrap();
+        let out_dir = format!("release-{name}");
+        let released = ok(
+            dir,
+            &[
+                "release",
+                "--fleet",
+                &format!("{name}.json"),
+                "--closures",
+                &format!("{name}-closures.json"),
+                "--ci-commit",
+                "0123456789abcdef0123456789abcdef01234567",
+                "--signed-at",
+                SIGNED_AT,
+                "--key",
+                "ci.pem",
+                "--trust-file",
+                "trust.json",
+                "--out",
+                &out_dir,
+            ],
+        );
+
+        // mkFleet warns about what release warns about.
+        let release_warnings = String::from_utf8_lossy(&released.stderr).into_owned();
+        for warning in nix_warnings.as_array().unwrap() {
+            let warning = warning.as_str().unwrap();
+            assert!(
+                release_warnings.contains(&format!("warning: {warning}")),
+                "{name}: mkFleet warns {warning:?}, release does not:\n{release_warnings}"
+            );
+        }
+
+        // The signed fleet verifies, and so does each channel's manifest against it.
+        let signed = format!("{out_dir}/fleet.resolved.json");
+        let verify = |args: &[&str]| {
+            let out = ok(dir, args);
+            assert!(stdout(&out).starts_with("ok: "), "{name}: {}", stdout(&out));
+        };
+        verify(&[
+            "verify",
+            "fleet",
+            &signed,
+            "--trust-file",
+            "trust.json",
+            "--now",
+            SOON_AFTER,
+        ]);
+        let mut manifests: Vec<PathBuf> = fs::read_dir(dir.join(&out_dir).join("rollouts"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        manifests.sort();
+        let channels = fleet["channels"].as_object().unwrap();
+        assert_eq!(
+            manifests.len(),
+            channels.len(),
+            "{name}: one manifest per channel"
+        );
+        for manifest in &manifests {
+            verify(&[
+                "verify",
+                "manifest",
+                manifest.to_str().unwrap(),
+                "--trust-file",
+                "trust.json",
+                "--fleet",
+                &signed,
+                "--now",
+                SOON_AFTER,
+            ]);
+            // Each host's wave in the manifest is the wave mkFleet put it in.
+            let manifest = read_json(manifest);
+            let waves = &fleet["waves"][manifest["channel"].as_str().unwrap()];
+            for entry in manifest["hostSet"].as_array().unwrap() {
+                let index = entry["waveIndex"].as_u64().unwrap() as usize;
+                assert!(
+                    waves[index]["hosts"]
+                        .as_array()
+                        .unwrap()
+                        .contains(&entry["hostname"]),
+                    "{name}: {entry} is not in mkFleet's wave {index}"
+                );
+            }
+        }
+
+        // Release changed nothing but what it stamps: closures and meta. In particular
+        // its waves are mkFleet's.
+        let mut round_tripped = read_json(&dir.join(&signed));
+        assert_eq!(
+            round_tripped["waves"], fleet["waves"],
+            "{name}: release resolved other waves than mkFleet"
+        );
+        for (host, closure) in &closures {
+            let entry = &mut round_tripped["hosts"][host];
+            assert_eq!(entry["closureHash"], closure.as_str(), "{name}: {host}");
+            entry["closureHash"] = Value::Null;
+        }
+        assert_eq!(round_tripped["meta"]["signedAt"], SIGNED_AT);
+        round_tripped["meta"] = fleet["meta"].clone();
+        assert_eq!(round_tripped, fleet, "{name}: release changed the fleet");
+    }
+}

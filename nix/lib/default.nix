@@ -1,0 +1,9 @@
+# The nixfleet Nix library. Builtins only: importing it needs no nixpkgs.
+#   mkFleet     fleet description -> { resolved; hostConfigurations; warnings; }
+#   mergeFleets [ fleet … ] -> fleet (a name defined twice is an error)
+let
+  fleet = import ./mk-fleet.nix;
+in
+{
+  inherit (fleet) mkFleet mergeFleets;
+}
