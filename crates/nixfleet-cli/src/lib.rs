@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod files;
+pub mod pki;
 pub mod release;
 pub mod signer;
 
@@ -43,6 +44,11 @@ pub enum CliError {
     SignCommand { command: String, reason: String },
     #[error("{0}")]
     Usage(String),
+    #[error("{context}: {source}")]
+    Pki {
+        context: String,
+        source: nixfleet_pki::PkiError,
+    },
 }
 
 impl CliError {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use nixfleet_cli::commands::{self, MintToken, TokenKey, TrustInit, VerifyTarget};
+use nixfleet_cli::pki;
 use nixfleet_cli::signer::Signer;
 use nixfleet_cli::CliError;
 use nixfleet_proto::Algorithm;
@@ -51,6 +52,57 @@ enum Command {
     MintToken(MintTokenArgs),
     /// Print the RFC 8785 canonical form of the JSON on stdin.
     Canonicalize,
+    /// Fleet CA commands.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue certificates from the fleet CA (hosts get theirs by enrolling).
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the fleet CA: DIR/fleet-ca-key.pem (0600), DIR/fleet-ca-cert.pem and DIR/ca.pem
+    /// (the same certificate, for clients' --cacert). Existing files are never overwritten.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = pki::DEFAULT_CA_COMMON_NAME)]
+        common_name: String,
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
+        validity_days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue the control plane's TLS certificate: DIR/server-cert.pem and DIR/server-key.pem (0600).
+    Server {
+        /// Directory holding fleet-ca-cert.pem and fleet-ca-key.pem.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// A DNS name or IP address clients connect to; repeat for each. None is implied.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
+        validity_days: u32,
+    },
+    /// Issue an operator client certificate: DIR/operator-cert.pem and DIR/operator-key.pem
+    /// (0600). Use one --out directory per operator.
+    Operator {
+        /// Directory holding fleet-ca-cert.pem and fleet-ca-key.pem.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Operator name (a-z, 0-9, '.', '_', '@', '-'), e.g. alice or alice@example.org.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..))]
+        validity_days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -342,6 +394,37 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 .and_then(|()| stdout.flush())
                 .map_err(|e| CliError::io("write", std::path::Path::new("<stdout>"), e))?;
         }
+        Command::Ca(CaCommand::Init {
+            out: dir,
+            common_name,
+            validity_days,
+        }) => out(&pki::ca_init(&pki::CaInit {
+            out: dir,
+            common_name,
+            validity_days,
+        })?),
+        Command::Cert(CertCommand::Server {
+            ca_dir,
+            sans,
+            out: dir,
+            validity_days,
+        }) => out(&pki::cert_server(&pki::CertServer {
+            ca_dir,
+            sans,
+            out: dir,
+            validity_days,
+        })?),
+        Command::Cert(CertCommand::Operator {
+            ca_dir,
+            name,
+            out: dir,
+            validity_days,
+        }) => out(&pki::cert_operator(&pki::CertOperator {
+            ca_dir,
+            name,
+            out: dir,
+            validity_days,
+        })?),
     }
     Ok(())
 }

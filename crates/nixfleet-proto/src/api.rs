@@ -29,4 +29,7 @@ pub struct ChannelStatus {
     pub current_rollout: Option<String>,
     pub hosts_total: u64,
     pub hosts_converged: u64,
+    /// Why the channel's newest release is not rolling out, if it is not.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
