@@ -169,13 +169,16 @@ pub struct ReleaseArgs {
     pub signed_at: Option<OffsetDateTime>,
 }
 
-/// Signs canonical bytes and writes `path` + `path.sig`.
-fn write_signed(path: &Path, canonical: &[u8], signer: &Signer) -> Result<(), CliError> {
+/// Signs canonical bytes once and writes them to each path, with `path.sig` beside it.
+fn write_signed(paths: &[&Path], canonical: &[u8], signer: &Signer) -> Result<(), CliError> {
     let sig = signer.sign(canonical)?;
-    files::write_atomic(path, canonical, 0o644)?;
-    let mut sig_path = path.as_os_str().to_owned();
-    sig_path.push(".sig");
-    files::write_atomic(Path::new(&sig_path), &sig, 0o644)
+    for path in paths {
+        files::write_atomic(path, canonical, 0o644)?;
+        let mut sig_path = path.as_os_str().to_owned();
+        sig_path.push(".sig");
+        files::write_atomic(Path::new(&sig_path), &sig, 0o644)?;
+    }
+    Ok(())
 }
 
 fn canonical_of<T: serde::Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, CliError> {
@@ -195,11 +198,11 @@ pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
     let resolved = release::resolve(fleet, &closures, &stamp).map_err(CliError::Fleet)?;
     let fleet = resolved.fleet;
 
-    files::create_dir(&args.out.join("rollouts"))?;
+    files::create_dir(&args.out.join("rollouts").join("channel"))?;
     let fleet_path = args.out.join("fleet.resolved.json");
     let fleet_canonical = canonical_of(&fleet, &fleet_path)?;
     let fleet_hash = jcs::sha256_hex(&fleet_canonical);
-    write_signed(&fleet_path, &fleet_canonical, &args.signer)?;
+    write_signed(&[&fleet_path], &fleet_canonical, &args.signer)?;
 
     let mut lines = vec![format!(
         "fleet.resolved.json  {} host(s), {} channel(s), signed {} for {}, sha256 {fleet_hash}",
@@ -213,7 +216,14 @@ pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
         let canonical = canonical_of(&manifest, &args.out)?;
         let rollout_id = jcs::sha256_hex(&canonical);
         let path = args.out.join("rollouts").join(format!("{rollout_id}.json"));
-        write_signed(&path, &canonical, &args.signer)?;
+        // Also under the channel's name, for control planes that fetch the current
+        // manifest of each channel by URL (the id cannot be known before the bytes).
+        let by_channel = args
+            .out
+            .join("rollouts")
+            .join("channel")
+            .join(format!("{}.json", manifest.channel));
+        write_signed(&[&path, &by_channel], &canonical, &args.signer)?;
         lines.push(format!(
             "rollouts/{rollout_id}.json  {}: {} host(s) in {} wave(s)",
             manifest.display_name,
@@ -276,7 +286,7 @@ pub fn revocations_sign(args: &RevocationsSignArgs) -> Result<String, CliError> 
     files::create_dir(&args.out)?;
     let path = args.out.join("revocations.json");
     let canonical = canonical_of(&list, &path)?;
-    write_signed(&path, &canonical, &args.signer)?;
+    write_signed(&[&path], &canonical, &args.signer)?;
     Ok(format!(
         "revocations.json  {} revocation(s), signed {}",
         list.revocations.len(),

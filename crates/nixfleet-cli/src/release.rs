@@ -60,6 +60,10 @@ pub enum FleetError {
     )]
     BadHostname { host: String },
     #[error(
+        "channel name {channel:?} is not valid; use letters, digits, '-', '_' and '.' (at most 64)"
+    )]
+    BadChannelName { channel: String },
+    #[error(
         "fleet has schemaVersion {0}; this build writes only schemaVersion {FLEET_SCHEMA_VERSION}"
     )]
     Schema(u32),
@@ -164,6 +168,12 @@ fn validate_structure(
         }
     }
     for (name, channel) in &fleet.channels {
+        // Channel names become file names and URL path segments.
+        if name.len() > 64 || !valid_hostname(name) || name.starts_with('.') {
+            errors.push(FleetError::BadChannelName {
+                channel: name.clone(),
+            });
+        }
         if !fleet.rollout_policies.contains_key(&channel.rollout_policy) {
             errors.push(FleetError::UnknownPolicy {
                 channel: name.clone(),

@@ -1,6 +1,9 @@
 //! The operator CLI, run as a real binary: keys → trust → release → verify, external
 //! signers, tokens against the real ssh-keygen, and release validation.
 
+mod support;
+use support::*;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,30 +15,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../examples")
         .join(name)
-}
-
-fn nixfleet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nixfleet"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run nixfleet")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = nixfleet(dir, args);
-    assert!(
-        out.status.success(),
-        "nixfleet {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = nixfleet(dir, args);
-    assert!(!out.status.success(), "nixfleet {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
 }
 
 /// keygen + trust init; returns the trust file path.

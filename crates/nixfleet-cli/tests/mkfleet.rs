@@ -4,6 +4,9 @@
 //! fleet goes through `nixfleet release` and `nixfleet verify` with the waves mkFleet
 //! resolved.
 
+mod support;
+use support::*;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -307,39 +310,21 @@ fn host_configurations_are_for_ci_and_guarded_by_validation() {
 
 // ---------------------------------------------------------------- through release
 
-fn nixfleet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nixfleet"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run nixfleet")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> Output {
-    let out = nixfleet(dir, args);
-    assert!(
-        out.status.success(),
-        "nixfleet {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A CI release key and trust.json in `dir`.
 fn trust_roots(dir: &Path) {
-    let ci = stdout(&ok(
+    let ci = stdout(&succeeds(
         dir,
         &["keygen", "--algorithm", "ed25519", "--out", "ci.pem"],
     ));
-    let org = stdout(&ok(
+    let org = stdout(&succeeds(
         dir,
         &["keygen", "--algorithm", "ed25519", "--out", "org.pem"],
     ));
-    ok(
+    succeeds(
         dir,
         &[
             "trust",
@@ -383,7 +368,7 @@ fn golden_fleets_round_trip_through_release_and_verify() {
         )
         .unwrap();
         let out_dir = format!("release-{name}");
-        let released = ok(
+        let released = succeeds(
             dir,
             &[
                 "release",
@@ -417,7 +402,7 @@ fn golden_fleets_round_trip_through_release_and_verify() {
         // The signed fleet verifies, and so does each channel's manifest against it.
         let signed = format!("{out_dir}/fleet.resolved.json");
         let verify = |args: &[&str]| {
-            let out = ok(dir, args);
+            let out = succeeds(dir, args);
             assert!(stdout(&out).starts_with("ok: "), "{name}: {}", stdout(&out));
         };
         verify(&[

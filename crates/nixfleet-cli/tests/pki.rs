@@ -1,34 +1,13 @@
 //! `nixfleet ca init`, `cert server` and `cert operator` run as the real binary, checked
 //! with the real openssl.
 
+mod support;
+use support::*;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn nixfleet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nixfleet"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run nixfleet")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = nixfleet(dir, args);
-    assert!(
-        out.status.success(),
-        "nixfleet {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = nixfleet(dir, args);
-    assert!(!out.status.success(), "nixfleet {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
-}
+use std::process::Command;
 
 fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("openssl")
