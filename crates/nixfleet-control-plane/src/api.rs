@@ -1,0 +1,971 @@
+//! HTTP routes (SPEC.md §5). Authorisation comes from the caller's verified client
+//! certificate; every error is mapped to a status and a JSON body in one place.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use nixfleet_pki::{FleetCa, HostExpectation, Role};
+use nixfleet_proto::api::{ChannelStatus, Healthz};
+use nixfleet_proto::wire::{
+    CheckinRequest, CheckinResponse, ConfirmRequest, EnrollRequest, EnrollResponse, ErrorBody,
+    RenewRequest, RenewResponse, ReportResponse, PROTOCOL_HEADER, PROTOCOL_MAJOR,
+};
+use nixfleet_reconciler::HostState;
+use nixfleet_trust::verify::{self, Limits, VerifyError};
+use serde::Serialize;
+use time::OffsetDateTime;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::clock::rfc3339;
+use crate::db::Db;
+use crate::metrics::Metrics;
+use crate::server::Peer;
+use crate::state::{Change, Shared};
+
+/// Agent and operator request bodies are small; enrollment carries a token and a CSR.
+const BODY_LIMIT: usize = 256 << 10;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct App {
+    pub shared: Arc<Shared>,
+    pub db: Arc<Db>,
+    pub metrics: Arc<Metrics>,
+    pub fleet_ca: Option<FleetCa>,
+    pub cert_validity: time::Duration,
+    pub audit_log: Mutex<Option<std::fs::File>>,
+    pub audit_log_path: std::path::PathBuf,
+    pub checkin_interval_secs: u32,
+}
+
+/// An error answer: status plus one sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/agent/renew", post(renew))
+        .route("/v1/agent/checkin", post(checkin))
+        .route("/v1/agent/confirm", post(confirm))
+        .route("/v1/agent/report", post(report))
+        .route("/v1/rollouts", get(list_rollouts))
+        .route("/v1/rollouts/{id}", get(rollout_manifest))
+        .route("/v1/rollouts/{id}/sig", get(rollout_signature))
+        .route("/v1/rollouts/{id}/trace", get(rollout_trace))
+        .route("/v1/channels/{name}", get(channel))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{name}", get(host))
+        .route("/metrics", get(metrics_operator))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            protocol_and_latency,
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(app)
+}
+
+/// The loopback metrics listener's router (no client certificate there).
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_plain))
+        .with_state(app)
+}
+
+/// Refuses another protocol major version (426); a request without the header is served,
+/// so plain `curl` works. Records request latency.
+async fn protocol_and_latency(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(value) = req.headers().get(PROTOCOL_HEADER) {
+        let major = value.to_str().ok().and_then(|v| {
+            v.trim()
+                .split('.')
+                .next()
+                .and_then(|m| m.parse::<u32>().ok())
+        });
+        if major != Some(PROTOCOL_MAJOR) {
+            return ApiError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                format!(
+                    "this control plane speaks nixfleet protocol {PROTOCOL_MAJOR}; the request asked for {:?}: upgrade the agent or the control plane so they match",
+                    value.to_str().unwrap_or("?")
+                ),
+            )
+            .into_response();
+        }
+    }
+    let started = Instant::now();
+    let response = next.run(req).await;
+    app.metrics.observe_latency(started.elapsed().as_secs_f64());
+    response
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("request body is not valid JSON for this route: {e}"),
+        )
+    })
+}
+
+/// Agent routes: a host certificate for `hostname`, not revoked, and a revocation list
+/// applied (a wiped control plane must not accept a revoked certificate).
+fn require_host(app: &App, peer: &Peer, hostname: &str) -> ApiResult<()> {
+    if !app.shared.revocations_ready() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the revocation list has not been verified and applied yet; retry shortly",
+        ));
+    }
+    let id = match peer {
+        Peer::Identified(id) => id,
+        Peer::Anonymous => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "agent routes need a client certificate from the fleet CA; enroll with a bootstrap token",
+            ))
+        }
+        Peer::Unusable(why) => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!("client certificate is not usable: {why}"),
+            ))
+        }
+    };
+    match &id.role {
+        Role::Host { hostname: cn } if cn == hostname => {}
+        Role::Host { hostname: cn } => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("certificate is for host {cn}, but the request is for {hostname}"),
+            ))
+        }
+        Role::Operator { .. } => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "agent routes need a host certificate, not an operator certificate",
+            ))
+        }
+    }
+    // A resumed TLS session is not re-validated by rustls, so expiry is checked here.
+    if id.not_after < OffsetDateTime::now_utc() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the certificate of {hostname} expired; re-enroll the host with a new bootstrap token"),
+        ));
+    }
+    if app.shared.revocations().refuses(hostname, id.not_before) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the certificate of {hostname} is revoked; re-enroll the host with a new bootstrap token"),
+        ));
+    }
+    Ok(())
+}
+
+fn require_operator(peer: &Peer) -> ApiResult<()> {
+    match peer {
+        Peer::Identified(id) if id.not_after < OffsetDateTime::now_utc() => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the operator certificate expired; issue a new one with `nixfleet cert operator`",
+        )),
+        Peer::Identified(id) => match &id.role {
+            Role::Operator { .. } => Ok(()),
+            Role::Host { .. } => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "operator routes need an operator certificate (`nixfleet cert operator`), not a host certificate",
+            )),
+        },
+        Peer::Anonymous => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "operator routes need an operator client certificate (`nixfleet cert operator`)",
+        )),
+        Peer::Unusable(why) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("client certificate is not usable: {why}"),
+        )),
+    }
+}
+
+fn host_of(peer: &Peer) -> Option<&str> {
+    match peer {
+        Peer::Identified(id) => id.role_hostname(),
+        _ => None,
+    }
+}
+
+trait RoleHostname {
+    fn role_hostname(&self) -> Option<&str>;
+}
+
+impl RoleHostname for nixfleet_pki::ClientIdentity {
+    fn role_hostname(&self) -> Option<&str> {
+        match &self.role {
+            Role::Host { hostname } => Some(hostname),
+            Role::Operator { .. } => None,
+        }
+    }
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Json<Healthz> {
+    let fleet = app.shared.fleet();
+    let revocations = app.shared.revocations();
+    Json(Healthz {
+        ok: fleet.is_some(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        primed: fleet.is_some(),
+        last_tick_at: app.shared.last_tick_at(),
+        fleet_signed_at: fleet.map(|f| f.signed_at()),
+        revocations_applied_at: revocations.applied_at,
+    })
+}
+
+/// Spreads check-ins over the interval: the same host always gets the same offset.
+fn next_checkin_secs(base: u32, hostname: &str, active: bool) -> u32 {
+    let base = if active {
+        (base / 4).max(5)
+    } else {
+        base.max(1)
+    };
+    let mut h = DefaultHasher::new();
+    hostname.hash(&mut h);
+    let spread = (base / 10).max(1);
+    base - spread / 2 + (h.finish() % u64::from(spread)) as u32
+}
+
+async fn checkin(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Json<CheckinResponse>> {
+    let req: CheckinRequest = parse_json(&body)?;
+    if let Err(e) = require_host(&app, &peer, &req.hostname) {
+        Metrics::inc(&app.metrics.checkins_refused);
+        return Err(e);
+    }
+    let now = OffsetDateTime::now_utc();
+    let change = app.shared.attestations.checkin(&req, now);
+    match change {
+        Change::FirstSinceStart | Change::Changed => {
+            tracing::info!("checkin received {}", req.hostname)
+        }
+        Change::Unchanged => tracing::debug!("checkin received {}", req.hostname),
+    }
+    Metrics::inc(&app.metrics.checkins_ok);
+    let directives = app.shared.directives();
+    let mut response = CheckinResponse {
+        target: None,
+        rollback: None,
+        next_checkin_secs: next_checkin_secs(
+            app.checkin_interval_secs,
+            &req.hostname,
+            directives.active.contains(&req.hostname),
+        ),
+    };
+    if let Some(signal) = directives.rollbacks.get(&req.hostname) {
+        Metrics::inc(&app.metrics.rollbacks_sent);
+        tracing::info!(host = %req.hostname, rollout = %signal.rollout_id, "rollback signal sent");
+        response.rollback = Some(signal.clone());
+    } else if let Some(target) = directives.targets.get(&req.hostname) {
+        let failed_here = req
+            .failed_targets
+            .iter()
+            .any(|f| f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash);
+        // A host already on the target needs nothing; one that failed it is never re-sent it.
+        if target.closure_hash != req.current_generation.closure_hash && !failed_here {
+            if app
+                .shared
+                .attestations
+                .delivered(&req.hostname, &target.rollout_id, now)
+            {
+                tracing::info!(host = %req.hostname, rollout = %target.rollout_id, closure = %target.closure_hash, "target delivered");
+                let db = app.db.clone();
+                let (host, rollout, closure) = (
+                    req.hostname.clone(),
+                    target.rollout_id.clone(),
+                    target.closure_hash.clone(),
+                );
+                // The delivery is also held in memory for the tick; the row is the audit trail.
+                tokio::spawn(async move {
+                    if let Err(e) = db
+                        .record_dispatch_event(host, rollout, closure, "delivered", now)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not record a delivery");
+                    }
+                });
+                app.shared.tick_now.notify_one();
+            }
+            Metrics::inc(&app.metrics.targets_sent);
+            response.target = Some(target.clone());
+        }
+    }
+    Ok(Json(response))
+}
+
+async fn confirm(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let req: ConfirmRequest = parse_json(&body)?;
+    require_host(&app, &peer, &req.hostname)?;
+    let gone = |why: String| {
+        Metrics::inc(&app.metrics.confirms_gone);
+        tracing::info!(host = %req.hostname, rollout = %req.rollout_id, "confirm refused: {why}");
+        ApiError::new(StatusCode::GONE, why)
+    };
+    let fleet = app
+        .shared
+        .fleet()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
+    let Some(manifest) = fleet.manifests.get(&req.rollout_id) else {
+        return Err(gone(format!(
+            "rollout {} is not part of the current signed release; roll back",
+            req.rollout_id
+        )));
+    };
+    if !manifest
+        .value
+        .contains(&req.hostname, req.wave_index, &req.generation.closure_hash)
+    {
+        return Err(gone(format!(
+            "rollout {} does not give {} closure {} in wave {}; roll back",
+            req.rollout_id, req.hostname, req.generation.closure_hash, req.wave_index
+        )));
+    }
+    let stored = app.shared.stored();
+    let state = stored
+        .rollouts
+        .get(&req.rollout_id)
+        .and_then(|r| r.hosts.get(&req.hostname))
+        .map(|h| h.state.clone());
+    if let Some(HostState::Failed { reason, .. }) = &state {
+        return Err(gone(format!(
+            "{} already failed in rollout {}: {reason}; roll back",
+            req.hostname, req.rollout_id
+        )));
+    }
+    if matches!(state, Some(HostState::RollingBack | HostState::Reverted)) {
+        return Err(gone(format!(
+            "rollout {} is being rolled back; roll back",
+            req.rollout_id
+        )));
+    }
+    let now = OffsetDateTime::now_utc();
+    // No dispatch record (e.g. after a wipe) is an orphan confirm: accepted, because the
+    // signed manifest says this host should run this closure.
+    let event = if state.is_none() {
+        "orphan-confirm"
+    } else {
+        "confirmed"
+    };
+    app.db
+        .record_dispatch_event(
+            req.hostname.clone(),
+            req.rollout_id.clone(),
+            req.generation.closure_hash.clone(),
+            event,
+            now,
+        )
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    app.shared
+        .attestations
+        .confirmed(&req.hostname, &req.generation.closure_hash, now);
+    Metrics::inc(&app.metrics.confirms_ok);
+    tracing::info!(host = %req.hostname, rollout = %req.rollout_id, closure = %req.generation.closure_hash, "{event}");
+    app.shared.tick_now.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn report(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Json<ReportResponse>> {
+    let hostname = host_of(&peer)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "reports need a host certificate"))?
+        .to_owned();
+    require_host(&app, &peer, &hostname)?;
+    let fleet = app
+        .shared
+        .fleet()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
+    let pubkey = fleet
+        .fleet
+        .value
+        .hosts
+        .get(&hostname)
+        .and_then(|h| h.pubkey.clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("fleet.resolved has no pubkey for {hostname}, so its reports cannot be verified; add the host key to the fleet"),
+            )
+        })?;
+    let verified = verify::verify_report(&body, &hostname, &pubkey, &Limits::default()).map_err(
+        |e| match e {
+            VerifyError::Parse { .. }
+            | VerifyError::Shape { .. }
+            | VerifyError::TooLarge { .. } => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+            VerifyError::ReportHostMismatch { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, e.to_string())
+            }
+            _ => ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()),
+        },
+    )?;
+    let report = &verified.value.report;
+    let kind = serde_json::to_value(report.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let event_id = app
+        .db
+        .record_report(
+            hostname.clone(),
+            report.report_id.clone(),
+            kind.clone(),
+            report.rollout_id.clone(),
+            String::from_utf8_lossy(&body).into_owned(),
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Metrics::inc(&app.metrics.reports);
+    tracing::info!(host = %hostname, kind = %kind, rollout = ?report.rollout_id, "report received: {}", report.reason);
+    Ok(Json(ReportResponse {
+        event_id: event_id.to_string(),
+    }))
+}
+
+fn audit(app: &App, entry: serde_json::Value) -> ApiResult<()> {
+    let mut guard = app
+        .audit_log
+        .lock()
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable"))?;
+    if guard.is_none() {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&app.audit_log_path)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "cannot open the audit log {}: {e}",
+                        app.audit_log_path.display()
+                    ),
+                )
+            })?;
+        *guard = Some(file);
+    }
+    let mut line = entry.to_string();
+    line.push('\n');
+    let file = guard
+        .as_mut()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable"))?;
+    // Issuance is not acknowledged until its audit line is on disk.
+    file.write_all(line.as_bytes())
+        .and_then(|()| file.sync_data())
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "cannot write the audit log {}: {e}",
+                    app.audit_log_path.display()
+                ),
+            )
+        })
+}
+
+fn no_ca() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this control plane has no fleet CA key (--fleet-ca-key), so it cannot issue certificates; enrolled agents keep working",
+    )
+}
+
+fn pki_error(e: nixfleet_pki::PkiError) -> ApiError {
+    use nixfleet_pki::PkiError as P;
+    let status = match e {
+        P::CsrHostnameMismatch { .. }
+        | P::CsrFingerprintMismatch { .. }
+        | P::InvalidHostname { .. } => StatusCode::FORBIDDEN,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+async fn enroll(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<EnrollResponse>> {
+    let ca = app.fleet_ca.as_ref().ok_or_else(no_ca)?;
+    let req: EnrollRequest = parse_json(&body)?;
+    let value: serde_json::Value = parse_json(&body)?;
+    let token_bytes = serde_json::to_vec(&value["token"]).unwrap_or_default();
+    let now = OffsetDateTime::now_utc();
+    let trust = app.shared.trust();
+    let claims = verify::verify_token(&token_bytes, &trust, now, &Limits::default())
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?
+        .value;
+    if let Err(e) = nixfleet_pki::validate_hostname(&claims.hostname) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, e.to_string()));
+    }
+    let expectation = HostExpectation {
+        hostname: claims.hostname.clone(),
+        ssh_fingerprint: Some(claims.expected_pubkey_fingerprint.clone()),
+    };
+    let issued =
+        nixfleet_pki::issue_host_cert(ca, &req.csr_pem, &expectation, now, app.cert_validity)
+            .map_err(pki_error)?;
+    // The nonce is durable before the certificate leaves: a replay, even concurrent, gets 409.
+    let claimed = app
+        .db
+        .claim_token_nonce(
+            claims.nonce.clone(),
+            claims.hostname.clone(),
+            claims.expires_at,
+            now,
+        )
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    if !claimed {
+        tracing::warn!(host = %claims.hostname, nonce = %claims.nonce, "enrollment refused: token already used");
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this bootstrap token was already used; mint a new one with `nixfleet mint-token`",
+        ));
+    }
+    audit(
+        &app,
+        serde_json::json!({
+            "time": rfc3339(now), "how": "enroll", "cn": claims.hostname,
+            "serial": issued.serial_hex, "notAfter": rfc3339(issued.not_after),
+            "fingerprint": issued.ssh_fingerprint, "nonce": claims.nonce,
+        }),
+    )?;
+    Metrics::inc(&app.metrics.enrollments);
+    tracing::info!(host = %claims.hostname, serial = %issued.serial_hex, not_after = %rfc3339(issued.not_after), "certificate issued at enrollment");
+    Ok(Json(EnrollResponse {
+        cert_pem: issued.cert_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+        not_after: issued.not_after,
+    }))
+}
+
+async fn renew(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<Json<RenewResponse>> {
+    let hostname = host_of(&peer)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "renewal needs the host's current certificate",
+            )
+        })?
+        .to_owned();
+    require_host(&app, &peer, &hostname)?;
+    let ca = app.fleet_ca.as_ref().ok_or_else(no_ca)?;
+    let req: RenewRequest = parse_json(&body)?;
+    let now = OffsetDateTime::now_utc();
+    let fingerprint = app
+        .shared
+        .fleet()
+        .and_then(|f| {
+            f.fleet
+                .value
+                .hosts
+                .get(&hostname)
+                .and_then(|h| h.pubkey.clone())
+        })
+        .and_then(|line| nixfleet_trust::keys::ssh_fingerprint(&line).ok());
+    let expectation = HostExpectation {
+        hostname: hostname.clone(),
+        ssh_fingerprint: fingerprint,
+    };
+    let issued =
+        nixfleet_pki::issue_host_cert(ca, &req.csr_pem, &expectation, now, app.cert_validity)
+            .map_err(pki_error)?;
+    audit(
+        &app,
+        serde_json::json!({
+            "time": rfc3339(now), "how": "renew", "cn": hostname,
+            "serial": issued.serial_hex, "notAfter": rfc3339(issued.not_after),
+            "fingerprint": issued.ssh_fingerprint,
+        }),
+    )?;
+    Metrics::inc(&app.metrics.renewals);
+    tracing::info!(host = %hostname, serial = %issued.serial_hex, "certificate issued at renewal");
+    Ok(Json(RenewResponse {
+        cert_pem: issued.cert_pem,
+        not_after: issued.not_after,
+    }))
+}
+
+fn require_agent_or_operator(app: &App, peer: &Peer) -> ApiResult<()> {
+    match peer {
+        Peer::Identified(id) => match &id.role {
+            Role::Operator { .. } => Ok(()),
+            Role::Host { hostname } => require_host(app, peer, hostname),
+        },
+        _ => require_operator(peer),
+    }
+}
+
+async fn rollout_manifest(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_agent_or_operator(&app, &peer)?;
+    let m = manifest_by_id(&app, &id)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        m.canonical.clone(),
+    )
+        .into_response())
+}
+
+async fn rollout_signature(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_agent_or_operator(&app, &peer)?;
+    let fleet = app.shared.fleet().ok_or_else(|| not_found(&id))?;
+    let sig = fleet.signatures.get(&id).ok_or_else(|| not_found(&id))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        sig.clone(),
+    )
+        .into_response())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no verified rollout manifest {id}"),
+    )
+}
+
+fn manifest_by_id(
+    app: &App,
+    id: &str,
+) -> ApiResult<Arc<nixfleet_trust::verify::Verified<nixfleet_proto::RolloutManifest>>> {
+    app.shared
+        .fleet()
+        .and_then(|f| f.manifests.get(id).cloned())
+        .ok_or_else(|| not_found(id))
+}
+
+async fn channel(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ChannelStatus>> {
+    require_operator(&peer)?;
+    let fleet = app
+        .shared
+        .fleet()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
+    let value = &fleet.fleet.value;
+    let channel = value.channels.get(&name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no channel {name} in the verified fleet"),
+        )
+    })?;
+    let stored = app.shared.stored();
+    let current_rollout = stored
+        .rollouts
+        .iter()
+        .filter(|(_, r)| r.channel == name)
+        .max_by_key(|(_, r)| r.opened_at)
+        .map(|(id, _)| id.clone());
+    let mut total = 0u64;
+    let mut converged = 0u64;
+    for (host_name, host) in value.channel_hosts(&name) {
+        total += 1;
+        let current = app
+            .shared
+            .attestations
+            .get(host_name)
+            .and_then(|a| a.current_closure);
+        if current.is_some() && current == host.closure_hash {
+            converged += 1;
+        }
+    }
+    Ok(Json(ChannelStatus {
+        signed_at: Some(fleet.signed_at()),
+        ci_commit: value.meta.ci_commit.clone(),
+        freshness_window_minutes: channel.freshness_window,
+        rollout_policy: channel.rollout_policy.clone(),
+        current_rollout,
+        hosts_total: total,
+        hosts_converged: converged,
+        waiting: app.shared.directives().channel_reasons.get(&name).cloned(),
+        name,
+    }))
+}
+
+/// One host as operators see it.
+#[derive(Debug, Serialize)]
+struct HostView {
+    name: String,
+    channel: String,
+    declared_closure: Option<String>,
+    current_closure: Option<String>,
+    last_checkin: Option<String>,
+    online: bool,
+    rollout: Option<String>,
+    rollout_state: Option<String>,
+    waiting: Option<String>,
+}
+
+fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> Option<HostView> {
+    let host = fleet.fleet.value.hosts.get(name)?;
+    let attestation = app.shared.attestations.get(name);
+    let now = OffsetDateTime::now_utc();
+    let online = attestation.as_ref().is_some_and(|a| {
+        (now - a.last_seen).whole_seconds() <= i64::from(app.checkin_interval_secs) * 3
+    });
+    let stored = app.shared.stored();
+    let (rollout, rollout_state) = stored
+        .rollouts
+        .iter()
+        .filter(|(_, r)| r.channel == host.channel)
+        .max_by_key(|(_, r)| r.opened_at)
+        .map(|(id, r)| {
+            let state = r
+                .hosts
+                .get(name)
+                .map(|h| serde_json::to_value(&h.state).ok())
+                .unwrap_or_else(|| Some(serde_json::json!("queued")));
+            (
+                Some(id.clone()),
+                state.map(|s| match s {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                }),
+            )
+        })
+        .unwrap_or((None, None));
+    Some(HostView {
+        name: name.to_owned(),
+        channel: host.channel.clone(),
+        declared_closure: host.closure_hash.clone(),
+        current_closure: attestation.as_ref().and_then(|a| a.current_closure.clone()),
+        last_checkin: attestation.as_ref().map(|a| rfc3339(a.last_seen)),
+        online,
+        rollout,
+        rollout_state,
+        waiting: app.shared.directives().reasons.get(name).cloned(),
+    })
+}
+
+async fn list_hosts(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Json<Vec<HostView>>> {
+    require_operator(&peer)?;
+    let fleet = app
+        .shared
+        .fleet()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
+    Ok(Json(
+        fleet
+            .fleet
+            .value
+            .hosts
+            .keys()
+            .filter_map(|name| host_view(&app, &fleet, name))
+            .collect(),
+    ))
+}
+
+#[derive(Serialize)]
+struct HostDetail {
+    #[serde(flatten)]
+    host: HostView,
+    events: Vec<EventView>,
+}
+
+#[derive(Serialize)]
+struct EventView {
+    rollout_id: String,
+    hostname: Option<String>,
+    kind: String,
+    detail: serde_json::Value,
+    at: String,
+}
+
+fn event_view(e: crate::db::Event) -> EventView {
+    EventView {
+        detail: serde_json::from_str(&e.reason).unwrap_or(serde_json::Value::String(e.reason)),
+        rollout_id: e.rollout_id,
+        hostname: e.hostname,
+        kind: e.kind,
+        at: rfc3339(e.at),
+    }
+}
+
+async fn host(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<HostDetail>> {
+    require_operator(&peer)?;
+    let fleet = app
+        .shared
+        .fleet()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
+    let host = host_view(&app, &fleet, &name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no host {name} in the verified fleet"),
+        )
+    })?;
+    let events = app
+        .db
+        .host_events(&name, 50)
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .into_iter()
+        .map(event_view)
+        .collect();
+    Ok(Json(HostDetail { host, events }))
+}
+
+#[derive(Serialize)]
+struct RolloutView {
+    rollout_id: String,
+    channel: String,
+    display_name: Option<String>,
+    state: serde_json::Value,
+    opened_at: String,
+    hosts: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+async fn list_rollouts(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Json<Vec<RolloutView>>> {
+    require_operator(&peer)?;
+    let fleet = app.shared.fleet();
+    let stored = app.shared.stored();
+    Ok(Json(
+        stored
+            .rollouts
+            .iter()
+            .map(|(id, r)| RolloutView {
+                rollout_id: id.clone(),
+                channel: r.channel.clone(),
+                display_name: fleet
+                    .as_ref()
+                    .and_then(|f| f.manifests.get(id))
+                    .map(|m| m.value.display_name.clone()),
+                state: serde_json::to_value(&r.state).unwrap_or_default(),
+                opened_at: rfc3339(r.opened_at),
+                hosts: r
+                    .hosts
+                    .iter()
+                    .map(|(h, rec)| {
+                        (
+                            h.clone(),
+                            serde_json::to_value(&rec.state).unwrap_or_default(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect(),
+    ))
+}
+
+async fn rollout_trace(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<EventView>>> {
+    require_operator(&peer)?;
+    let events = app
+        .db
+        .rollout_events(&id, 10_000)
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(events.into_iter().map(event_view).collect()))
+}
+
+fn render_metrics(app: &App) -> Response {
+    let text = app.metrics.render(
+        app.shared.fleet().map(|f| f.signed_at()),
+        app.shared.revocations().not_before.len(),
+        app.shared.attestations.len(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn metrics_operator(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Response> {
+    require_operator(&peer)?;
+    Ok(render_metrics(&app))
+}
+
+async fn metrics_plain(State(app): State<Arc<App>>, _headers: HeaderMap) -> Response {
+    render_metrics(&app)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkin_interval_is_spread_and_stable() {
+        let a = next_checkin_secs(60, "web-01", false);
+        assert_eq!(a, next_checkin_secs(60, "web-01", false));
+        assert!((57..=63).contains(&a), "{a}");
+        let active = next_checkin_secs(60, "web-01", true);
+        assert!(active <= 16, "{active}");
+        assert!(next_checkin_secs(5, "x", false) >= 4);
+    }
+}

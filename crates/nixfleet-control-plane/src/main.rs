@@ -1,0 +1,236 @@
+//! `nixfleet-control-plane`: start-up in the order of SPEC.md §5, then serve until
+//! SIGTERM/SIGINT.
+
+mod api;
+mod artifacts;
+mod clock;
+mod config;
+mod db;
+mod fetch;
+mod metrics;
+mod poll;
+mod server;
+mod state;
+mod tick;
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use nixfleet_trust::verify::{self, Limits};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::api::App;
+use crate::config::Config;
+use crate::db::Db;
+use crate::state::Shared;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NIXFLEET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nixfleet-control-plane: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("refusing to start: {e}");
+            eprintln!("nixfleet-control-plane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_pem(what: &str, path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    // 1. Database.
+    let db = Arc::new(Db::open(&config.db_path).map_err(|e| e.to_string())?);
+    tracing::info!(path = %config.db_path.display(), "database open");
+
+    // 2. Trust roots.
+    let trust = verify::read_trust_file(&config.trust_file, &Limits::default())
+        .map_err(|e| e.to_string())?;
+    let now = OffsetDateTime::now_utc();
+    let revocations_configured =
+        config.revocations_artifact_url.is_some() || config.revocations_artifact.is_some();
+    let shared = Arc::new(Shared::new(trust, revocations_configured, now));
+    let metrics = Arc::new(metrics::Metrics::default());
+    let fetcher = fetch::Fetcher::new(Duration::from_secs(config.fetch_timeout_secs))?;
+    let poller = Arc::new(poll::Poller::new(
+        config.clone(),
+        shared.clone(),
+        db.clone(),
+        metrics.clone(),
+        fetcher,
+    ));
+
+    // 3. Prime the verified fleet, or refuse to start.
+    poller.prime_fleet().await?;
+
+    // 4. Revocations before any agent request is served.
+    poller.restore_revocations()?;
+    if revocations_configured {
+        if let Err(e) = poller.poll_revocations(true).await {
+            tracing::warn!("revocations poll failed at start-up: {e}; agent routes answer 503 until a verified list is applied");
+        }
+    }
+
+    let stored = db.load_stored().map_err(|e| e.to_string())?;
+    tracing::info!(
+        rollouts = stored.rollouts.len(),
+        "stored rollout state loaded"
+    );
+    state::replace(&shared.stored, Arc::new(stored));
+
+    // TLS material.
+    let fleet_ca = match (&config.fleet_ca_cert, &config.fleet_ca_key) {
+        (Some(cert), Some(key)) => match (
+            read_pem("fleet CA certificate", cert),
+            read_pem("fleet CA key", key),
+        ) {
+            (Ok(cert_pem), Ok(key_pem)) => Some(
+                nixfleet_pki::FleetCa::from_pem(&cert_pem, &key_pem).map_err(|e| e.to_string())?,
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(
+                    "{e}; enrollment and renewal answer 503, enrolled agents keep working"
+                );
+                None
+            }
+        },
+        _ => {
+            tracing::info!("no fleet CA key configured; enrollment and renewal answer 503");
+            None
+        }
+    };
+    let tls = nixfleet_pki::server_tls_config(
+        &read_pem("TLS certificate", &config.tls_cert)?,
+        &read_pem("TLS key", &config.tls_key)?,
+        &read_pem("client CA", &config.client_ca)?,
+    )
+    .map_err(|e| e.to_string())?;
+
+    let app = Arc::new(App {
+        shared: shared.clone(),
+        db: db.clone(),
+        metrics: metrics.clone(),
+        fleet_ca,
+        cert_validity: time::Duration::days(i64::from(config.cert_validity_days)),
+        audit_log: Mutex::new(None),
+        audit_log_path: config.audit_log.clone(),
+        checkin_interval_secs: config.checkin_interval_secs,
+    });
+
+    // 5. Listen, tick at once, then on the interval.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(listen = %config.listen, "listening");
+    let (stop, stopped) = watch::channel(false);
+    let drain = Duration::from_secs(config.drain_timeout_secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(server::serve_tls(
+        listener,
+        Arc::new(tls),
+        api::router(app.clone()),
+        stopped.clone(),
+        drain,
+    ));
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+        tasks.spawn(server::serve_plain(
+            listener,
+            api::metrics_router(app.clone()),
+            stopped.clone(),
+        ));
+    }
+    let tick_config = tick::TickConfig {
+        confirm_window_secs: config.confirm_deadline_secs,
+        offline_after_secs: u64::from(config.checkin_interval_secs) * 3,
+    };
+    tasks.spawn(tick_loop(
+        shared.clone(),
+        db.clone(),
+        tick_config,
+        Duration::from_secs(config.tick_interval_secs.max(1)),
+        stopped.clone(),
+    ));
+    tasks.spawn(poller.clone().run_fleet_polls(stopped.clone()));
+    if revocations_configured {
+        tasks.spawn(poller.clone().run_revocation_polls(stopped.clone()));
+    }
+    tasks.spawn(poller.clone().watch_trust_file(stopped.clone()));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining requests");
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
+    db.close();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn tick_loop(
+    shared: Arc<Shared>,
+    db: Arc<Db>,
+    config: tick::TickConfig,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match tick::run_tick(&shared, &db, config).await {
+            Ok(_) => {}
+            Err(e) => tracing::error!("reconcile tick failed: {e}"),
+        }
+        // Confirm deadlines are watched closely while anything is mid-activation.
+        let wait = if tick::anything_in_flight(&shared.stored()) {
+            interval.min(tick::DEADLINE_CHECK)
+        } else {
+            interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.tick_now.notified() => {
+                // Coalesce bursts of confirms into one tick.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

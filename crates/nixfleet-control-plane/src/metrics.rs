@@ -1,0 +1,168 @@
+//! Prometheus counters, kept as atomics so the check-in path never takes a lock for them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use time::OffsetDateTime;
+
+use crate::clock::unix;
+
+/// Request latency buckets, seconds.
+const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub checkins_ok: AtomicU64,
+    pub checkins_refused: AtomicU64,
+    pub targets_sent: AtomicU64,
+    pub rollbacks_sent: AtomicU64,
+    pub confirms_ok: AtomicU64,
+    pub confirms_gone: AtomicU64,
+    pub enrollments: AtomicU64,
+    pub renewals: AtomicU64,
+    pub reports: AtomicU64,
+    pub channel_refs_ok: AtomicU64,
+    pub channel_refs_failed: AtomicU64,
+    pub channel_refs_last_success: AtomicU64,
+    pub revocations_ok: AtomicU64,
+    pub revocations_failed: AtomicU64,
+    pub revocations_last_success: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn observe_latency(&self, seconds: f64) {
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.latency_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_micros
+            .fetch_add((seconds * 1e6) as u64, Relaxed);
+    }
+
+    /// Prometheus text exposition; gauges that come from state are passed in.
+    pub fn render(
+        &self,
+        fleet_signed_at: Option<OffsetDateTime>,
+        revocations: usize,
+        hosts_seen: usize,
+    ) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, labels: &[(&str, &AtomicU64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (label, value) in labels {
+                let _ = writeln!(out, "{name}{label} {}", value.load(Relaxed));
+            }
+        };
+        counter(
+            "nixfleet_checkins_total",
+            "Agent check-ins by result.",
+            &[
+                ("{result=\"ok\"}", &self.checkins_ok),
+                ("{result=\"refused\"}", &self.checkins_refused),
+            ],
+        );
+        counter(
+            "nixfleet_targets_sent_total",
+            "Check-in answers carrying a target.",
+            &[("", &self.targets_sent)],
+        );
+        counter(
+            "nixfleet_rollbacks_sent_total",
+            "Check-in answers carrying a rollback signal.",
+            &[("", &self.rollbacks_sent)],
+        );
+        counter(
+            "nixfleet_confirms_total",
+            "Activation confirms by result.",
+            &[
+                ("{result=\"accepted\"}", &self.confirms_ok),
+                ("{result=\"gone\"}", &self.confirms_gone),
+            ],
+        );
+        counter(
+            "nixfleet_enrollments_total",
+            "Certificates issued at enrollment.",
+            &[("", &self.enrollments)],
+        );
+        counter(
+            "nixfleet_renewals_total",
+            "Certificates issued at renewal.",
+            &[("", &self.renewals)],
+        );
+        counter(
+            "nixfleet_reports_total",
+            "Host reports stored.",
+            &[("", &self.reports)],
+        );
+        counter(
+            "nixfleet_polls_total",
+            "Artifact polls by artifact and result.",
+            &[
+                (
+                    "{artifact=\"channel-refs\",result=\"ok\"}",
+                    &self.channel_refs_ok,
+                ),
+                (
+                    "{artifact=\"channel-refs\",result=\"failed\"}",
+                    &self.channel_refs_failed,
+                ),
+                (
+                    "{artifact=\"revocations\",result=\"ok\"}",
+                    &self.revocations_ok,
+                ),
+                (
+                    "{artifact=\"revocations\",result=\"failed\"}",
+                    &self.revocations_failed,
+                ),
+            ],
+        );
+        let _ = writeln!(out, "# HELP nixfleet_poll_last_success_timestamp_seconds Last successful poll.\n# TYPE nixfleet_poll_last_success_timestamp_seconds gauge");
+        let _ = writeln!(
+            out,
+            "nixfleet_poll_last_success_timestamp_seconds{{artifact=\"channel-refs\"}} {}",
+            self.channel_refs_last_success.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "nixfleet_poll_last_success_timestamp_seconds{{artifact=\"revocations\"}} {}",
+            self.revocations_last_success.load(Relaxed)
+        );
+        let _ = writeln!(out, "# HELP nixfleet_fleet_signed_at_timestamp_seconds signedAt of the verified fleet.\n# TYPE nixfleet_fleet_signed_at_timestamp_seconds gauge");
+        let _ = writeln!(
+            out,
+            "nixfleet_fleet_signed_at_timestamp_seconds {}",
+            fleet_signed_at.map(unix).unwrap_or(0)
+        );
+        let _ = writeln!(out, "# HELP nixfleet_cert_revocations Entries in the applied revocation list.\n# TYPE nixfleet_cert_revocations gauge\nnixfleet_cert_revocations {revocations}");
+        let _ = writeln!(out, "# HELP nixfleet_hosts_seen Hosts that checked in since start.\n# TYPE nixfleet_hosts_seen gauge\nnixfleet_hosts_seen {hosts_seen}");
+        let _ = writeln!(out, "# HELP nixfleet_request_duration_seconds Request latency.\n# TYPE nixfleet_request_duration_seconds histogram");
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "nixfleet_request_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.latency_buckets[i].load(Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "nixfleet_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "nixfleet_request_duration_seconds_sum {}",
+            self.latency_sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "nixfleet_request_duration_seconds_count {count}");
+        out
+    }
+}

@@ -1,0 +1,543 @@
+//! Priming and polling the signed artifacts. A failure keeps the last verified state and
+//! logs the URL and the reason; an older snapshot never replaces a newer one.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nixfleet_trust::verify::Limits;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::artifacts::{self, FileSource, FleetSnapshot, SourceError, UrlSource};
+use crate::clock::{rfc3339, unix};
+use crate::config::Config;
+use crate::db::Db;
+use crate::fetch::{Fetcher, Validators};
+use crate::metrics::Metrics;
+use crate::state::{replace, RevocationSet, Shared};
+
+pub struct Poller {
+    config: Config,
+    shared: Arc<Shared>,
+    db: Arc<Db>,
+    metrics: Arc<Metrics>,
+    fetcher: Fetcher,
+    fleet_validators: Mutex<Option<Validators>>,
+    revocation_validators: Mutex<Option<Validators>>,
+}
+
+fn url_source(
+    artifact: &Option<String>,
+    signature: &Option<String>,
+    token: &Option<std::path::PathBuf>,
+) -> Option<UrlSource> {
+    let artifact_url = artifact.clone()?;
+    let signature_url = signature
+        .clone()
+        .unwrap_or_else(|| format!("{artifact_url}.sig"));
+    Some(UrlSource {
+        artifact_url,
+        signature_url,
+        token_file: token.clone(),
+    })
+}
+
+fn file_source(
+    artifact: &Option<std::path::PathBuf>,
+    signature: &Option<std::path::PathBuf>,
+) -> Option<FileSource> {
+    let artifact = artifact.clone()?;
+    let signature = signature.clone().unwrap_or_else(|| {
+        let mut s = artifact.clone().into_os_string();
+        s.push(".sig");
+        s.into()
+    });
+    Some(FileSource {
+        artifact,
+        signature,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Poller {
+    pub fn new(
+        config: Config,
+        shared: Arc<Shared>,
+        db: Arc<Db>,
+        metrics: Arc<Metrics>,
+        fetcher: Fetcher,
+    ) -> Poller {
+        Poller {
+            config,
+            shared,
+            db,
+            metrics,
+            fetcher,
+            fleet_validators: Mutex::new(None),
+            revocation_validators: Mutex::new(None),
+        }
+    }
+
+    fn fleet_url(&self) -> Option<UrlSource> {
+        url_source(
+            &self.config.channel_refs_artifact_url,
+            &self.config.channel_refs_signature_url,
+            &self.config.channel_refs_token_file,
+        )
+    }
+
+    fn revocations_url(&self) -> Option<UrlSource> {
+        url_source(
+            &self.config.revocations_artifact_url,
+            &self.config.revocations_signature_url,
+            &self.config.revocations_token_file,
+        )
+    }
+
+    /// Start-up step 3: the channel-refs URL first, the build-time artifact second.
+    pub async fn prime_fleet(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if let Some(source) = self.fleet_url() {
+            match self.fetch_fleet(&source, None).await {
+                Ok(Some((fleet, validators))) => {
+                    *lock(&self.fleet_validators) = Some(validators);
+                    tracing::info!(
+                        "primed verified fleet from channel-refs {} (signed {})",
+                        source.artifact_url,
+                        rfc3339(fleet.signed_at())
+                    );
+                    self.install(fleet);
+                    return Ok(());
+                }
+                Ok(None) => errors.push(format!(
+                    "channel-refs {}: not modified",
+                    source.artifact_url
+                )),
+                Err(e) => {
+                    tracing::warn!("channel-refs fetch failed at start-up: {e}");
+                    errors.push(format!("channel-refs: {e}"));
+                }
+            }
+        } else {
+            errors.push("channel-refs: no --channel-refs-artifact-url configured".into());
+        }
+        match file_source(&self.config.artifact, &self.config.signature) {
+            Some(source) => match self.read_fleet(&source).await {
+                Ok(fleet) => {
+                    tracing::info!(
+                        "primed verified fleet from build-time artifact {} (signed {})",
+                        source.artifact.display(),
+                        rfc3339(fleet.signed_at())
+                    );
+                    self.install(fleet);
+                    return Ok(());
+                }
+                Err(e) => errors.push(format!("build-time artifact: {e}")),
+            },
+            None => errors.push("build-time artifact: no --artifact configured".into()),
+        }
+        Err(format!(
+            "no verified fleet.resolved; fix one of these and restart:\n  - {}",
+            errors.join("\n  - ")
+        ))
+    }
+
+    async fn fetch_fleet(
+        &self,
+        source: &UrlSource,
+        validators: Option<&Validators>,
+    ) -> Result<Option<(FleetSnapshot, Validators)>, SourceError> {
+        let limit = Limits::default().fleet_bytes;
+        let Some((bytes, signature, validators)) =
+            artifacts::fetch_pair(&self.fetcher, source, validators, limit).await?
+        else {
+            return Ok(None);
+        };
+        let trust = self.shared.trust();
+        let now = OffsetDateTime::now_utc();
+        let fleet = artifacts::verify_fleet(&source.artifact_url, &bytes, &signature, &trust, now)?;
+        Ok(Some((
+            self.snapshot(fleet, source.artifact_url.clone()).await,
+            validators,
+        )))
+    }
+
+    async fn read_fleet(&self, source: &FileSource) -> Result<FleetSnapshot, SourceError> {
+        let (bytes, signature) = artifacts::read_pair(source, Limits::default().fleet_bytes)?;
+        let trust = self.shared.trust();
+        let origin = source.artifact.display().to_string();
+        let fleet = artifacts::verify_fleet(
+            &origin,
+            &bytes,
+            &signature,
+            &trust,
+            OffsetDateTime::now_utc(),
+        )?;
+        Ok(self.snapshot(fleet, origin).await)
+    }
+
+    /// The manifests of `fleet`: from the rollouts directory and/or the URL template.
+    async fn manifests_for(
+        &self,
+        fleet: &nixfleet_trust::verify::Verified<nixfleet_proto::FleetResolved>,
+    ) -> artifacts::Manifests {
+        let trust = self.shared.trust();
+        let now = OffsetDateTime::now_utc();
+        let (mut manifests, mut signatures) = match &self.config.rollouts_dir {
+            Some(dir) => artifacts::load_manifests(dir, fleet, &trust, now),
+            None => Default::default(),
+        };
+        if let Some(template) = &self.config.rollouts_url_template {
+            for channel in fleet.value.channels.keys() {
+                if manifests.values().any(|m| &m.value.channel == channel) {
+                    continue;
+                }
+                let url = template.replace("{channel}", channel);
+                let source = UrlSource {
+                    signature_url: format!("{url}.sig"),
+                    artifact_url: url,
+                    token_file: self.config.channel_refs_token_file.clone(),
+                };
+                match artifacts::fetch_manifest(&self.fetcher, &source, fleet, &trust, now).await {
+                    Ok((manifest, signature)) => {
+                        signatures.insert(manifest.sha256.clone(), signature);
+                        manifests.insert(manifest.sha256.clone(), Arc::new(manifest));
+                    }
+                    Err(e) => {
+                        tracing::warn!("rollout manifest of channel {channel} not loaded: {e}")
+                    }
+                }
+            }
+        }
+        (manifests, signatures)
+    }
+
+    async fn snapshot(
+        &self,
+        fleet: nixfleet_trust::verify::Verified<nixfleet_proto::FleetResolved>,
+        origin: String,
+    ) -> FleetSnapshot {
+        let (manifests, signatures) = self.manifests_for(&fleet).await;
+        for channel in fleet.value.channels.keys() {
+            if !manifests.values().any(|m| &m.value.channel == channel) {
+                tracing::warn!(channel = %channel, "no verified rollout manifest for this channel of the fleet yet");
+            }
+        }
+        FleetSnapshot {
+            fleet,
+            origin,
+            manifests,
+            signatures,
+        }
+    }
+
+    /// Installs a snapshot unless it is older than the one in use.
+    fn install(&self, snapshot: FleetSnapshot) {
+        if let Some(current) = self.shared.fleet() {
+            if snapshot.signed_at() < current.signed_at() {
+                tracing::warn!(
+                    "channel-refs served a fleet signed {} but the verified fleet in use is newer ({}); keeping the newer one",
+                    rfc3339(snapshot.signed_at()),
+                    rfc3339(current.signed_at())
+                );
+                return;
+            }
+            if snapshot.fleet.sha256 == current.fleet.sha256
+                && snapshot.manifests.len() <= current.manifests.len()
+            {
+                return;
+            }
+        }
+        tracing::info!(
+            origin = %snapshot.origin,
+            sha256 = %snapshot.fleet.sha256,
+            manifests = snapshot.manifests.len(),
+            "verified fleet installed"
+        );
+        replace(&self.shared.fleet, Some(Arc::new(snapshot)));
+        self.shared.tick_now.notify_one();
+    }
+
+    pub async fn poll_fleet(&self) {
+        let Some(source) = self.fleet_url() else {
+            self.rescan_manifests().await;
+            return;
+        };
+        let validators = lock(&self.fleet_validators).clone();
+        // Manifests may be published after the fleet: do a full fetch until all are here.
+        let complete = self.shared.fleet().is_some_and(|f| {
+            f.fleet
+                .value
+                .channels
+                .keys()
+                .all(|c| f.manifests.values().any(|m| &m.value.channel == c))
+        });
+        let validators = if complete { validators } else { None };
+        match self.fetch_fleet(&source, validators.as_ref()).await {
+            Ok(Some((snapshot, validators))) => {
+                *lock(&self.fleet_validators) = Some(validators);
+                tracing::info!(
+                    "channel-refs poll: {} verified (signed {})",
+                    source.artifact_url,
+                    rfc3339(snapshot.signed_at())
+                );
+                self.install(snapshot);
+                self.success(true);
+            }
+            Ok(None) => {
+                tracing::debug!("channel-refs poll: {} not modified", source.artifact_url);
+                self.success(true);
+                if !complete {
+                    self.rescan_manifests().await;
+                }
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.channel_refs_failed);
+                let keeping = self
+                    .shared
+                    .fleet()
+                    .map(|f| {
+                        format!(
+                            "keeping the verified fleet signed {}",
+                            rfc3339(f.signed_at())
+                        )
+                    })
+                    .unwrap_or_else(|| "no verified fleet yet".into());
+                tracing::warn!("channel-refs poll failed: {e}; {keeping}");
+            }
+        }
+    }
+
+    async fn rescan_manifests(&self) {
+        let Some(current) = self.shared.fleet() else {
+            return;
+        };
+        let (manifests, signatures) = self.manifests_for(&current.fleet).await;
+        if manifests.len() > current.manifests.len() {
+            self.install(FleetSnapshot {
+                fleet: current.fleet.clone(),
+                origin: current.origin.clone(),
+                manifests,
+                signatures,
+            });
+        }
+    }
+
+    fn success(&self, fleet: bool) {
+        let now = unix(OffsetDateTime::now_utc());
+        if fleet {
+            Metrics::inc(&self.metrics.channel_refs_ok);
+            self.metrics
+                .channel_refs_last_success
+                .store(now, Ordering::Relaxed);
+        } else {
+            Metrics::inc(&self.metrics.revocations_ok);
+            self.metrics
+                .revocations_last_success
+                .store(now, Ordering::Relaxed);
+        }
+    }
+
+    pub async fn run_fleet_polls(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let interval = Duration::from_secs(self.config.channel_refs_poll_secs.max(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => self.poll_fleet().await,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// A list applied before (the database survived a restart) is still authoritative.
+    pub fn restore_revocations(&self) -> Result<(), String> {
+        let (list, signed_at) = self.db.revocations().map_err(|e| e.to_string())?;
+        if let Some(signed_at) = signed_at {
+            tracing::info!(
+                "revocations restored from the database: list signed {}, {} cert_revocations rows",
+                rfc3339(signed_at),
+                list.len()
+            );
+            replace(
+                &self.shared.revocations,
+                Arc::new(RevocationSet {
+                    not_before: list
+                        .into_iter()
+                        .map(|r| (r.hostname, r.not_before))
+                        .collect(),
+                    signed_at: Some(signed_at),
+                    applied_at: Some(OffsetDateTime::now_utc()),
+                }),
+            );
+            self.shared.revocations_ready.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Fetches, verifies and applies the revocation list; at start-up the build-time
+    /// files are the fallback.
+    pub async fn poll_revocations(&self, startup: bool) -> Result<(), String> {
+        let trust = self.shared.trust();
+        let last_applied = self.shared.revocations().signed_at;
+        let limit = Limits::default().revocations_bytes;
+        let mut errors = Vec::new();
+        if let Some(source) = self.revocations_url() {
+            let validators = lock(&self.revocation_validators).clone();
+            let validators = if self.shared.revocations_ready() {
+                validators
+            } else {
+                None
+            };
+            match artifacts::fetch_pair(&self.fetcher, &source, validators.as_ref(), limit).await {
+                Ok(None) => {
+                    tracing::debug!("revocations poll: {} not modified", source.artifact_url);
+                    self.success(false);
+                    return Ok(());
+                }
+                Ok(Some((bytes, signature, validators))) => {
+                    match artifacts::verify_revocations(
+                        &source.artifact_url,
+                        &bytes,
+                        &signature,
+                        &trust,
+                        OffsetDateTime::now_utc(),
+                        last_applied,
+                    ) {
+                        Ok(list) => {
+                            self.apply_revocations(list, &source.artifact_url).await?;
+                            *lock(&self.revocation_validators) = Some(validators);
+                            self.success(false);
+                            return Ok(());
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if startup || self.revocations_url().is_none() {
+            if let Some(source) = file_source(
+                &self.config.revocations_artifact,
+                &self.config.revocations_signature,
+            ) {
+                let origin = source.artifact.display().to_string();
+                match artifacts::read_pair(&source, limit).and_then(|(bytes, signature)| {
+                    artifacts::verify_revocations(
+                        &origin,
+                        &bytes,
+                        &signature,
+                        &trust,
+                        OffsetDateTime::now_utc(),
+                        last_applied,
+                    )
+                }) {
+                    Ok(list) => {
+                        self.apply_revocations(list, &origin).await?;
+                        self.success(false);
+                        return Ok(());
+                    }
+                    Err(e) => errors.push(format!("build-time revocations: {e}")),
+                }
+            }
+        }
+        Metrics::inc(&self.metrics.revocations_failed);
+        let text = errors.join("; ");
+        tracing::warn!("revocations poll failed: {text}; keeping the applied list");
+        Err(text)
+    }
+
+    async fn apply_revocations(
+        &self,
+        list: nixfleet_trust::verify::Verified<nixfleet_proto::Revocations>,
+        origin: &str,
+    ) -> Result<(), String> {
+        let current = self.shared.revocations();
+        if current.signed_at == Some(list.signed_at) && self.shared.revocations_ready() {
+            tracing::debug!("revocations poll: {origin} unchanged");
+            return Ok(());
+        }
+        let now = OffsetDateTime::now_utc();
+        let rows = self
+            .db
+            .replace_revocations(
+                list.value.revocations.clone(),
+                list.signed_at,
+                list.sha256.clone(),
+                now,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        replace(
+            &self.shared.revocations,
+            Arc::new(RevocationSet {
+                not_before: list
+                    .value
+                    .revocations
+                    .iter()
+                    .map(|r| (r.hostname.clone(), r.not_before))
+                    .collect(),
+                signed_at: Some(list.signed_at),
+                applied_at: Some(now),
+            }),
+        );
+        self.shared.revocations_ready.store(true, Ordering::Release);
+        tracing::info!(
+            "revocations poll: applied list from {origin} signed {}; cert_revocations now has {rows} rows",
+            rfc3339(list.signed_at)
+        );
+        Ok(())
+    }
+
+    pub async fn run_revocation_polls(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        // Until a list is applied, retry quickly: agent routes answer 503 meanwhile.
+        let interval = Duration::from_secs(self.config.revocations_poll_secs.max(1));
+        loop {
+            let wait = if self.shared.revocations_ready() {
+                interval
+            } else {
+                interval.min(Duration::from_secs(2))
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => { let _ = self.poll_revocations(false).await; }
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Re-reads trust.json when it changes: a key rotation needs no restart.
+    pub async fn watch_trust_file(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let path = self.config.trust_file.clone();
+        let stamp = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+        };
+        let mut last = stamp(&path);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.changed() => return,
+            }
+            let now = stamp(&path);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match nixfleet_trust::verify::read_trust_file(&path, &Limits::default()) {
+                Ok(trust) => {
+                    tracing::info!(path = %path.display(), "trust file changed; new trust roots in use");
+                    replace(&self.shared.trust, Arc::new(trust));
+                }
+                Err(e) => tracing::error!(
+                    "trust file changed but is refused: {e}; keeping the previous trust roots"
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The control plane's in-memory state: the verified snapshot, revocations, agent
+//! attestations and the answers the last tick prepared. Check-ins read and update only
+//! this (sharded, no global lock); durable writes happen on state changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use nixfleet_proto::wire::{CheckinRequest, RollbackSignal, Target};
+use nixfleet_proto::TrustFile;
+use nixfleet_reconciler::{Attestation, Delivery, StoredState};
+use time::OffsetDateTime;
+
+use crate::artifacts::FleetSnapshot;
+
+const SHARDS: usize = 64;
+
+/// Latest attestation per host, sharded by hostname.
+pub struct Attestations {
+    shards: Vec<Mutex<HashMap<String, Attestation>>>,
+}
+
+/// What a check-in changed, for logging at INFO only when something did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    FirstSinceStart,
+    Changed,
+    Unchanged,
+}
+
+fn shard_of(hostname: &str) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    hostname.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
+impl Default for Attestations {
+    fn default() -> Self {
+        Attestations {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl Attestations {
+    fn with<T>(&self, hostname: &str, f: impl FnOnce(&mut HashMap<String, Attestation>) -> T) -> T {
+        let mut shard = match self.shards[shard_of(hostname)].lock() {
+            Ok(guard) => guard,
+            // A panic mid-update leaves at worst one stale attestation; keep serving.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut shard)
+    }
+
+    /// Records a check-in.
+    pub fn checkin(&self, req: &CheckinRequest, now: OffsetDateTime) -> Change {
+        self.with(&req.hostname, |map| match map.get_mut(&req.hostname) {
+            None => {
+                map.insert(
+                    req.hostname.clone(),
+                    Attestation {
+                        last_seen: now,
+                        current_closure: Some(req.current_generation.closure_hash.clone()),
+                        last_confirmed_at: req.last_confirmed_at,
+                        failed_targets: req.failed_targets.clone(),
+                        failed_units: req.health.failed_units,
+                        delivered: None,
+                    },
+                );
+                Change::FirstSinceStart
+            }
+            Some(a) => {
+                let changed = a.current_closure.as_deref()
+                    != Some(req.current_generation.closure_hash.as_str())
+                    || a.failed_targets != req.failed_targets
+                    || a.failed_units != req.health.failed_units
+                    || (req.last_confirmed_at.is_some()
+                        && a.last_confirmed_at != req.last_confirmed_at);
+                a.last_seen = now;
+                a.current_closure = Some(req.current_generation.closure_hash.clone());
+                // The CP's own confirm record is at least as recent as the agent's word.
+                if req.last_confirmed_at > a.last_confirmed_at {
+                    a.last_confirmed_at = req.last_confirmed_at;
+                }
+                a.failed_targets = req.failed_targets.clone();
+                a.failed_units = req.health.failed_units;
+                if changed {
+                    Change::Changed
+                } else {
+                    Change::Unchanged
+                }
+            }
+        })
+    }
+
+    /// Records that a check-in answer carried the target of `rollout_id`; returns true
+    /// the first time for that rollout.
+    pub fn delivered(&self, hostname: &str, rollout_id: &str, now: OffsetDateTime) -> bool {
+        self.with(hostname, |map| match map.get_mut(hostname) {
+            Some(a)
+                if a.delivered
+                    .as_ref()
+                    .is_some_and(|d| d.rollout_id == rollout_id) =>
+            {
+                false
+            }
+            Some(a) => {
+                a.delivered = Some(Delivery {
+                    rollout_id: rollout_id.to_owned(),
+                    at: now,
+                });
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Records an accepted confirm: a confirm is an attestation of the running closure.
+    pub fn confirmed(&self, hostname: &str, closure: &str, now: OffsetDateTime) {
+        self.with(hostname, |map| {
+            let a = map
+                .entry(hostname.to_owned())
+                .or_insert_with(|| Attestation {
+                    last_seen: now,
+                    current_closure: None,
+                    last_confirmed_at: None,
+                    failed_targets: Vec::new(),
+                    failed_units: 0,
+                    delivered: None,
+                });
+            a.last_seen = now;
+            a.current_closure = Some(closure.to_owned());
+            a.last_confirmed_at = Some(now);
+        })
+    }
+
+    pub fn get(&self, hostname: &str) -> Option<Attestation> {
+        self.with(hostname, |map| map.get(hostname).cloned())
+    }
+
+    /// A consistent-enough copy for one reconcile tick.
+    pub fn snapshot(&self) -> BTreeMap<String, Attestation> {
+        let mut out = BTreeMap::new();
+        for shard in &self.shards {
+            let guard = match shard.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            out.extend(guard.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|g| g.len()).unwrap_or(0))
+            .sum()
+    }
+}
+
+/// What the control plane answers a host at check-in, prepared by the last tick.
+#[derive(Debug, Clone, Default)]
+pub struct Directives {
+    pub targets: HashMap<String, Target>,
+    pub rollbacks: HashMap<String, RollbackSignal>,
+    /// Hosts in a rollout's current wave: asked to check in sooner.
+    pub active: std::collections::HashSet<String>,
+    /// Why each host stays where it is.
+    pub reasons: HashMap<String, String>,
+    /// Why a channel's newest ref is not running.
+    pub channel_reasons: BTreeMap<String, String>,
+}
+
+/// The applied revocation list.
+#[derive(Debug, Default)]
+pub struct RevocationSet {
+    pub not_before: HashMap<String, OffsetDateTime>,
+    pub signed_at: Option<OffsetDateTime>,
+    pub applied_at: Option<OffsetDateTime>,
+}
+
+impl RevocationSet {
+    /// A certificate for `hostname` whose notBefore is earlier than the entry is refused.
+    pub fn refuses(&self, hostname: &str, cert_not_before: OffsetDateTime) -> bool {
+        self.not_before
+            .get(hostname)
+            .is_some_and(|cutoff| cert_not_before < *cutoff)
+    }
+}
+
+/// Everything the request handlers and background tasks share.
+pub struct Shared {
+    pub started_at: OffsetDateTime,
+    pub trust: RwLock<Arc<TrustFile>>,
+    pub fleet: RwLock<Option<Arc<FleetSnapshot>>>,
+    pub revocations: RwLock<Arc<RevocationSet>>,
+    /// False until a verified revocation list is applied, when one is configured.
+    pub revocations_ready: AtomicBool,
+    pub attestations: Attestations,
+    pub stored: RwLock<Arc<StoredState>>,
+    pub directives: RwLock<Arc<Directives>>,
+    pub last_tick_at: RwLock<Option<OffsetDateTime>>,
+    /// Wakes the tick early (a confirm arrived, a deadline passed, a new fleet).
+    pub tick_now: tokio::sync::Notify,
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    match lock.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+pub fn replace<T>(lock: &RwLock<T>, value: T) {
+    match lock.write() {
+        Ok(mut g) => *g = value,
+        Err(p) => *p.into_inner() = value,
+    }
+}
+
+impl Shared {
+    pub fn new(trust: TrustFile, revocations_configured: bool, now: OffsetDateTime) -> Shared {
+        Shared {
+            started_at: now,
+            trust: RwLock::new(Arc::new(trust)),
+            fleet: RwLock::new(None),
+            revocations: RwLock::new(Arc::new(RevocationSet::default())),
+            revocations_ready: AtomicBool::new(!revocations_configured),
+            attestations: Attestations::default(),
+            stored: RwLock::new(Arc::new(StoredState::default())),
+            directives: RwLock::new(Arc::new(Directives::default())),
+            last_tick_at: RwLock::new(None),
+            tick_now: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn trust(&self) -> Arc<TrustFile> {
+        read(&self.trust)
+    }
+
+    pub fn fleet(&self) -> Option<Arc<FleetSnapshot>> {
+        read(&self.fleet)
+    }
+
+    pub fn revocations(&self) -> Arc<RevocationSet> {
+        read(&self.revocations)
+    }
+
+    pub fn revocations_ready(&self) -> bool {
+        self.revocations_ready.load(Ordering::Acquire)
+    }
+
+    pub fn stored(&self) -> Arc<StoredState> {
+        read(&self.stored)
+    }
+
+    pub fn directives(&self) -> Arc<Directives> {
+        read(&self.directives)
+    }
+
+    pub fn last_tick_at(&self) -> Option<OffsetDateTime> {
+        read(&self.last_tick_at)
+    }
+}

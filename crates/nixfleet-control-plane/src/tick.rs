@@ -1,0 +1,233 @@
+//! The reconcile tick: gather inputs, call the pure reconciler, persist what changed in
+//! one transaction, and prepare the answers check-ins will give.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixfleet_proto::wire::{RollbackSignal, Target};
+use nixfleet_proto::RolloutManifest;
+use nixfleet_reconciler::{
+    self as reconciler, Action, HostState, Observed, RolloutState, StoredState,
+};
+use time::OffsetDateTime;
+
+use crate::db::{Db, Event, TickWrites};
+use crate::state::{replace, Directives, Shared};
+
+/// Settings of the tick that come from flags.
+#[derive(Debug, Clone, Copy)]
+pub struct TickConfig {
+    pub confirm_window_secs: u64,
+    pub offline_after_secs: u64,
+}
+
+/// Deadlines are checked at least this often while any host is mid-activation.
+pub const DEADLINE_CHECK: Duration = Duration::from_secs(5);
+
+/// Runs one tick. Returns false when there is no verified fleet yet (nothing to decide).
+pub async fn run_tick(
+    shared: &Shared,
+    db: &Db,
+    config: TickConfig,
+) -> Result<bool, crate::db::DbError> {
+    let now = OffsetDateTime::now_utc();
+    let Some(snapshot) = shared.fleet() else {
+        replace(&shared.last_tick_at, Some(now));
+        return Ok(false);
+    };
+    let manifests: BTreeMap<String, RolloutManifest> = snapshot
+        .manifests
+        .iter()
+        .map(|(id, m)| (id.clone(), m.value.clone()))
+        .collect();
+    let old = shared.stored();
+    let observed = Observed {
+        attestations_since: shared.started_at,
+        hosts: shared.attestations.snapshot(),
+        stored: (*old).clone(),
+    };
+    let rc = reconciler::Config {
+        confirm_window_secs: config.confirm_window_secs,
+        offline_after_secs: config.offline_after_secs,
+    };
+    let plan = reconciler::reconcile(
+        &snapshot.fleet.value,
+        &snapshot.fleet.sha256,
+        &manifests,
+        &observed,
+        &rc,
+        now,
+    );
+    let mut new = observed.stored;
+    reconciler::apply(&plan, &mut new, now);
+
+    let writes = diff(&old, &new, &plan, now);
+    let changed =
+        !writes.rollouts.is_empty() || !writes.hosts.is_empty() || !writes.removed_hosts.is_empty();
+    for action in &plan.actions {
+        log_action(action);
+    }
+    if changed || !writes.events.is_empty() {
+        db.write_tick(writes, now).await?;
+    }
+    let directives = directives(&new, &snapshot.manifests, &plan, config.confirm_window_secs);
+    replace(&shared.stored, Arc::new(new));
+    replace(&shared.directives, Arc::new(directives));
+    replace(&shared.last_tick_at, Some(now));
+    Ok(true)
+}
+
+fn log_action(action: &Action) {
+    match serde_json::to_string(action) {
+        Ok(text) => tracing::info!(action = %text, "reconcile decision"),
+        Err(_) => tracing::info!(?action, "reconcile decision"),
+    }
+}
+
+/// Whether a host is mid-activation somewhere (its deadline needs watching).
+pub fn anything_in_flight(stored: &StoredState) -> bool {
+    stored.rollouts.values().any(|r| {
+        r.hosts.values().any(|h| {
+            matches!(
+                h.state,
+                HostState::Dispatched | HostState::ConfirmWindow { .. } | HostState::RollingBack
+            )
+        })
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Rows that changed between two stored states, plus one event per action.
+fn diff(
+    old: &StoredState,
+    new: &StoredState,
+    plan: &reconciler::Plan,
+    now: OffsetDateTime,
+) -> TickWrites {
+    let mut writes = TickWrites::default();
+    for (id, record) in &new.rollouts {
+        let before = old.rollouts.get(id);
+        let head_changed = before.is_none_or(|b| {
+            b.state != record.state || b.since != record.since || b.opened_at != record.opened_at
+        });
+        if head_changed {
+            let mut head = record.clone();
+            head.hosts.clear();
+            writes
+                .rollouts
+                .push((id.clone(), record.channel.clone(), to_json(&head)));
+        }
+        for (host, h) in &record.hosts {
+            if before.and_then(|b| b.hosts.get(host)) != Some(h) {
+                writes.hosts.push((id.clone(), host.clone(), to_json(h)));
+            }
+        }
+        if let Some(before) = before {
+            for host in before
+                .hosts
+                .keys()
+                .filter(|h| !record.hosts.contains_key(*h))
+            {
+                writes.removed_hosts.push((id.clone(), host.clone()));
+            }
+        }
+    }
+    for action in &plan.actions {
+        let (rollout_id, hostname, kind) = match action {
+            Action::Host {
+                event,
+                rollout,
+                host,
+            } => (rollout.clone(), Some(host.clone()), kind_of(event)),
+            Action::Rollout { event, rollout } => (rollout.clone(), None, kind_of(event)),
+        };
+        writes.events.push(Event {
+            rollout_id,
+            hostname,
+            kind,
+            reason: to_json(action),
+            at: now,
+        });
+    }
+    writes
+}
+
+fn kind_of<T: serde::Serialize>(event: &T) -> String {
+    serde_json::to_value(event)
+        .ok()
+        .and_then(|v| v.get("action").and_then(|a| a.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The answers for the next check-ins: targets for dispatched hosts, rollback signals,
+/// and waiting reasons.
+fn directives(
+    stored: &StoredState,
+    manifests: &BTreeMap<String, Arc<nixfleet_trust::verify::Verified<RolloutManifest>>>,
+    plan: &reconciler::Plan,
+    confirm_window_secs: u64,
+) -> Directives {
+    let mut targets = HashMap::new();
+    let mut rollbacks = HashMap::new();
+    let mut active = HashSet::new();
+    for (rollout_id, record) in &stored.rollouts {
+        let current_wave = match record.state {
+            RolloutState::Executing { wave, .. } => Some(wave),
+            _ => None,
+        };
+        let manifest = manifests.get(rollout_id);
+        for (host, h) in &record.hosts {
+            match &h.state {
+                HostState::Dispatched | HostState::ConfirmWindow { .. } => {
+                    let Some(m) = manifest else { continue };
+                    let Some(entry) = m.value.entry(host) else {
+                        continue;
+                    };
+                    targets.insert(
+                        host.clone(),
+                        Target {
+                            closure_hash: entry.target_closure.clone(),
+                            rollout_id: rollout_id.clone(),
+                            wave_index: entry.wave_index,
+                            signed_at: m.signed_at,
+                            freshness_window_secs: u64::from(m.value.freshness_window.unwrap_or(0))
+                                * 60,
+                            confirm_window_secs,
+                        },
+                    );
+                    active.insert(host.clone());
+                }
+                HostState::RollingBack => {
+                    rollbacks.insert(
+                        host.clone(),
+                        RollbackSignal {
+                            rollout_id: rollout_id.clone(),
+                            reason: format!("rollout {rollout_id} tripped its health gate; roll back to the previous generation"),
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+        if let (Some(wave), Some(m)) = (current_wave, manifest) {
+            active.extend(
+                m.value
+                    .host_set
+                    .iter()
+                    .filter(|e| e.wave_index == wave)
+                    .map(|e| e.hostname.clone()),
+            );
+        }
+    }
+    Directives {
+        targets,
+        rollbacks,
+        active,
+        reasons: plan.reasons.clone().into_iter().collect(),
+        channel_reasons: plan.channels.clone(),
+    }
+}

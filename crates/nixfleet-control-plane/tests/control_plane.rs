@@ -1,0 +1,970 @@
+//! The real control-plane binary on loopback, driven over mTLS by test agents and
+//! operators, with certificates and releases made by the `nixfleet` CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nixfleet_harness::*;
+use serde_json::{json, Value};
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    pki: Pki,
+    forge_dir: PathBuf,
+    forge: Forge,
+    hosts: Vec<Host>,
+    fleet: Value,
+}
+
+fn setup(names: &[&str], policy: Value, revoked: Value) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let hosts: Vec<Host> = names.iter().map(|n| Host::new(n)).collect();
+    let fleet = fleet_json(&hosts.iter().collect::<Vec<_>>(), policy);
+    let forge_dir = tmp.path().join("forge");
+    release(
+        &pki,
+        &forge_dir,
+        &fleet,
+        1,
+        "1111111111111111111111111111111111111111",
+    );
+    release(
+        &pki,
+        &pki.path("build-time"),
+        &fleet,
+        1,
+        "1111111111111111111111111111111111111111",
+    );
+    sign_revocations(&pki, &forge_dir, revoked);
+    let forge = Forge::start(&forge_dir);
+    Setup {
+        _tmp: tmp,
+        pki,
+        forge_dir,
+        forge,
+        hosts,
+        fleet,
+    }
+}
+
+fn in_an_hour() -> String {
+    let t = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    t.replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks in until the answer carries a target (or `timeout`).
+async fn until_target(client: &Client, host: &str, current: &str) -> Value {
+    let mut last = Value::Null;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let r = client
+            .post(
+                "/v1/agent/checkin",
+                &checkin_body(host, current, None, json!([])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        last = r.json();
+        if !last["target"].is_null() {
+            return last["target"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{host} never got a target; last answer {last}");
+}
+
+/// What an agent does after activating: confirm, then report the new closure.
+async fn activate(client: &Client, host: &str, target: &Value) -> u16 {
+    let closure = target["closureHash"].as_str().unwrap();
+    let r = client
+        .post(
+            "/v1/agent/confirm",
+            &confirm_body(
+                host,
+                target["rolloutId"].as_str().unwrap(),
+                target["waveIndex"].as_u64().unwrap() as u32,
+                closure,
+            ),
+        )
+        .await;
+    r.status
+}
+
+async fn rollout_state(op: &Client, rollout: &str) -> Value {
+    let list = op.get("/v1/rollouts").await.json();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rollout_id"] == rollout)
+        .map(|r| r["state"].clone())
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runbook_wipe_restart_recovers_everything_and_keeps_revoked_host_out() {
+    let s = setup(
+        &["web-01", "web-02", "web-03"],
+        canary_policy("halt", 0),
+        json!([{"hostname": "web-03", "notBefore": in_an_hour(), "reason": "stolen", "revokedBy": "ops"}]),
+    );
+    let state = s.pki.path("var");
+    let port = free_port();
+    let started = std::time::Instant::now();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "last_tick_at set within 5 s of start"
+    );
+    let mut hosts = s.hosts;
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
+    }
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let web02 = Client::host(&s.pki, port, &hosts[1]);
+    let web03 = Client::host(&s.pki, port, &hosts[2]);
+    let op = Client::operator(&s.pki, port);
+    let rollout = rollout_id(&s.forge_dir, "stable");
+
+    // The revoked host is refused; the others roll out wave by wave.
+    let r = web03
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-03", &closure("web-03", 0), None, json!([])),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    let r = web02
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-02", &closure("web-02", 0), None, json!([])),
+        )
+        .await;
+    assert!(r.json()["target"].is_null(), "wave 1 must wait for wave 0");
+    let t1 = until_target(&web01, "web-01", &closure("web-01", 0)).await;
+    assert_eq!(t1["closureHash"], closure("web-01", 1));
+    assert_eq!(t1["rolloutId"], rollout.as_str());
+    assert_eq!(t1["waveIndex"], 0);
+    assert_eq!(activate(&web01, "web-01", &t1).await, 204);
+    let t2 = until_target(&web02, "web-02", &closure("web-02", 0)).await;
+    assert_eq!(t2["waveIndex"], 1);
+    assert_eq!(activate(&web02, "web-02", &t2).await, 204);
+    let confirmed_at = now_rfc3339();
+    wait_for_async("rollout converged", Duration::from_secs(20), || {
+        let op = op.clone();
+        let rollout = rollout.clone();
+        async move { rollout_state(&op, &rollout).await == json!("converged") }
+    })
+    .await;
+    let audit_before = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    assert_eq!(
+        audit_before.lines().count(),
+        3,
+        "one issuance line per enrollment"
+    );
+
+    // Runbook step 1-3: stop, wipe, start.
+    assert_eq!(
+        cp.terminate(),
+        Some(0),
+        "SIGTERM exits 0:\n{}",
+        cp.log_text()
+    );
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    let restarted = std::time::Instant::now();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+
+    // The revoked host is refused on its very first request after the restart.
+    let web03 = Client::host(&s.pki, port, &hosts[2]);
+    wait_for_async("CP answers", Duration::from_secs(20), || {
+        let web03 = web03.clone();
+        async move {
+            match web03
+                .try_post(
+                    "/v1/agent/checkin",
+                    &checkin_body("web-03", &closure("web-03", 0), None, json!([])),
+                )
+                .await
+            {
+                Err(_) => false, // not listening yet
+                Ok(r) => {
+                    assert_ne!(r.status, 200, "a revoked host must never be served");
+                    r.status == 401
+                }
+            }
+        }
+    })
+    .await;
+    cp.wait_ready(&s.pki);
+
+    // Hosts on their target: no target, no rollback, immediately visible.
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let web02 = Client::host(&s.pki, port, &hosts[1]);
+    for (client, name) in [(&web01, "web-01"), (&web02, "web-02")] {
+        for _ in 0..3 {
+            let r = client
+                .post(
+                    "/v1/agent/checkin",
+                    &checkin_body(name, &closure(name, 1), Some(&confirmed_at), json!([])),
+                )
+                .await
+                .json();
+            assert!(
+                r["target"].is_null(),
+                "{name} re-dispatched after the wipe: {r}"
+            );
+            assert!(
+                r["rollback"].is_null(),
+                "{name} told to roll back after the wipe: {r}"
+            );
+        }
+    }
+    let visible = restarted.elapsed();
+    eprintln!("restart to full visibility: {visible:?}");
+
+    // The runbook's Verify commands, literally (curl + jq; the log file stands in for journalctl).
+    let ca = s.pki.path("etc/ca.pem");
+    let healthz = sh(&format!(
+        "curl -sk https://localhost:{port}/healthz | jq '.last_tick_at != null'"
+    ));
+    assert_eq!(healthz.trim(), "true");
+    let signed_at = sh(&format!(
+        "curl -sk --cacert {} --cert {} --key {} https://localhost:{port}/v1/channels/stable | jq -r '.signed_at'",
+        ca.display(),
+        s.pki.path("operator/operator-cert.pem").display(),
+        s.pki.path("operator/operator-key.pem").display()
+    ));
+    let fleet: Value =
+        serde_json::from_slice(&std::fs::read(s.forge_dir.join("fleet.resolved.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        signed_at.trim(),
+        fleet["meta"]["signedAt"].as_str().unwrap()
+    );
+    let log = cp.log.display().to_string();
+    let revocations = sh(&format!(
+        "cat {log} | grep -E 'revocations poll|cert_revocations'"
+    ));
+    assert!(
+        revocations.contains("cert_revocations now has 1 rows"),
+        "{revocations}"
+    );
+    let seen = sh(&format!(
+        "cat {log} | grep 'checkin received' | awk '{{print $NF}}' | sort -u"
+    ));
+    assert_eq!(
+        seen.split_whitespace().collect::<Vec<_>>(),
+        ["web-01", "web-02"]
+    );
+
+    // The rollout is converged again, rebuilt from attestations alone.
+    let op = Client::operator(&s.pki, port);
+    wait_for_async(
+        "rollout converged after the wipe",
+        Duration::from_secs(20),
+        || {
+            let op = op.clone();
+            let rollout = rollout.clone();
+            async move { rollout_state(&op, &rollout).await == json!("converged") }
+        },
+    )
+    .await;
+    let channel = op.get("/v1/channels/stable").await.json();
+    assert_eq!(channel["hosts_converged"], 2);
+    // audit.log survives the wipe untouched.
+    let audit_after = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    assert_eq!(audit_after, audit_before);
+    let _ = &s.fleet;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn confirm_deadline_expiry_fails_the_host_and_halts_and_the_halt_survives_a_wipe() {
+    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let opts = CpOptions {
+        extra: vec!["--confirm-deadline-secs".into(), "2".into()],
+        ..CpOptions::default()
+    };
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
+    }
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let web02 = Client::host(&s.pki, port, &hosts[1]);
+    let op = Client::operator(&s.pki, port);
+    let rollout = rollout_id(&s.forge_dir, "stable");
+    web02
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-02", &closure("web-02", 0), None, json!([])),
+        )
+        .await;
+    let t1 = until_target(&web01, "web-01", &closure("web-01", 0)).await;
+    // web-01 never confirms: the deadline passes, it fails, the rollout halts.
+    wait_for_async("halt", Duration::from_secs(20), || {
+        let op = op.clone();
+        let rollout = rollout.clone();
+        async move { rollout_state(&op, &rollout).await["halted"].is_object() }
+    })
+    .await;
+    let host = op.get("/v1/hosts/web-01").await.json();
+    assert!(
+        host["rollout_state"]
+            .as_str()
+            .unwrap_or("")
+            .contains("failed"),
+        "{host}"
+    );
+    let r = web02
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-02", &closure("web-02", 0), None, json!([])),
+        )
+        .await
+        .json();
+    assert!(
+        r["target"].is_null(),
+        "a halted rollout dispatches nothing: {r}"
+    );
+    // A late confirm for the failed dispatch is refused with 410.
+    assert_eq!(activate(&web01, "web-01", &t1).await, 410);
+
+    // Wipe: the agent's failedTargets restore the failure, and the halt with it.
+    assert_eq!(cp.terminate(), Some(0));
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
+    cp.wait_ready(&s.pki);
+    let failed = json!([{"rolloutId": rollout, "closureHash": closure("web-01", 1), "reason": "confirm window expired", "at": now_rfc3339()}]);
+    for _ in 0..5 {
+        let r = web01
+            .post(
+                "/v1/agent/checkin",
+                &checkin_body("web-01", &closure("web-01", 0), None, failed.clone()),
+            )
+            .await
+            .json();
+        assert!(
+            r["target"].is_null(),
+            "a failed target is never re-sent: {r}"
+        );
+        let r = web02
+            .post(
+                "/v1/agent/checkin",
+                &checkin_body("web-02", &closure("web-02", 0), None, json!([])),
+            )
+            .await
+            .json();
+        assert!(r["target"].is_null(), "the halt must survive the wipe: {r}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let op = Client::operator(&s.pki, port);
+    wait_for_async("halt rebuilt", Duration::from_secs(20), || {
+        let op = op.clone();
+        let rollout = rollout.clone();
+        async move { rollout_state(&op, &rollout).await["halted"].is_object() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_mid_confirm_during_a_wipe_gets_an_orphan_confirm() {
+    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
+    }
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let t1 = until_target(&web01, "web-01", &closure("web-01", 0)).await;
+    assert_eq!(cp.terminate(), Some(0));
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    // The agent switched while the CP was down and now confirms: accepted, not 410.
+    assert_eq!(activate(&web01, "web-01", &t1).await, 204);
+    assert!(cp.log_text().contains("orphan-confirm"));
+    let r = web01
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body(
+                "web-01",
+                &closure("web-01", 1),
+                Some(&now_rfc3339()),
+                json!([]),
+            ),
+        )
+        .await
+        .json();
+    assert!(r["target"].is_null() && r["rollback"].is_null(), "{r}");
+    // A confirm for a closure the signed manifest does not give this host is refused.
+    let bogus =
+        json!({"closureHash": closure("web-01", 9), "rolloutId": t1["rolloutId"], "waveIndex": 0});
+    assert_eq!(activate(&web01, "web-01", &bogus).await, 410);
+}
+
+fn expired_token(pki: &Pki, host: &Host) -> Value {
+    use nixfleet_trust::keys::PrivateKey;
+    let org = PrivateKey::from_pem(&pki.read("org.pem")).unwrap();
+    let issued = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        - time::Duration::hours(3);
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let claims = json!({
+        "hostname": host.name,
+        "expectedPubkeyFingerprint": nixfleet_trust::keys::ssh_fingerprint(&host.pubkey_line()).unwrap(),
+        "issuedAt": fmt(issued), "expiresAt": fmt(issued + time::Duration::hours(1)),
+        "nonce": "00000000000000000000000000000001",
+    });
+    let sig = org.sign(&nixfleet_trust::jcs::to_canonical(&claims).unwrap());
+    json!({"version": 1, "claims": claims, "signature": b64(&sig)})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_rules() {
+    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let anon = Client::anonymous(&s.pki, port);
+    let mut hosts = s.hosts;
+
+    // Happy path, then a replay of the same token: 409.
+    let token = hosts[0].token(&s.pki, &[]);
+    let body = json!({"token": token, "csrPem": hosts[0].csr()});
+    let r = anon.post("/v1/enroll", &body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert!(v["certPem"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert_eq!(v["caPem"].as_str().unwrap(), s.pki.read("etc/ca.pem"));
+    hosts[0].cert_pem = Some(v["certPem"].as_str().unwrap().to_owned());
+    assert_eq!(anon.post("/v1/enroll", &body).await.status, 409);
+
+    // Two concurrent enrollments with one token: exactly one certificate.
+    let token = hosts[1].token(&s.pki, &[]);
+    let body = json!({"token": token, "csrPem": hosts[1].csr()});
+    let (a, b) = tokio::join!(
+        anon.post("/v1/enroll", &body),
+        anon.post("/v1/enroll", &body)
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409]);
+
+    // Expired token: 401.
+    let r = anon
+        .post(
+            "/v1/enroll",
+            &json!({"token": expired_token(&s.pki, &hosts[1]), "csrPem": hosts[1].csr()}),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    // A CSR made with another key than the token names: 403.
+    let other = Host::new("web-02");
+    let r = anon
+        .post(
+            "/v1/enroll",
+            &json!({"token": hosts[1].token(&s.pki, &[]), "csrPem": other.csr()}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    // A CSR for another host name than the token's: 403.
+    let r = anon
+        .post(
+            "/v1/enroll",
+            &json!({"token": hosts[1].token(&s.pki, &[]), "csrPem": hosts[1].csr_for("web-01")}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    // A tampered token: 401.
+    let mut token = hosts[1].token(&s.pki, &[]);
+    token["claims"]["hostname"] = json!("web-99");
+    assert_eq!(
+        anon.post(
+            "/v1/enroll",
+            &json!({"token": token, "csrPem": hosts[1].csr()})
+        )
+        .await
+        .status,
+        401
+    );
+
+    // Renewal: the caller's CN only.
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let r = web01
+        .post("/v1/agent/renew", &json!({"csrPem": hosts[0].csr()}))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = web01
+        .post(
+            "/v1/agent/renew",
+            &json!({"csrPem": hosts[0].csr_for("web-02")}),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    let lines: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{audit}");
+    assert_eq!(lines[2]["how"], "renew");
+    for l in &lines {
+        assert!(l["serial"].is_string() && l["notAfter"].is_string() && l["cn"].is_string());
+    }
+
+    // org root rejectBefore: tokens issued before the cut-off are refused after a reload.
+    let mut trust: Value = serde_json::from_str(&s.pki.read("etc/trust.json")).unwrap();
+    trust["orgRootKey"]["rejectBefore"] = json!(in_an_hour());
+    let token = hosts[1].token(&s.pki, &[]);
+    std::fs::write(s.pki.path("etc/trust.json"), trust.to_string()).unwrap();
+    wait_for("trust file reloaded", Duration::from_secs(20), || {
+        cp.log_text().contains("trust file changed")
+    });
+    let r = anon
+        .post(
+            "/v1/enroll",
+            &json!({"token": token, "csrPem": hosts[1].csr()}),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("rejectBefore"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_ca_key_enrollment_is_503_and_checkins_keep_working() {
+    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    assert_eq!(cp.terminate(), Some(0));
+    let opts = CpOptions {
+        with_ca_key: false,
+        ..CpOptions::default()
+    };
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
+    cp.wait_ready(&s.pki);
+    let mut fresh = Host::new("web-01");
+    assert_eq!(enroll(&s.pki, port, &mut fresh).await.status, 503);
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let r = web01
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-01", &closure("web-01", 0), None, json!([])),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        web01
+            .post("/v1/agent/renew", &json!({"csrPem": hosts[0].csr()}))
+            .await
+            .status,
+        503
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_are_authorised_and_bounded() {
+    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let body = checkin_body("web-01", &closure("web-01", 0), None, json!([]));
+    // Certificate for web-01, body for web-02: 403.
+    let r = web01
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-02", "x", None, json!([])),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    // Another protocol major version: 426; none at all is served.
+    let r = web01
+        .request(
+            hyper::Method::POST,
+            "/v1/agent/checkin",
+            Some(body.to_string().into_bytes()),
+            &[("x-nixfleet-protocol", "2")],
+        )
+        .await;
+    assert_eq!(r.status, 426);
+    assert!(String::from_utf8_lossy(&r.body).contains("speaks nixfleet protocol 1"));
+    let r = web01
+        .request(
+            hyper::Method::POST,
+            "/v1/agent/checkin",
+            Some(body.to_string().into_bytes()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Oversize body: 413. Malformed JSON: 400 with a reason.
+    // Small enough to be fully sent before the 413 comes back.
+    let big = vec![b' '; 300 << 10];
+    let r = web01
+        .request(hyper::Method::POST, "/v1/agent/checkin", Some(big), &[])
+        .await;
+    assert_eq!(r.status, 413);
+    let r = web01
+        .request(
+            hyper::Method::POST,
+            "/v1/agent/checkin",
+            Some(b"{\"hostname\":".to_vec()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    // A host certificate on an operator route: 403; no certificate: 401.
+    assert_eq!(web01.get("/v1/channels/stable").await.status, 403);
+    assert_eq!(web01.get("/v1/hosts").await.status, 403);
+    let anon = Client::anonymous(&s.pki, port);
+    assert_eq!(anon.get("/v1/channels/stable").await.status, 401);
+    assert_eq!(anon.post("/v1/agent/checkin", &body).await.status, 401);
+    // The operator sees channels, hosts, rollouts, metrics.
+    let op = Client::operator(&s.pki, port);
+    assert_eq!(op.get("/v1/channels/stable").await.status, 200);
+    assert_eq!(op.get("/v1/channels/nope").await.status, 404);
+    let hosts_view = op.get("/v1/hosts").await.json();
+    assert_eq!(hosts_view.as_array().unwrap().len(), 2);
+    let metrics = String::from_utf8(op.get("/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("nixfleet_checkins_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("nixfleet_request_duration_seconds_bucket"));
+    // Manifests are served to agents byte for byte, with their raw signature.
+    let rollout = rollout_id(&s.forge_dir, "stable");
+    let m = web01.get(&format!("/v1/rollouts/{rollout}")).await;
+    assert_eq!(
+        m.body,
+        std::fs::read(s.forge_dir.join(format!("rollouts/{rollout}.json"))).unwrap()
+    );
+    let sig = web01.get(&format!("/v1/rollouts/{rollout}/sig")).await;
+    assert_eq!(sig.body.len(), 64);
+    assert_eq!(
+        web01
+            .get(&format!("/v1/rollouts/{}", "0".repeat(64)))
+            .await
+            .status,
+        404
+    );
+}
+
+#[test]
+fn priming_url_then_build_time_fallback_then_refusal() {
+    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    // From the URL.
+    let mut cp = Cp::start(&s.pki, &s.forge, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    assert!(
+        cp.log_text()
+            .contains("primed verified fleet from channel-refs"),
+        "{}",
+        cp.log_text()
+    );
+    drop(cp);
+    // Forge down: from the build-time artifact, and the failure names the URL and status.
+    s.forge.set_down(true);
+    let opts = CpOptions {
+        with_revocations: false,
+        ..CpOptions::default()
+    };
+    let mut cp = Cp::start(&s.pki, &s.forge, &state, &opts);
+    cp.wait_ready(&s.pki);
+    let log = cp.log_text();
+    assert!(
+        log.contains("primed verified fleet from build-time artifact"),
+        "{log}"
+    );
+    assert!(
+        log.contains("channel-refs")
+            && log.contains("HTTP status 503")
+            && log.contains(&s.forge.url("fleet.resolved.json")),
+        "{log}"
+    );
+    drop(cp);
+    // Both unusable: refuse to start, printing both errors.
+    std::fs::write(s.pki.path("build-time/fleet.resolved.json.sig"), [0u8; 64]).unwrap();
+    let (code, stderr) = Cp::run_to_exit(&s.pki, &s.forge, &state, &opts);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("channel-refs") && stderr.contains("build-time artifact"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("does not verify"), "{stderr}");
+    s.forge.set_down(false);
+    // A trust file others can write: refuse, naming it.
+    use std::os::unix::fs::PermissionsExt;
+    let trust = s.pki.path("etc/trust.json");
+    std::fs::set_permissions(&trust, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, stderr) = Cp::run_to_exit(&s.pki, &s.forge, &state, &CpOptions::default());
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(trust.to_str().unwrap()) && stderr.contains("writable"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&trust, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A database from a newer nixfleet: refuse, never rewrite.
+    let db = state.join("state.db");
+    let _ = std::fs::remove_file(&db);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let (code, stderr) = Cp::run_to_exit(&s.pki, &s.forge, &state, &CpOptions::default());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("newer than this binary"), "{stderr}");
+    assert_eq!(
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+            .unwrap(),
+        99,
+        "never rewritten"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let body = checkin_body("web-01", &closure("web-01", 0), None, json!([]));
+    // A request half-sent when SIGTERM arrives still gets its answer.
+    let status = request_in_flight(&s.pki, port, &hosts[0], "/v1/agent/checkin", &body, async {
+        cp.send_sigterm();
+        // Let the signal land and the listener close before finishing the request.
+        wait_for_async("listener closed", Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        })
+        .await;
+    })
+    .await;
+    assert_eq!(status, 200);
+    let code = tokio::task::spawn_blocking(move || cp.terminate())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    let _ = Path::new("");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_and_halt_signals_every_host_that_activated() {
+    let s = setup(
+        &["web-01", "web-02"],
+        canary_policy("rollback-and-halt", 0),
+        json!([]),
+    );
+    let state = s.pki.path("var");
+    let port = free_port();
+    let opts = CpOptions {
+        extra: vec!["--confirm-deadline-secs".into(), "2".into()],
+        ..CpOptions::default()
+    };
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
+    }
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let web02 = Client::host(&s.pki, port, &hosts[1]);
+    let rollout = rollout_id(&s.forge_dir, "stable");
+    web02
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-02", &closure("web-02", 0), None, json!([])),
+        )
+        .await;
+    let t1 = until_target(&web01, "web-01", &closure("web-01", 0)).await;
+    assert_eq!(activate(&web01, "web-01", &t1).await, 204);
+    // web-02 gets wave 1 and never confirms: the health gate trips.
+    let _t2 = until_target(&web02, "web-02", &closure("web-02", 0)).await;
+    let signal = {
+        let start = std::time::Instant::now();
+        loop {
+            let r = web01
+                .post(
+                    "/v1/agent/checkin",
+                    &checkin_body(
+                        "web-01",
+                        &closure("web-01", 1),
+                        Some(&now_rfc3339()),
+                        json!([]),
+                    ),
+                )
+                .await
+                .json();
+            if !r["rollback"].is_null() {
+                break r["rollback"].clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no rollback signal for web-01"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(signal["rolloutId"], rollout.as_str());
+    // Once web-01 is back on its previous closure, the rollout is reverted.
+    let op = Client::operator(&s.pki, port);
+    wait_for_async("reverted", Duration::from_secs(30), || {
+        let (web01, web02, op, rollout) =
+            (web01.clone(), web02.clone(), op.clone(), rollout.clone());
+        async move {
+            web01
+                .post(
+                    "/v1/agent/checkin",
+                    &checkin_body("web-01", &closure("web-01", 0), None, json!([])),
+                )
+                .await;
+            web02
+                .post(
+                    "/v1/agent/checkin",
+                    &checkin_body("web-02", &closure("web-02", 0), None, json!([])),
+                )
+                .await;
+            rollout_state(&op, &rollout).await["reverted"].is_object()
+        }
+    })
+    .await;
+    let trace = op
+        .get(&format!("/v1/rollouts/{rollout}/trace"))
+        .await
+        .json();
+    let kinds: Vec<&str> = trace
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    for kind in ["open", "dispatch", "fail", "halt"] {
+        assert!(
+            kinds.iter().any(|k| k.contains(kind)),
+            "{kind} missing from the trail {kinds:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_signed_reports_are_stored_once_and_forgeries_refused() {
+    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let report = json!({"hostname": "web-01", "reportId": "r-1", "kind": "rolled-back", "rolloutId": null,
+                        "closureHash": null, "bootId": "b", "reason": "confirm window expired", "at": now_rfc3339()});
+    let sig = hosts[0]
+        .key
+        .sign(&nixfleet_trust::jcs::to_canonical(&report).unwrap());
+    let body = json!({"report": report, "signature": b64(&sig)});
+    let first = web01.post("/v1/agent/report", &body).await;
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let again = web01.post("/v1/agent/report", &body).await;
+    assert_eq!(
+        again.json()["eventId"],
+        first.json()["eventId"],
+        "a re-sent report is stored once"
+    );
+    let mut forged = body.clone();
+    forged["report"]["reason"] = json!("all good");
+    assert_eq!(web01.post("/v1/agent/report", &forged).await.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_by_url_template_and_metrics_on_loopback() {
+    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let metrics_port = free_port();
+    let opts = CpOptions {
+        rollouts_dir: false,
+        extra: vec![
+            "--rollouts-url-template".into(),
+            s.forge.url("rollouts/channel/{channel}.json"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ],
+        ..CpOptions::default()
+    };
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let target = until_target(&web01, "web-01", &closure("web-01", 0)).await;
+    assert_eq!(
+        target["rolloutId"],
+        rollout_id(&s.forge_dir, "stable").as_str()
+    );
+    let metrics = sh(&format!("curl -s http://127.0.0.1:{metrics_port}/metrics"));
+    assert!(
+        metrics.contains("nixfleet_targets_sent_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nixfleet_fleet_signed_at_timestamp_seconds"),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,77 @@
+//! What the reconciler is told besides the signed artifacts: agent attestations, the
+//! stored rollout records, and the control plane's settings.
+
+use std::collections::BTreeMap;
+
+use nixfleet_proto::wire::FailedTarget;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::stored::StoredState;
+
+/// Everything observed so far. `hosts` is what agents attest at check-in and comes back
+/// by itself after a database wipe; `stored` is the reconciler's own soft state, written
+/// only through [`crate::apply`], and may be empty (a wipe): the reconciler rebuilds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Observed {
+    /// When the control plane started collecting attestations (process start). A host
+    /// not seen since then is unknown, which holds its wave back, until `offlineAfterSecs`
+    /// have passed; after that it counts as offline. Without this a restart would look
+    /// like the whole fleet going offline and waves would promote over unknown hosts.
+    #[serde(with = "time::serde::rfc3339")]
+    pub attestations_since: OffsetDateTime,
+    /// Latest attestation per hostname.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, Attestation>,
+    #[serde(default)]
+    pub stored: StoredState,
+}
+
+/// The latest check-in of one host, plus what the control plane answered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attestation {
+    /// Last check-in or confirm; drives online/offline.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    /// `currentGeneration.closureHash` of the last check-in.
+    #[serde(default)]
+    pub current_closure: Option<String>,
+    /// When the agent last got a 204 for `current_closure`. The control plane also sets
+    /// it (with `current_closure`) when it accepts a confirm: a confirm is an attestation.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_confirmed_at: Option<OffsetDateTime>,
+    /// Closures that failed on this host, per rollout.
+    #[serde(default)]
+    pub failed_targets: Vec<FailedTarget>,
+    /// `health.failedUnits` of the last check-in (for `current_closure`).
+    #[serde(default)]
+    pub failed_units: u32,
+    /// The last check-in answer that carried a target. Control-plane memory, not the
+    /// agent's word: lost on a wipe, which only means the host is dispatched again.
+    #[serde(default)]
+    pub delivered: Option<Delivery>,
+}
+
+/// A check-in answer carried the target of `rolloutId` at `at`; the confirm deadline runs
+/// from then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    pub rollout_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// Control-plane settings the decisions depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// How long an agent has, from delivery of its target, to confirm
+    /// (`--confirm-deadline-secs`; also sent to the agent as `confirmWindowSecs`).
+    pub confirm_window_secs: u64,
+    /// A host not seen for longer than this is offline: it is not dispatched and does not
+    /// hold its wave back.
+    pub offline_after_secs: u64,
+}

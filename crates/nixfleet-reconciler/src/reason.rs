@@ -1,0 +1,76 @@
+//! The sentences that answer "why hasn't host X upgraded?".
+
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
+/// RFC 3339 in UTC (`2026-11-27T10:00:00Z`).
+pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
+    at.to_offset(UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| format!("@{}", at.unix_timestamp()))
+}
+
+pub(crate) fn wave_not_reached(wave: u32) -> String {
+    format!("waiting: wave {wave} not reached")
+}
+
+pub(crate) fn offline(since: OffsetDateTime) -> String {
+    format!("waiting: offline since {}", rfc3339(since))
+}
+
+pub(crate) fn not_seen(since: OffsetDateTime) -> String {
+    format!("waiting: not seen since {}", rfc3339(since))
+}
+
+pub(crate) fn edge(before: &str) -> String {
+    format!("waiting: edge {before} not soaked")
+}
+
+pub(crate) fn budget(label: &str, in_flight: u32, limit: u32) -> String {
+    format!("waiting: budget \"{label}\" {in_flight}/{limit} in flight")
+}
+
+pub(crate) fn channel_edge(predecessor: &str) -> String {
+    format!("waiting: channel edge {predecessor} not done")
+}
+
+/// `held: rollout halted after 2 failures in wave 0`.
+pub(crate) fn held(word: &str, failures: u32, wave: u32) -> String {
+    let plural = if failures == 1 { "" } else { "s" };
+    format!("held: rollout {word} after {failures} failure{plural} in wave {wave}")
+}
+
+pub(crate) fn soaking(elapsed_minutes: i64, soak_minutes: u32) -> String {
+    format!("soaking: {elapsed_minutes}m of {soak_minutes}m")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn reasons_read_as_specified() {
+        assert_eq!(wave_not_reached(1), "waiting: wave 1 not reached");
+        assert_eq!(budget("db", 1, 1), "waiting: budget \"db\" 1/1 in flight");
+        assert_eq!(edge("db-01"), "waiting: edge db-01 not soaked");
+        assert_eq!(
+            offline(datetime!(2026-11-27 10:00:00 UTC)),
+            "waiting: offline since 2026-11-27T10:00:00Z"
+        );
+        assert_eq!(
+            offline(datetime!(2026-11-27 11:00:00 +1)),
+            "waiting: offline since 2026-11-27T10:00:00Z"
+        );
+        assert_eq!(channel_edge("edge"), "waiting: channel edge edge not done");
+        assert_eq!(
+            held("halted", 2, 0),
+            "held: rollout halted after 2 failures in wave 0"
+        );
+        assert_eq!(
+            held("reverted", 1, 3),
+            "held: rollout reverted after 1 failure in wave 3"
+        );
+        assert_eq!(soaking(12, 30), "soaking: 12m of 30m");
+    }
+}
