@@ -648,7 +648,10 @@ pub enum TrustFileError {
 
 /// Reads and checks trust.json from disk. The one file access in this crate: every binary
 /// must treat the trust file identically (missing, unreadable, writable by others).
-pub fn read_trust_file(path: &std::path::Path, limits: &Limits) -> Result<TrustFile, TrustFileError> {
+pub fn read_trust_file(
+    path: &std::path::Path,
+    limits: &Limits,
+) -> Result<TrustFile, TrustFileError> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let name = path.display().to_string();
