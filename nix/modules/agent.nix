@@ -89,7 +89,7 @@ let
     };
     pollIntervalSecs = {
       type = types.ints.positive;
-      default = 300;
+      default = 60;
       description = "Longest wait between check-ins, seconds; also the cap of the error backoff.";
     };
     requestTimeoutSecs = {

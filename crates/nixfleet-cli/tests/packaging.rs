@@ -549,7 +549,6 @@ fn control_plane_module_and_unit_flags_match_the_binary() {
 }
 
 #[test]
-#[ignore = "nixfleet-agent binary lands with the agent crate"]
 fn agent_module_and_unit_flags_match_the_binary() {
     check_drift(&AGENT);
 }

@@ -372,6 +372,8 @@ impl Poller {
                         .map(|r| (r.hostname, r.not_before))
                         .collect(),
                     signed_at: Some(signed_at),
+                    // Unknown here: the next poll re-applies the same list, harmlessly.
+                    sha256: None,
                     applied_at: Some(OffsetDateTime::now_utc()),
                 }),
             );
@@ -458,7 +460,9 @@ impl Poller {
         origin: &str,
     ) -> Result<(), String> {
         let current = self.shared.revocations();
-        if current.signed_at == Some(list.signed_at) && self.shared.revocations_ready() {
+        if current.sha256.as_deref() == Some(list.sha256.as_str())
+            && self.shared.revocations_ready()
+        {
             tracing::debug!("revocations poll: {origin} unchanged");
             return Ok(());
         }
@@ -483,6 +487,7 @@ impl Poller {
                     .map(|r| (r.hostname.clone(), r.not_before))
                     .collect(),
                 signed_at: Some(list.signed_at),
+                sha256: Some(list.sha256.clone()),
                 applied_at: Some(now),
             }),
         );

@@ -178,6 +178,9 @@ pub struct Directives {
 pub struct RevocationSet {
     pub not_before: HashMap<String, OffsetDateTime>,
     pub signed_at: Option<OffsetDateTime>,
+    /// SHA-256 of the applied list's canonical bytes: a list re-signed within the same
+    /// second is still a different list.
+    pub sha256: Option<String>,
     pub applied_at: Option<OffsetDateTime>,
 }
 

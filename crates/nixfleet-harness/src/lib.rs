@@ -4,6 +4,7 @@
 //! `nixfleet-agent` processes, and a signed Nix binary cache with tiny system closures.
 
 pub mod agent;
+pub mod compromised;
 pub mod nix;
 
 use std::io::{BufRead, BufReader, Read, Write};

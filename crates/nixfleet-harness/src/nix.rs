@@ -161,6 +161,13 @@ pub fn store_path(closure: &str) -> PathBuf {
     Path::new("/nix/store").join(closure)
 }
 
+/// Whether the path is valid (registered) in the local store.
+pub fn is_valid(closure: &str) -> bool {
+    let mut cmd = nix_command("nix-store");
+    cmd.arg("--check-validity").arg(store_path(closure));
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
 /// Removes a path from the local store, so that it must come from a binary cache.
 pub fn delete_from_store(closure: &str) {
     let mut cmd = nix_command("nix-store");

@@ -1,0 +1,307 @@
+//! The `nixos` backend: real Nix, with the profile and the current-system link
+//! configurable so that it runs on any Linux with Nix installed.
+//!
+//! switch-to-configuration runs detached from the agent (systemd-run when systemd is PID 1,
+//! else its own session through setsid) because it may restart the agent. Each run has a
+//! directory under `<state dir>/switch/<run id>`; the wrapper creates it with `mkdir`,
+//! which only one process can win, so a run is started at most once however often the
+//! agent is killed and restarted around it. The wrapper writes the exit status there.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{run, tail};
+
+const STORE_DIR: &str = "/nix/store";
+
+/// The wrapper around switch-to-configuration: $1 = run directory, the rest = command.
+const SWITCH_WRAPPER: &str = r#"d="$1"; shift
+mkdir "$d" 2>/dev/null || exit 0
+echo $$ > "$d/pid"
+exec >"$d/log" 2>&1 </dev/null
+"$@"
+echo $? > "$d/status.tmp"
+mv "$d/status.tmp" "$d/status"
+"#;
+
+/// How long a run directory may exist without a live wrapper process before the run counts
+/// as lost (the wrapper writes its pid right after creating the directory).
+const START_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RealiseError {
+    /// The cache's closure is refused: unsigned, foreign-signed or corrupted.
+    Refused(String),
+    /// Anything else (cache unreachable, path missing, timeout): may pass.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchStatus {
+    NotStarted,
+    Running,
+    Exited(i32),
+    /// The wrapper is gone without writing a status (killed, or the machine rebooted).
+    Lost,
+}
+
+#[derive(Debug, Clone)]
+pub struct Nixos {
+    pub profile: PathBuf,
+    pub current_system_link: PathBuf,
+    pub substituters: Vec<String>,
+    pub switch_lock: PathBuf,
+    pub switches_dir: PathBuf,
+    pub command_timeout: Duration,
+    pub realise_timeout: Duration,
+    pub switch_timeout: Duration,
+}
+
+pub fn store_path(closure: &str) -> PathBuf {
+    Path::new(STORE_DIR).join(closure)
+}
+
+fn systemd_is_pid1() -> bool {
+    Path::new("/run/systemd/system").exists()
+}
+
+impl Nixos {
+    /// The store basename the current-system link points at.
+    pub fn current_closure(&self) -> Option<String> {
+        let target = std::fs::read_link(&self.current_system_link).ok()?;
+        target.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    /// Realises the closure from the configured substituters, trusting only `cache_keys`
+    /// and requiring signatures.
+    pub async fn realise(&self, closure: &str, cache_keys: &[String]) -> Result<(), RealiseError> {
+        let path = store_path(closure);
+        if cache_keys.is_empty() {
+            return Err(RealiseError::Refused(
+                "the trust file pins no cacheKeys, so no closure can be verified".to_owned(),
+            ));
+        }
+        let mut cmd = tokio::process::Command::new("nix-store");
+        cmd.arg("--realise")
+            .arg(&path)
+            .args(["--option", "substituters", &self.substituters.join(" ")])
+            .args(["--option", "trusted-public-keys", &cache_keys.join(" ")])
+            .args(["--option", "require-sigs", "true"])
+            // Never build: a host only runs what the cache signed.
+            .args(["--option", "max-jobs", "0"]);
+        let output = run(&mut cmd, self.realise_timeout, "nix-store --realise")
+            .await
+            .map_err(RealiseError::Failed)?;
+        if output.status.success() && path.exists() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let detail = format!(
+            "nix-store --realise {} from {} failed: {}",
+            path.display(),
+            self.substituters.join(" "),
+            tail(&output.stderr)
+        );
+        let refused = [
+            "not signed by any of the keys",
+            "lacks a valid signature",
+            "hash mismatch",
+            "NAR hash",
+        ]
+        .iter()
+        .any(|needle| stderr.contains(needle));
+        if refused {
+            Err(RealiseError::Refused(format!(
+                "{detail}; the binary cache's copy is not signed by a key in cacheKeys or is corrupted"
+            )))
+        } else {
+            Err(RealiseError::Failed(detail))
+        }
+    }
+
+    /// Points the system profile at the closure (a new generation).
+    pub async fn set_profile(&self, closure: &str) -> Result<(), String> {
+        let mut cmd = tokio::process::Command::new("nix-env");
+        cmd.arg("--profile")
+            .arg(&self.profile)
+            .arg("--set")
+            .arg(store_path(closure));
+        let output = run(&mut cmd, self.command_timeout, "nix-env --set").await?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nix-env --profile {} --set {} failed: {}",
+                self.profile.display(),
+                store_path(closure).display(),
+                tail(&output.stderr)
+            ))
+        }
+    }
+
+    /// Whether someone else holds the switch-to-configuration lock.
+    pub async fn lock_held(&self) -> bool {
+        if !self.switch_lock.exists() {
+            return false;
+        }
+        let mut cmd = tokio::process::Command::new("flock");
+        cmd.args(["--nonblock", "--shared"])
+            .arg(&self.switch_lock)
+            .arg("true");
+        match run(&mut cmd, Duration::from_secs(10), "flock").await {
+            Ok(output) => !output.status.success(),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot test {}: {e}; assuming it is free",
+                    self.switch_lock.display()
+                );
+                false
+            }
+        }
+    }
+
+    fn run_dir(&self, run_id: &str) -> PathBuf {
+        self.switches_dir.join(run_id)
+    }
+
+    pub fn switch_status(&self, run_id: &str) -> SwitchStatus {
+        let dir = self.run_dir(run_id);
+        if !dir.exists() {
+            return SwitchStatus::NotStarted;
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("status")) {
+            return SwitchStatus::Exited(text.trim().parse().unwrap_or(-1));
+        }
+        let alive = std::fs::read_to_string(dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(process_alive);
+        if alive {
+            return SwitchStatus::Running;
+        }
+        let young = std::fs::metadata(&dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < START_GRACE);
+        if young {
+            SwitchStatus::Running
+        } else {
+            SwitchStatus::Lost
+        }
+    }
+
+    /// Starts `<closure>/bin/switch-to-configuration switch` detached, unless this run was
+    /// started before.
+    pub async fn launch_switch(&self, run_id: &str, closure: &str) -> Result<(), String> {
+        if self.switch_status(run_id) != SwitchStatus::NotStarted {
+            return Ok(());
+        }
+        let program = store_path(closure).join("bin/switch-to-configuration");
+        let dir = self.run_dir(run_id);
+        let mut cmd = if systemd_is_pid1() {
+            let mut cmd = tokio::process::Command::new("systemd-run");
+            let unit: String = run_id.chars().take(40).collect();
+            cmd.arg(format!("--unit=nixfleet-switch-{unit}")).args([
+                "--collect",
+                "--no-block",
+                "--quiet",
+                "--",
+            ]);
+            cmd
+        } else {
+            let mut cmd = tokio::process::Command::new("setsid");
+            cmd.arg("--fork");
+            cmd
+        };
+        cmd.args(["/bin/sh", "-c", SWITCH_WRAPPER, "sh"])
+            .arg(&dir)
+            .arg(&program)
+            .arg("switch");
+        let output = run(
+            &mut cmd,
+            self.command_timeout,
+            "launching switch-to-configuration",
+        )
+        .await?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "could not start {} switch: {}",
+                program.display(),
+                tail(&output.stderr)
+            ))
+        }
+    }
+
+    /// Runs the switch to `closure` (or waits for the run already started) and checks that
+    /// the current-system link points at it afterwards.
+    pub async fn switch_to(&self, run_id: &str, closure: &str) -> Result<(), String> {
+        self.launch_switch(run_id, closure).await?;
+        let start = Instant::now();
+        let status = loop {
+            match self.switch_status(run_id) {
+                SwitchStatus::Exited(code) => break code,
+                SwitchStatus::Lost => {
+                    return Err(format!(
+                    "switch-to-configuration of {closure} stopped without an exit status (see {})",
+                    self.run_dir(run_id).join("log").display()
+                ))
+                }
+                SwitchStatus::NotStarted | SwitchStatus::Running => {}
+            }
+            if start.elapsed() > self.switch_timeout {
+                return Err(format!(
+                    "switch-to-configuration of {closure} still runs after {} s (see {})",
+                    self.switch_timeout.as_secs(),
+                    self.run_dir(run_id).join("log").display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if status != 0 {
+            let log = std::fs::read(self.run_dir(run_id).join("log")).unwrap_or_default();
+            return Err(format!(
+                "switch-to-configuration of {closure} exited with status {status}: {}",
+                tail(&log)
+            ));
+        }
+        match self.current_closure() {
+            Some(current) if current == closure => Ok(()),
+            current => Err(format!(
+                "after switch-to-configuration, {} points at {} instead of {closure}",
+                self.current_system_link.display(),
+                current.as_deref().unwrap_or("nothing")
+            )),
+        }
+    }
+
+    /// Forgets a finished run.
+    pub fn clear_run(&self, run_id: &str) {
+        let _ = std::fs::remove_dir_all(self.run_dir(run_id));
+    }
+}
+
+/// A process that exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next())
+        })
+        .flatten()
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_bogus_pid_is_not() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(u32::MAX - 1));
+    }
+}

@@ -1,0 +1,891 @@
+//! The imperative shell: gathers inputs (the control plane, files, Nix, the clock), feeds
+//! them to the state machine and the gate, persists every transition before acting on it,
+//! and carries out what they decide. Every decision is logged with its reason.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use nixfleet_proto::wire::{
+    CheckinRequest, CheckinResponse, ConfirmRequest, CurrentGeneration, Generation, Report,
+    ReportKind, ReportRequest, Target,
+};
+use nixfleet_trust::jcs;
+use nixfleet_trust::keys::PrivateKey;
+use nixfleet_trust::verify::{self, Limits};
+use rand_core::RngCore as _;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::activation::nixos::{Nixos, RealiseError, SwitchStatus};
+use crate::backoff;
+use crate::client::CpClient;
+use crate::config::Config;
+use crate::gate;
+use crate::health;
+use crate::identity::{self, IdentityError};
+use crate::machine::{self, Activation, Event, Phase};
+use crate::store::{self, AgentState, Confirmation, StateDir, StoreError};
+
+/// Confirms are retried quickly: the window is minutes, an outage may be seconds.
+const CONFIRM_RETRY_CAP: Duration = Duration::from_secs(5);
+/// How often a deferred activation looks at the switch lock again.
+const LOCK_RETRY: Duration = Duration::from_secs(5);
+/// A failed renewal is tried again after this long (the certificate is still valid).
+const RENEW_RETRY: Duration = Duration::from_secs(300);
+
+/// Errors that stop the agent at start-up; each names the file to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Trust(#[from] verify::TrustFileError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "no --hostname given and the system hostname cannot be read from /proc/sys/kernel/hostname"
+    )]
+    NoHostname,
+}
+
+pub struct Agent {
+    config: Config,
+    hostname: String,
+    key: PrivateKey,
+    ca_pem: String,
+    dir: StateDir,
+    state: AgentState,
+    nixos: Nixos,
+    client: Option<CpClient>,
+    boot_id: String,
+    failures: u32,
+    next_renewal_attempt: Option<Instant>,
+    certificate_refused: bool,
+}
+
+fn random_unit() -> f64 {
+    (rand_core::OsRng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand_core::OsRng.fill_bytes(&mut buf);
+    hex_string(&buf)
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+impl Agent {
+    pub fn new(config: Config) -> Result<Agent, StartupError> {
+        let hostname = match &config.hostname {
+            Some(h) => h.clone(),
+            None => health::system_hostname().ok_or(StartupError::NoHostname)?,
+        };
+        if config.substituters.is_empty() {
+            tracing::warn!("no --substituter given: only closures already in the local Nix store can be activated");
+        }
+        // Refuse to start on a missing or unsafe trust file (SPEC.md §2).
+        verify::read_trust_file(&config.trust_file, &Limits::default())?;
+        let key = identity::load_host_key(&config.host_key)?;
+        let ca_pem = identity::load_ca(&config.ca_cert)?;
+        let dir = StateDir::open(&config.state_dir)?;
+        let state = dir.load()?;
+        let nixos = Nixos {
+            profile: config.profile.clone(),
+            current_system_link: config.current_system_link.clone(),
+            substituters: config.substituters.clone(),
+            switch_lock: config.switch_lock.clone(),
+            switches_dir: dir.switches(),
+            command_timeout: Duration::from_secs(config.request_timeout_secs.max(60)),
+            realise_timeout: Duration::from_secs(config.realise_timeout_secs),
+            switch_timeout: Duration::from_secs(config.switch_timeout_secs),
+        };
+        Ok(Agent {
+            config,
+            hostname,
+            key,
+            ca_pem,
+            dir,
+            state,
+            nixos,
+            client: None,
+            boot_id: health::boot_id(),
+            failures: 0,
+            next_renewal_attempt: None,
+            certificate_refused: false,
+        })
+    }
+
+    fn poll_cap(&self) -> Duration {
+        Duration::from_secs(self.config.poll_interval_secs.max(1))
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.request_timeout_secs.max(1))
+    }
+
+    /// The delay after a failure, growing with consecutive failures.
+    fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        backoff::retry_delay(self.failures, self.poll_cap(), random_unit())
+    }
+
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
+        tracing::info!(
+            host = %self.hostname,
+            phase = self.state.machine.phase.name(),
+            state_dir = %self.dir.root.display(),
+            "nixfleet-agent {} starting",
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Phase::AwaitingConfirm { activation, .. } = &self.state.machine.phase {
+            let target_running = self.nixos.current_closure().as_deref()
+                == Some(activation.target.closure_hash.as_str());
+            self.apply(Event::Resumed { target_running });
+        }
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let wait = tokio::select! {
+                wait = self.iteration() => wait,
+                _ = shutdown.changed() => break,
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tracing::debug!("next step in {:.1} s", wait.as_secs_f64());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        tracing::info!(
+            phase = self.state.machine.phase.name(),
+            "shutting down; the state machine is persisted"
+        );
+        Ok(())
+    }
+
+    /// One step; returns how long to wait before the next.
+    async fn iteration(&mut self) -> Duration {
+        // Only checking in needs the control plane; an activation in flight goes on (and
+        // rolls back when its window closes) whatever happens to the certificate.
+        let identity = self.ensure_identity().await;
+        if identity.is_ok() {
+            self.flush_reports().await;
+        }
+        match self.state.machine.phase.clone() {
+            Phase::Idle => match identity {
+                Ok(()) => self.checkin().await,
+                Err(wait) => wait,
+            },
+            Phase::Fetching { activation } => self.fetch(activation).await,
+            Phase::Switching { activation } => self.switch(activation).await,
+            Phase::AwaitingConfirm { activation, .. } => self.confirm(activation).await,
+            Phase::RollingBack { activation, .. } => self.roll_back(activation).await,
+        }
+    }
+
+    /// Runs a transition, persists it, then applies its effects (persisted too). If the
+    /// state cannot be written, nothing changes: the agent never acts on a state it could
+    /// not persist.
+    fn apply(&mut self, event: Event) -> bool {
+        let at = now();
+        let step = match machine::transition(&self.state.machine, event, at) {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::warn!("{e}");
+                return false;
+            }
+        };
+        let mut next = self.state.clone();
+        let from = next.machine.phase.name();
+        let finished = next.machine.phase.activation().map(Activation::id);
+        next.machine = step.machine;
+        for effect in step.effects {
+            match effect {
+                machine::Effect::Report {
+                    kind,
+                    rollout_id,
+                    closure_hash,
+                    reason,
+                } => {
+                    if let Some(report) =
+                        self.signed_report(kind, &rollout_id, &closure_hash, &reason)
+                    {
+                        next.queue_report(report);
+                    }
+                }
+                machine::Effect::RecordFailed(f) => next.record_failed(f),
+                machine::Effect::MarkConfirmed { closure_hash } => {
+                    next.confirmed = Some(Confirmation { closure_hash, at })
+                }
+            }
+        }
+        if let Err(e) = self.dir.save(&next) {
+            tracing::error!("{e}; not acting on it");
+            return false;
+        }
+        let to = next.machine.phase.name();
+        if next == self.state {
+            // Nothing decided (a retry, an ignored signal): not worth an INFO line each time.
+            tracing::debug!(from, to, "{}", step.reason);
+        } else {
+            tracing::info!(from, to, "{}", step.reason);
+        }
+        if matches!(next.machine.phase, Phase::Idle) {
+            if let Some(id) = finished {
+                self.nixos.clear_run(&id);
+                self.nixos.clear_run(&format!("rb-{id}"));
+            }
+        }
+        self.state = next;
+        true
+    }
+
+    fn save(&self) {
+        if let Err(e) = self.dir.save(&self.state) {
+            tracing::error!("{e}");
+        }
+    }
+
+    fn signed_report(
+        &self,
+        kind: ReportKind,
+        rollout_id: &str,
+        closure_hash: &str,
+        reason: &str,
+    ) -> Option<ReportRequest> {
+        let report = Report {
+            hostname: self.hostname.clone(),
+            report_id: random_hex(16),
+            kind,
+            rollout_id: Some(rollout_id.to_owned()),
+            closure_hash: Some(closure_hash.to_owned()),
+            boot_id: self.boot_id.clone(),
+            reason: reason.to_owned(),
+            at: now(),
+        };
+        match jcs::to_canonical(&report) {
+            Ok(canonical) => Some(ReportRequest {
+                signature: base64::engine::general_purpose::STANDARD
+                    .encode(self.key.sign(&canonical)),
+                report,
+            }),
+            Err(e) => {
+                tracing::error!("cannot canonicalise a report ({e}); it is not sent");
+                None
+            }
+        }
+    }
+
+    // ---- identity ------------------------------------------------------------------
+
+    async fn ensure_identity(&mut self) -> Result<(), Duration> {
+        let cert_path = self.dir.cert();
+        let cert = std::fs::read_to_string(&cert_path).ok();
+        let validity = cert.as_deref().and_then(identity::validity);
+        let expired = validity.is_some_and(|(_, not_after)| now() > not_after);
+        if self.certificate_refused && cert.is_some() && !expired {
+            match self.enroll().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // Keep checking in with the refused certificate (with backoff): a
+                    // revocation may be lifted.
+                    tracing::warn!(
+                        "not enrolled: {e}; checking in with the refused certificate meanwhile"
+                    );
+                    self.certificate_refused = false;
+                }
+            }
+        }
+        if let (Some(cert), false, false) = (&cert, expired, self.certificate_refused) {
+            if self.client.is_none() {
+                match CpClient::new(
+                    &self.config.control_plane_url,
+                    &self.ca_pem,
+                    Some((cert, &self.key)),
+                    self.request_timeout(),
+                ) {
+                    Ok(client) => self.client = Some(client),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return Err(self.failed());
+                    }
+                }
+            }
+            if let Some((not_before, not_after)) = validity {
+                self.maybe_renew(not_before, not_after).await;
+            }
+            return Ok(());
+        }
+        if expired {
+            if let Some((_, not_after)) = validity {
+                tracing::error!(
+                    "the certificate {} of {} expired at {not_after}; the agent needs a new bootstrap token to re-enroll (nixfleet mint-token)",
+                    cert_path.display(),
+                    self.hostname
+                );
+            }
+        }
+        match self.enroll().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let wait = self.failed();
+                tracing::error!("not enrolled: {e}; trying again in {} s", wait.as_secs());
+                Err(wait)
+            }
+        }
+    }
+
+    async fn enroll(&mut self) -> Result<(), IdentityError> {
+        let token_path: PathBuf = self
+            .config
+            .bootstrap_token_file
+            .clone()
+            .ok_or(IdentityError::NoToken)?;
+        let token = identity::read_token(
+            &token_path,
+            &self.hostname,
+            &self.key,
+            &self.config.host_key,
+            self.state.enrolled_with_nonce.as_deref(),
+        )?;
+        let nonce = token.claims.nonce.clone();
+        let anonymous = CpClient::new(
+            &self.config.control_plane_url,
+            &self.ca_pem,
+            None,
+            self.request_timeout(),
+        )?;
+        tracing::info!(host = %self.hostname, "enrolling with the bootstrap token {}", token_path.display());
+        let response = identity::enroll(&anonymous, &self.hostname, &self.key, token).await;
+        if let Err(IdentityError::Refused { status: 409, .. }) = &response {
+            // The token's nonce was used: never send it again.
+            self.state.enrolled_with_nonce = Some(nonce.clone());
+            self.save();
+        }
+        let response = response?;
+        store::write_atomic(&self.dir.cert(), response.cert_pem.as_bytes(), 0o644)?;
+        self.state.enrolled_with_nonce = Some(nonce);
+        self.save();
+        self.client = Some(CpClient::new(
+            &self.config.control_plane_url,
+            &self.ca_pem,
+            Some((&response.cert_pem, &self.key)),
+            self.request_timeout(),
+        )?);
+        self.certificate_refused = false;
+        self.failures = 0;
+        tracing::info!(host = %self.hostname, not_after = %response.not_after, "enrolled; certificate stored in {}", self.dir.cert().display());
+        Ok(())
+    }
+
+    async fn maybe_renew(&mut self, not_before: OffsetDateTime, not_after: OffsetDateTime) {
+        if !identity::renewal_due(not_before, not_after, now()) {
+            return;
+        }
+        if self
+            .next_renewal_attempt
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return;
+        }
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        tracing::info!(%not_before, %not_after, "certificate past half of its lifetime; renewing");
+        match identity::renew(&client, &self.hostname, &self.key).await {
+            Ok(response) => {
+                match store::write_atomic(&self.dir.cert(), response.cert_pem.as_bytes(), 0o644) {
+                    Ok(()) => {
+                        tracing::info!(not_after = %response.not_after, "certificate renewed");
+                        self.client = None;
+                        self.next_renewal_attempt = None;
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}; keeping the current certificate");
+                        self.next_renewal_attempt = Some(Instant::now() + RENEW_RETRY);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("renewal failed: {e}; the current certificate stays in use until {not_after}, retrying in {} s", RENEW_RETRY.as_secs());
+                self.next_renewal_attempt = Some(Instant::now() + RENEW_RETRY);
+            }
+        }
+    }
+
+    /// A 401 from an agent route: the certificate is revoked or expired.
+    fn certificate_rejected(&mut self, route: &str, message: &str) -> Duration {
+        let wait = self.failed();
+        tracing::error!(
+            "the control plane refused the certificate of {} on {route} (401: {message}): it is revoked or expired; give the agent a new bootstrap token (--bootstrap-token-file) to re-enroll; trying again in {} s",
+            self.hostname,
+            wait.as_secs()
+        );
+        self.certificate_refused = true;
+        self.client = None;
+        wait
+    }
+
+    // ---- reports -------------------------------------------------------------------
+
+    async fn flush_reports(&mut self) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let mut changed = false;
+        while let Some(report) = self.state.outbox.first().cloned() {
+            match client.post("/v1/agent/report", &report).await {
+                Ok(reply) if reply.status == 200 => {
+                    tracing::info!(kind = ?report.report.kind, report_id = %report.report.report_id, "report acknowledged");
+                    self.state.outbox.remove(0);
+                    changed = true;
+                }
+                Ok(reply) if matches!(reply.status, 400 | 403 | 422) => {
+                    tracing::error!(kind = ?report.report.kind, "the control plane will never accept report {} ({}: {}); dropping it", report.report.report_id, reply.status, reply.message());
+                    self.state.outbox.remove(0);
+                    changed = true;
+                }
+                Ok(reply) => {
+                    tracing::warn!(
+                        "report {} not acknowledged ({}: {}); re-sending later",
+                        report.report.report_id,
+                        reply.status,
+                        reply.message()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "report {} not sent: {e}; re-sending later",
+                        report.report.report_id
+                    );
+                    break;
+                }
+            }
+        }
+        if changed {
+            self.save();
+        }
+    }
+
+    // ---- idle: check in ---------------------------------------------------------------
+
+    async fn checkin_request(&self, current: &str) -> CheckinRequest {
+        CheckinRequest {
+            hostname: self.hostname.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id: self.boot_id.clone(),
+            current_generation: CurrentGeneration {
+                closure_hash: current.to_owned(),
+            },
+            last_confirmed_at: self
+                .state
+                .confirmed
+                .as_ref()
+                .filter(|c| c.closure_hash == current)
+                .map(|c| c.at),
+            failed_targets: self.state.failed_targets.clone(),
+            health: health::collect(self.config.health_command.as_deref()).await,
+        }
+    }
+
+    async fn checkin(&mut self) -> Duration {
+        let Some(client) = self.client.clone() else {
+            return self.failed();
+        };
+        let current = self.nixos.current_closure().unwrap_or_default();
+        let request = self.checkin_request(&current).await;
+        let reply = match client.post("/v1/agent/checkin", &request).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                let wait = self.failed();
+                tracing::warn!(
+                    "check-in failed: {e}; keeping the current system, retrying in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                return wait;
+            }
+        };
+        match reply.status {
+            200 => {}
+            401 => return self.certificate_rejected("/v1/agent/checkin", &reply.message()),
+            status => {
+                let wait = self.failed();
+                tracing::warn!(
+                    "check-in refused ({status}: {}); retrying in {:.1} s",
+                    reply.message(),
+                    wait.as_secs_f64()
+                );
+                return wait;
+            }
+        }
+        let response: CheckinResponse = match serde_json::from_slice(&reply.body) {
+            Ok(r) => r,
+            Err(e) => {
+                let wait = self.failed();
+                tracing::warn!(
+                    "check-in answer from {} is not valid JSON ({e}); retrying in {:.1} s",
+                    client.url("/v1/agent/checkin"),
+                    wait.as_secs_f64()
+                );
+                return wait;
+            }
+        };
+        if self.failures > 0 {
+            tracing::info!(
+                "control plane reachable again after {} failed attempts",
+                self.failures
+            );
+        }
+        self.failures = 0;
+        let next =
+            backoff::checkin_delay(response.next_checkin_secs, self.poll_cap(), random_unit());
+        tracing::debug!(current = %current, target = ?response.target.as_ref().map(|t| &t.closure_hash), rollback = ?response.rollback, "checked in");
+        if let Some(signal) = response.rollback {
+            self.apply(Event::RollbackSignal {
+                signal,
+                current: current.clone(),
+            });
+            if !matches!(self.state.machine.phase, Phase::Idle) {
+                return Duration::ZERO;
+            }
+        }
+        if let Some(target) = response.target {
+            if target.closure_hash == current {
+                tracing::debug!("target {} already runs", target.closure_hash);
+            } else if let Some(wait) = self.consider(&client, target, current).await {
+                return wait;
+            }
+        }
+        if matches!(self.state.machine.phase, Phase::Idle) {
+            next
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// The target gate; returns a wait when the manifest could not be fetched.
+    async fn consider(
+        &mut self,
+        client: &CpClient,
+        target: Target,
+        current: String,
+    ) -> Option<Duration> {
+        if let Some(f) =
+            self.state.failed_targets.iter().find(|f| {
+                f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash
+            })
+        {
+            tracing::warn!(
+                "the control plane offers {} of rollout {} again, which already failed here ({}); not activating it",
+                target.closure_hash, target.rollout_id, f.reason
+            );
+            return None;
+        }
+        if let Err(refusal) = gate::precheck(&target, None, &self.state.failed_targets) {
+            self.apply(Event::TargetRefused {
+                target,
+                kind: refusal.kind,
+                reason: refusal.reason,
+            });
+            return None;
+        }
+        let (manifest, signature, source) = match self.dir.cached_manifest(&target.rollout_id) {
+            Some((m, s)) => (
+                m,
+                s,
+                format!(
+                    "{} (cached)",
+                    self.dir.manifests().join(&target.rollout_id).display()
+                ),
+            ),
+            None => {
+                let path = format!("/v1/rollouts/{}", target.rollout_id);
+                let fetched = async {
+                    let m = client.get(&path).await?;
+                    let s = client.get(&format!("{path}/sig")).await?;
+                    Ok::<_, crate::client::NetError>((m, s))
+                }
+                .await;
+                match fetched {
+                    Ok((m, s)) if m.status == 200 && s.status == 200 => {
+                        (m.body, s.body, client.url(&path))
+                    }
+                    Ok((m, s)) => {
+                        let wait = self.failed();
+                        tracing::warn!(
+                            "cannot fetch the manifest of rollout {} ({} / {}: {}); nothing activated, retrying in {:.1} s",
+                            target.rollout_id, m.status, s.status, m.message(), wait.as_secs_f64()
+                        );
+                        return Some(wait);
+                    }
+                    Err(e) => {
+                        let wait = self.failed();
+                        tracing::warn!(
+                            "cannot fetch the manifest of rollout {}: {e}; retrying in {:.1} s",
+                            target.rollout_id,
+                            wait.as_secs_f64()
+                        );
+                        return Some(wait);
+                    }
+                }
+            }
+        };
+        let trust = match verify::read_trust_file(&self.config.trust_file, &Limits::default()) {
+            Ok(t) => t,
+            Err(e) => {
+                let wait = self.failed();
+                tracing::error!("{e}; nothing activated");
+                return Some(wait);
+            }
+        };
+        match gate::check(
+            &target,
+            &self.hostname,
+            &manifest,
+            &signature,
+            &trust,
+            now(),
+            &source,
+        ) {
+            Ok(_) => {
+                if let Err(e) = self
+                    .dir
+                    .cache_manifest(&target.rollout_id, &manifest, &signature)
+                {
+                    tracing::warn!("{e}; the manifest will be fetched again");
+                }
+                self.apply(Event::TargetAccepted { target, current });
+            }
+            Err(refusal) => {
+                self.apply(Event::TargetRefused {
+                    target,
+                    kind: refusal.kind,
+                    reason: refusal.reason,
+                });
+            }
+        }
+        None
+    }
+
+    // ---- fetching: realise from the cache --------------------------------------------
+
+    async fn fetch(&mut self, activation: Activation) -> Duration {
+        let trust = match verify::read_trust_file(&self.config.trust_file, &Limits::default()) {
+            Ok(t) => t,
+            Err(e) => {
+                let wait = self.failed();
+                tracing::error!("{e}; waiting {} s before realising", wait.as_secs());
+                return wait;
+            }
+        };
+        let closure = &activation.target.closure_hash;
+        tracing::info!(
+            "realising {closure} from {}",
+            self.config.substituters.join(" ")
+        );
+        let event = match self.nixos.realise(closure, &trust.cache_keys).await {
+            Ok(()) => Event::Realised,
+            Err(RealiseError::Refused(reason)) => Event::ClosureRefused { reason },
+            Err(RealiseError::Failed(reason)) => Event::RealiseFailed { reason },
+        };
+        let transient = matches!(event, Event::RealiseFailed { .. });
+        self.apply(event);
+        if transient {
+            self.failed()
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    // ---- switching -------------------------------------------------------------------
+
+    async fn switch(&mut self, activation: Activation) -> Duration {
+        let id = activation.id();
+        let closure = activation.target.closure_hash.clone();
+        if self.nixos.switch_status(&id) == SwitchStatus::NotStarted {
+            if self.nixos.lock_held().await {
+                tracing::info!(
+                    "{} is held by another switch-to-configuration; deferring the switch to {closure}",
+                    self.config.switch_lock.display()
+                );
+                return LOCK_RETRY.min(self.poll_cap());
+            }
+            if let Err(reason) = self.nixos.set_profile(&closure).await {
+                self.apply(Event::SwitchFailed { reason });
+                return Duration::ZERO;
+            }
+            tracing::info!(
+                "profile {} set to {closure}; running switch-to-configuration detached",
+                self.config.profile.display()
+            );
+        } else {
+            tracing::info!(
+                "switch-to-configuration of {closure} was started before; waiting for its outcome"
+            );
+        }
+        let event = match self.nixos.switch_to(&id, &closure).await {
+            Ok(()) => Event::SwitchSucceeded,
+            Err(reason) => Event::SwitchFailed { reason },
+        };
+        self.apply(event);
+        Duration::ZERO
+    }
+
+    // ---- awaiting confirm -----------------------------------------------------------
+
+    async fn confirm(&mut self, activation: Activation) -> Duration {
+        let Some(client) = self.client.clone() else {
+            self.apply(Event::ConfirmUnanswered);
+            return self.confirm_retry();
+        };
+        let request = ConfirmRequest {
+            hostname: self.hostname.clone(),
+            rollout_id: activation.target.rollout_id.clone(),
+            wave_index: activation.target.wave_index,
+            generation: Generation {
+                closure_hash: activation.target.closure_hash.clone(),
+                boot_id: self.boot_id.clone(),
+            },
+        };
+        let event = match client.post("/v1/agent/confirm", &request).await {
+            Ok(reply) if reply.status == 204 || reply.status == 200 => Event::Confirmed,
+            Ok(reply) if reply.status == 410 => Event::ConfirmGone {
+                reason: reply.message(),
+            },
+            Ok(reply) => {
+                tracing::warn!(
+                    "confirm not accepted ({}: {}); retrying while the window is open",
+                    reply.status,
+                    reply.message()
+                );
+                // The control plane answers but does not confirm: check in, so that a
+                // rollback signal (or a lie about the rollout) is seen meanwhile.
+                self.checkin_in_flight(&client, &activation).await;
+                if !matches!(self.state.machine.phase, Phase::AwaitingConfirm { .. }) {
+                    return Duration::ZERO;
+                }
+                Event::ConfirmUnanswered
+            }
+            Err(e) => {
+                tracing::warn!("confirm not sent: {e}; retrying while the window is open");
+                Event::ConfirmUnanswered
+            }
+        };
+        let unanswered = matches!(event, Event::ConfirmUnanswered);
+        self.apply(event);
+        if unanswered && matches!(self.state.machine.phase, Phase::AwaitingConfirm { .. }) {
+            self.confirm_retry()
+        } else {
+            self.failures = 0;
+            Duration::ZERO
+        }
+    }
+
+    /// A check-in while an activation awaits its confirm: only a rollback signal for it,
+    /// or a refusal of a target that swaps its rollout, can come of it.
+    async fn checkin_in_flight(&mut self, client: &CpClient, activation: &Activation) {
+        let current = self.nixos.current_closure().unwrap_or_default();
+        let request = self.checkin_request(&current).await;
+        let Ok(reply) = client.post("/v1/agent/checkin", &request).await else {
+            return;
+        };
+        let Ok(response) = serde_json::from_slice::<CheckinResponse>(&reply.body) else {
+            return;
+        };
+        if let Some(signal) = response.rollback {
+            self.apply(Event::RollbackSignal { signal, current });
+            return;
+        }
+        let Some(target) = response.target else {
+            return;
+        };
+        let already_failed =
+            self.state.failed_targets.iter().any(|f| {
+                f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash
+            });
+        if already_failed || target == activation.target {
+            return;
+        }
+        match gate::precheck(&target, Some(activation), &self.state.failed_targets) {
+            Err(refusal) => {
+                self.apply(Event::TargetRefused {
+                    target,
+                    kind: refusal.kind,
+                    reason: refusal.reason,
+                });
+            }
+            Ok(()) => tracing::info!(
+                "the control plane offers {} while {} awaits its confirm; it is considered after the confirm",
+                target.closure_hash,
+                activation.target.closure_hash
+            ),
+        }
+    }
+
+    fn confirm_retry(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let wait = backoff::retry_delay(
+            self.failures,
+            CONFIRM_RETRY_CAP.min(self.poll_cap()),
+            random_unit(),
+        );
+        match &self.state.machine.phase {
+            Phase::AwaitingConfirm { deadline, .. } => {
+                let left = (*deadline - now()).max(time::Duration::ZERO);
+                // Wake up right after the window closes, to roll back without delay.
+                wait.min(
+                    Duration::from_secs_f64(left.as_seconds_f64()) + Duration::from_millis(100),
+                )
+            }
+            _ => wait,
+        }
+    }
+
+    // ---- rolling back ----------------------------------------------------------------
+
+    async fn roll_back(&mut self, activation: Activation) -> Duration {
+        let id = format!("rb-{}", activation.id());
+        let previous = activation.previous.clone();
+        if !gate::is_store_basename(&previous) {
+            self.apply(Event::RollbackFailed {
+                reason: format!("the system running before the activation ({previous:?}) is unknown, so there is nothing to switch back to"),
+            });
+            return Duration::ZERO;
+        }
+        if self.nixos.switch_status(&id) == SwitchStatus::NotStarted {
+            if self.nixos.lock_held().await {
+                tracing::info!(
+                    "{} is held by another switch-to-configuration; deferring the rollback",
+                    self.config.switch_lock.display()
+                );
+                return LOCK_RETRY.min(self.poll_cap());
+            }
+            if let Err(reason) = self.nixos.set_profile(&previous).await {
+                self.apply(Event::RollbackFailed { reason });
+                return Duration::ZERO;
+            }
+            tracing::info!(
+                "profile {} set back to {previous}; switching to it",
+                self.config.profile.display()
+            );
+        }
+        let event = match self.nixos.switch_to(&id, &previous).await {
+            Ok(()) => Event::RolledBack,
+            Err(reason) => Event::RollbackFailed { reason },
+        };
+        self.apply(event);
+        Duration::ZERO
+    }
+}

@@ -1,0 +1,201 @@
+//! The target gate (SPEC.md §7 "On a target"): what the control plane says is only
+//! believed when the CI-signed rollout manifest says it too. Pure: the manifest bytes, the
+//! trust roots and the time are arguments.
+
+use nixfleet_proto::wire::{FailedTarget, ReportKind, Target};
+use nixfleet_proto::{RolloutManifest, TrustFile};
+use nixfleet_trust::verify::{self, Limits, ManifestContext, VerifyError};
+use time::OffsetDateTime;
+
+use crate::machine::Activation;
+
+/// A refused target: the report kind and the one-sentence reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: ReportKind,
+    pub reason: String,
+}
+
+fn manifest_rejected(reason: String) -> Refusal {
+    Refusal {
+        kind: ReportKind::ManifestRejected,
+        reason,
+    }
+}
+
+/// Whether `s` is a Nix store basename `<32 base32 chars>-<name>`; it becomes a path
+/// argument of nix-store, so anything else is refused before use.
+pub fn is_store_basename(s: &str) -> bool {
+    let Some((hash, name)) = s.split_once('-') else {
+        return false;
+    };
+    hash.len() == 32
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b.is_ascii_lowercase() && !b"eotu".contains(&b)))
+        && !name.is_empty()
+        && name.len() <= 211
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+}
+
+/// Whether `s` is a rollout id: lowercase hex SHA-256.
+pub fn is_rollout_id(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Checks done before anything is fetched: the shape of the ids, a rollout swapped under
+/// an activation in flight, and a closure that already failed in this rollout.
+pub fn precheck(
+    target: &Target,
+    in_flight: Option<&Activation>,
+    failed_targets: &[FailedTarget],
+) -> Result<(), Refusal> {
+    if !is_rollout_id(&target.rollout_id) {
+        return Err(manifest_rejected(format!(
+            "the control plane sent rollout id {:?}, which is not a SHA-256 hex digest",
+            target.rollout_id
+        )));
+    }
+    if !is_store_basename(&target.closure_hash) {
+        return Err(manifest_rejected(format!(
+            "the control plane sent closure {:?}, which is not a Nix store basename",
+            target.closure_hash
+        )));
+    }
+    if let Some(activation) = in_flight {
+        if activation.target.rollout_id != target.rollout_id {
+            return Err(manifest_rejected(format!(
+                "the control plane changed the rollout of the activation in flight from {} to {}; a rollout id never changes mid-rollout",
+                activation.target.rollout_id, target.rollout_id
+            )));
+        }
+    }
+    if let Some(f) = failed_targets
+        .iter()
+        .find(|f| f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash)
+    {
+        return Err(manifest_rejected(format!(
+            "closure {} already failed on this host in rollout {} ({}); it is never activated again in that rollout",
+            target.closure_hash, target.rollout_id, f.reason
+        )));
+    }
+    Ok(())
+}
+
+/// Verifies the manifest (signature against ciReleaseKey, id = hash of its bytes,
+/// freshness from its own signed window) and that it gives this host this closure in this
+/// wave. `manifest_source` names where the bytes came from, for the reason text.
+pub fn check(
+    target: &Target,
+    hostname: &str,
+    manifest: &[u8],
+    signature: &[u8],
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    manifest_source: &str,
+) -> Result<RolloutManifest, Refusal> {
+    let verified = verify::verify_manifest(
+        manifest,
+        signature,
+        trust,
+        now,
+        ManifestContext {
+            rollout_id: Some(&target.rollout_id),
+            fleet: None,
+        },
+        &Limits::default(),
+    )
+    .map_err(|e| Refusal {
+        kind: match e {
+            VerifyError::Stale { .. } => ReportKind::StaleTarget,
+            _ => ReportKind::ManifestRejected,
+        },
+        reason: format!("rollout manifest {manifest_source}: {e}"),
+    })?;
+    let manifest = verified.value;
+    if !manifest.contains(hostname, target.wave_index, &target.closure_hash) {
+        let actual = match manifest.entry(hostname) {
+            Some(e) => format!(
+                "it gives {hostname} closure {} in wave {}",
+                e.target_closure, e.wave_index
+            ),
+            None => format!("its hostSet does not list {hostname}"),
+        };
+        return Err(manifest_rejected(format!(
+            "the control plane sent closure {} in wave {} of rollout {}, but the signed manifest disagrees: {actual}",
+            target.closure_hash, target.wave_index, target.rollout_id
+        )));
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const CLOSURE: &str = "pwp4xibhl7wv3hrz4mc9g5lkrzc9ci16-nixos-system-a-1";
+
+    fn target(rollout: &str, closure: &str) -> Target {
+        Target {
+            closure_hash: closure.to_owned(),
+            rollout_id: rollout.to_owned(),
+            wave_index: 0,
+            signed_at: datetime!(2026-11-27 10:00 UTC),
+            freshness_window_secs: 3600,
+            confirm_window_secs: 60,
+        }
+    }
+
+    #[test]
+    fn store_basenames_are_checked() {
+        assert!(is_store_basename(CLOSURE));
+        for bad in [
+            "",
+            "nohash",
+            "../../etc/passwd",
+            "pwp4xibhl7wv3hrz4mc9g5lkrzc9ci16-a/b",
+            "pwp4xibhl7wv3hrz4mc9g5lkrzc9ci1-short",
+            "Pwp4xibhl7wv3hrz4mc9g5lkrzc9ci16-upper",
+            "pwp4xibhl7wv3hrz4mc9g5lkrzc9ci16-",
+        ] {
+            assert!(!is_store_basename(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_swapped_rollout_id_is_refused() {
+        let in_flight = Activation {
+            target: target(ID, CLOSURE),
+            previous: "x".into(),
+        };
+        let other = ID.replace('0', "f");
+        let r = precheck(&target(&other, CLOSURE), Some(&in_flight), &[]).unwrap_err();
+        assert_eq!(r.kind, ReportKind::ManifestRejected);
+        assert!(r.reason.contains("changed the rollout"), "{}", r.reason);
+        assert!(precheck(&target(ID, CLOSURE), Some(&in_flight), &[]).is_ok());
+    }
+
+    #[test]
+    fn a_closure_that_failed_in_the_rollout_is_refused() {
+        let failed = FailedTarget {
+            rollout_id: ID.into(),
+            closure_hash: CLOSURE.into(),
+            reason: "confirm window".into(),
+            at: datetime!(2026-11-27 10:00 UTC),
+        };
+        assert!(precheck(&target(ID, CLOSURE), None, &[failed]).is_err());
+    }
+
+    #[test]
+    fn malformed_ids_are_refused() {
+        assert!(precheck(&target("abc", CLOSURE), None, &[]).is_err());
+        assert!(precheck(&target(ID, "/nix/store/x"), None, &[]).is_err());
+    }
+}

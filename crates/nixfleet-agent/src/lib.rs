@@ -1,0 +1,16 @@
+//! nixfleet agent (SPEC.md §7). The decisions are pure and live in [`machine`] (the
+//! activation state machine), [`gate`] (what a target must prove) and [`backoff`]; the
+//! rest is the shell that does I/O: [`agent`] (the loop), [`client`] (mTLS to the
+//! control plane), [`identity`] (enrollment and renewal), [`activation`] (Nix) and
+//! [`store`] (the state dir, written atomically).
+
+pub mod activation;
+pub mod agent;
+pub mod backoff;
+pub mod client;
+pub mod config;
+pub mod gate;
+pub mod health;
+pub mod identity;
+pub mod machine;
+pub mod store;

@@ -1,0 +1,242 @@
+//! The state dir: every write is atomic (temp file, fsync, rename, fsync of the dir), so a
+//! kill -9 or a power cut leaves either the old or the new file, never half of one.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use nixfleet_proto::wire::{FailedTarget, ReportRequest};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::machine::Machine;
+
+/// Failed targets kept (the oldest are dropped first); a rollout never has more than one
+/// closure per host, so this covers many rollouts.
+const MAX_FAILED_TARGETS: usize = 256;
+/// Unacknowledged reports kept while the control plane is unreachable.
+const MAX_OUTBOX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot write {path}: {detail}; check that the state dir is on a writable disk with free space")]
+    Write { path: String, detail: String },
+    #[error("cannot read {path}: {detail}; check its permissions")]
+    Read { path: String, detail: String },
+    #[error("state file {path} is corrupt ({detail}); move it aside to start from idle (the agent then re-learns its state from the running system)")]
+    Corrupt { path: String, detail: String },
+}
+
+/// Writes `bytes` to `path` atomically with the given mode.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    let err = |e: std::io::Error| StoreError::Write {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(err)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(err)?;
+        file.write_all(bytes).map_err(err)?;
+        file.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The last confirm the control plane accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Confirmation {
+    pub closure_hash: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// Everything the agent must not forget across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentState {
+    pub machine: Machine,
+    #[serde(default)]
+    pub confirmed: Option<Confirmation>,
+    #[serde(default)]
+    pub failed_targets: Vec<FailedTarget>,
+    /// Signed reports not yet acknowledged by the control plane.
+    #[serde(default)]
+    pub outbox: Vec<ReportRequest>,
+    /// The nonce of the bootstrap token last used, so a used token is not sent again.
+    #[serde(default)]
+    pub enrolled_with_nonce: Option<String>,
+}
+
+impl AgentState {
+    pub fn record_failed(&mut self, failed: FailedTarget) {
+        if !self
+            .failed_targets
+            .iter()
+            .any(|f| f.rollout_id == failed.rollout_id && f.closure_hash == failed.closure_hash)
+        {
+            self.failed_targets.push(failed);
+        }
+        let excess = self.failed_targets.len().saturating_sub(MAX_FAILED_TARGETS);
+        self.failed_targets.drain(..excess);
+    }
+
+    pub fn queue_report(&mut self, report: ReportRequest) {
+        self.outbox.push(report);
+        let excess = self.outbox.len().saturating_sub(MAX_OUTBOX);
+        self.outbox.drain(..excess);
+    }
+}
+
+/// Paths inside the state dir.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    /// Creates the state dir (mode 0700) and its subdirectories.
+    pub fn open(root: &Path) -> Result<StateDir, StoreError> {
+        let dir = StateDir {
+            root: root.to_path_buf(),
+        };
+        for d in [dir.root.clone(), dir.manifests(), dir.switches()] {
+            std::fs::create_dir_all(&d).map_err(|e| StoreError::Write {
+                path: d.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        }
+        std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700)).map_err(
+            |e| StoreError::Write {
+                path: dir.root.display().to_string(),
+                detail: e.to_string(),
+            },
+        )?;
+        Ok(dir)
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.root.join("cert.pem")
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    /// One directory per switch-to-configuration run (see `activation`).
+    pub fn switches(&self) -> PathBuf {
+        self.root.join("switch")
+    }
+
+    pub fn load(&self) -> Result<AgentState, StoreError> {
+        let path = self.state_file();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+            Err(e) => Err(StoreError::Read {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn save(&self, state: &AgentState) -> Result<(), StoreError> {
+        let path = self.state_file();
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Write {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        write_atomic(&path, &bytes, 0o600)
+    }
+
+    /// The cached manifest and signature of a rollout, if fetched before.
+    pub fn cached_manifest(&self, rollout_id: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        let base = self.manifests().join(rollout_id);
+        let manifest = std::fs::read(base.with_extension("json")).ok()?;
+        let signature = std::fs::read(base.with_extension("sig")).ok()?;
+        Some((manifest, signature))
+    }
+
+    /// Caches a verified manifest; the signature is written last, so a manifest without
+    /// its signature is never taken for a cached one.
+    pub fn cache_manifest(
+        &self,
+        rollout_id: &str,
+        manifest: &[u8],
+        signature: &[u8],
+    ) -> Result<(), StoreError> {
+        let base = self.manifests().join(rollout_id);
+        write_atomic(&base.with_extension("json"), manifest, 0o644)?;
+        write_atomic(&base.with_extension("sig"), signature, 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_a_missing_file_is_idle() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        assert_eq!(dir.load().unwrap(), AgentState::default());
+        let state = AgentState {
+            enrolled_with_nonce: Some("n".into()),
+            ..AgentState::default()
+        };
+        dir.save(&state).unwrap();
+        assert_eq!(dir.load().unwrap(), state);
+        let mode = std::fs::metadata(dir.state_file())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_named_in_the_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        std::fs::write(dir.state_file(), b"{not json").unwrap();
+        let e = dir.load().unwrap_err().to_string();
+        assert!(e.contains("state.json"), "{e}");
+    }
+
+    #[test]
+    fn failed_targets_are_deduplicated() {
+        let mut state = AgentState::default();
+        let f = FailedTarget {
+            rollout_id: "r".into(),
+            closure_hash: "c".into(),
+            reason: "x".into(),
+            at: OffsetDateTime::UNIX_EPOCH,
+        };
+        state.record_failed(f.clone());
+        state.record_failed(f);
+        assert_eq!(state.failed_targets.len(), 1);
+    }
+}

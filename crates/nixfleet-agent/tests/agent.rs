@@ -1,0 +1,907 @@
+//! The real agent binary against the real control-plane binary on loopback, with real Nix:
+//! closures built from tiny derivations, a binary cache signed with a key from
+//! `nix-store --generate-binary-cache-key` and served over HTTP, host keys from `ssh-keygen`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nixfleet_harness::agent::{AgentConfig, AgentProc};
+use nixfleet_harness::nix::{delete_from_store, Cache, Machine};
+use nixfleet_harness::*;
+use serde_json::{json, Value};
+
+const HOST: &str = "web-01";
+const COMMIT: &str = "1111111111111111111111111111111111111111";
+const LONG: Duration = Duration::from_secs(60);
+
+/// One host on a test machine running generation 0, a CP, a forge serving the release
+/// and the binary cache (under `cache/`), and a bootstrap token for the host.
+struct Fleet {
+    tmp: tempfile::TempDir,
+    pki: Pki,
+    forge_dir: PathBuf,
+    forge: Forge,
+    cache: Cache,
+    host: Host,
+    machine: Machine,
+    fleet: Value,
+    gen0: String,
+    cp: Option<Cp>,
+    cp_port: u16,
+}
+
+impl Fleet {
+    fn new(policy: Value) -> Fleet {
+        let tmp = tempfile::tempdir().unwrap();
+        let forge_dir = tmp.path().join("forge");
+        let cache = Cache::new(&forge_dir.join("cache"), "fleet-cache-1");
+        let pki = Pki::with_cache_keys(tmp.path(), &[&cache.public_key]);
+        let host = Host::from_ssh_keygen(HOST, &tmp.path().join("hostkey"));
+        let machine = Machine::new(&tmp.path().join("machine"));
+        let gen0 = machine.build(&format!("nixos-system-{HOST}-0"));
+        machine.install(&gen0);
+        host.token_file(&pki, &machine.dir.join("token.json"));
+        let fleet = fleet_json(&[&host], policy);
+        sign_revocations(&pki, &forge_dir, json!([]));
+        let forge = Forge::start(&forge_dir);
+        Fleet {
+            tmp,
+            pki,
+            forge_dir,
+            forge,
+            cache,
+            host,
+            machine,
+            fleet,
+            gen0,
+            cp: None,
+            cp_port: free_port(),
+        }
+    }
+
+    /// Builds generation `n`, pushes it to the cache (signed unless `push` says
+    /// otherwise) and removes it from the local store.
+    fn closure(&self, n: u32, push: impl FnOnce(&Cache, &str)) -> String {
+        let closure = self.machine.build(&format!("nixos-system-{HOST}-{n}"));
+        push(&self.cache, &closure);
+        delete_from_store(&closure);
+        closure
+    }
+
+    fn release(&self, closure: &str, commit: &str, extra: &[&str]) -> String {
+        let closures = json!({ HOST: closure });
+        release_closures(
+            &self.pki,
+            &self.forge_dir,
+            &self.fleet,
+            &closures,
+            commit,
+            extra,
+        );
+        release_closures(
+            &self.pki,
+            &self.pki.path("build-time"),
+            &self.fleet,
+            &closures,
+            commit,
+            extra,
+        );
+        rollout_id(&self.forge_dir, "stable")
+    }
+
+    fn start_cp(&mut self, extra: &[&str]) {
+        let opts = CpOptions {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ..CpOptions::default()
+        };
+        let mut cp = Cp::start_on(
+            &self.pki,
+            &self.forge,
+            self.cp_port,
+            &self.tmp.path().join("cp"),
+            &opts,
+        );
+        cp.wait_ready(&self.pki);
+        self.cp = Some(cp);
+    }
+
+    fn cp(&self) -> &Cp {
+        self.cp.as_ref().unwrap()
+    }
+
+    fn agent_config(&self) -> AgentConfig {
+        AgentConfig::new(
+            &self.pki,
+            self.cp_port,
+            &self.host,
+            &self.tmp.path().join("hostkey"),
+            &self.machine,
+            &self.forge.url("cache"),
+        )
+    }
+
+    fn agent(&self) -> AgentProc {
+        AgentProc::start(&self.agent_config())
+    }
+
+    fn cp_log_has(&self, needle: &str) -> bool {
+        self.cp().log_text().contains(needle)
+    }
+
+    fn wait_cp_log(&self, needle: &str) {
+        let start = std::time::Instant::now();
+        while !self.cp_log_has(needle) {
+            assert!(
+                start.elapsed() < LONG,
+                "timed out waiting for {needle:?} in the CP log:\n{}",
+                self.cp().log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The operator's view of the host.
+    fn host_view(&self) -> Value {
+        let client = Client::operator(&self.pki, self.cp_port);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { client.get(&format!("/v1/hosts/{HOST}")).await.json() })
+    }
+
+    fn state(&self) -> Value {
+        let path = self.machine.dir.join("agent-state/state.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap_or_default()).unwrap_or(Value::Null)
+    }
+
+    fn phase(&self) -> String {
+        self.state()["machine"]["phase"]["phase"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+/// These tests need real Nix; without it they fail rather than pass vacuously.
+fn nix_or_skip() -> bool {
+    assert!(
+        nixfleet_harness::nix::nix_available(),
+        "nix-store not found: the agent tests need real Nix (apt-get install -y nix-bin)"
+    );
+    true
+}
+
+fn single_wave() -> Value {
+    canary_policy("halt", 0)
+}
+
+#[test]
+fn happy_path_enrolls_realises_switches_confirms_and_reports_current() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("enrolled; certificate stored", LONG);
+    assert!(f.machine.dir.join("agent-state/cert.pem").exists());
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+    assert_eq!(f.machine.profile_target().as_deref(), Some(gen1.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+    wait_for("the CP to see the new closure as current", LONG, || {
+        f.host_view()["current_closure"] == gen1.as_str()
+    });
+    f.wait_cp_log("kind=activated");
+    assert_eq!(f.phase(), "idle");
+    assert!(f.state()["failedTargets"].as_array().unwrap().is_empty());
+    assert!(!agent.log_text().contains("rolled back"));
+}
+
+#[test]
+fn unsigned_closure_is_refused_and_reported_and_the_system_is_unchanged() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push_unsigned(p));
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("refused, nothing activated", LONG);
+    f.wait_cp_log("kind=closure-rejected");
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.profile_target().as_deref(), Some(f.gen0.as_str()));
+    assert!(f.machine.activations().is_empty());
+    let failed = &f.state()["failedTargets"];
+    assert_eq!(failed[0]["rolloutId"], rollout.as_str());
+    assert_eq!(failed[0]["closureHash"], gen1.as_str());
+    assert!(!nixfleet_harness::nix::is_valid(&gen1));
+}
+
+#[test]
+fn closure_signed_by_a_foreign_key_is_refused_and_reported() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let foreign = Cache::new(&f.tmp.path().join("foreign-cache"), "foreign-1");
+    let gen1 = f.closure(1, |c, p| c.push_signed_with(p, &foreign.secret_key));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("refused, nothing activated", LONG);
+    f.wait_cp_log("kind=closure-rejected");
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert!(f.machine.activations().is_empty());
+}
+
+/// Runs until the CP is gone for good: SIGTERM and wait.
+fn stop_cp(f: &mut Fleet) {
+    if let Some(mut cp) = f.cp.take() {
+        cp.terminate();
+    }
+}
+
+#[test]
+fn cp_unreachable_for_the_whole_confirm_window_rolls_back_and_reports_failed_target() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&["--confirm-deadline-secs", "12"]);
+    let name1 = format!("nixos-system-{HOST}-1");
+    f.machine.set("hang", &name1, true);
+    let mut agent = f.agent();
+    wait_for("the switch to start", LONG, || {
+        !f.machine.activations().is_empty()
+    });
+    stop_cp(&mut f);
+    f.machine.set("hang", &name1, false);
+    agent.wait_log("confirm not sent", LONG);
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.profile_target().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
+    assert_eq!(f.state()["failedTargets"][0]["closureHash"], gen1.as_str());
+    assert!(
+        !agent.log_text().contains("confirm of"),
+        "no success after a rollback"
+    );
+    // Back online: the report arrives and the check-in carries the failed target.
+    f.start_cp(&["--confirm-deadline-secs", "12"]);
+    f.wait_cp_log("kind=rolled-back");
+    wait_for("the CP to see the host back on generation 0", LONG, || {
+        f.host_view()["current_closure"] == f.gen0.as_str()
+    });
+    assert_eq!(f.state()["failedTargets"][0]["rolloutId"], rollout.as_str());
+    // The CP does not re-send a failed target, and the agent would not take it.
+    let checkins = agent.log_text().matches("checked in").count();
+    wait_for("two more check-ins", LONG, || {
+        agent.log_text().matches("checked in").count() >= checkins + 2
+    });
+    assert_eq!(f.machine.activations().len(), 2);
+}
+
+#[test]
+fn transient_outage_inside_the_confirm_window_still_confirms_without_rollback() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&["--confirm-deadline-secs", "120"]);
+    let name1 = format!("nixos-system-{HOST}-1");
+    f.machine.set("hang", &name1, true);
+    let mut agent = f.agent();
+    wait_for("the switch to start", LONG, || {
+        !f.machine.activations().is_empty()
+    });
+    stop_cp(&mut f);
+    f.machine.set("hang", &name1, false);
+    agent.wait_log("confirm not sent", LONG);
+    f.start_cp(&["--confirm-deadline-secs", "120"]);
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+    assert!(!agent.log_text().contains("rolling back"));
+    f.wait_cp_log("kind=activated");
+}
+
+#[test]
+fn rollback_signal_from_a_tripped_health_gate_rolls_back() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(canary_policy("rollback-and-halt", 0));
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    f.machine
+        .set("unhealthy", &format!("nixos-system-{HOST}-1"), true);
+    let mut agent = f.agent();
+    agent.wait_log("confirm of", LONG);
+    agent.wait_log("rollback signal for rollout", LONG);
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
+    assert_eq!(f.state()["failedTargets"][0]["closureHash"], gen1.as_str());
+    f.wait_cp_log("kind=rolled-back");
+}
+
+/// Holds the switch-to-configuration lock as another switch would; released on drop.
+struct LockHolder(std::process::Child);
+
+impl LockHolder {
+    fn hold(path: &std::path::Path) -> LockHolder {
+        // One process holds the lock, so killing it releases the lock.
+        let child = std::process::Command::new("sh")
+            .args(["-c", r#"exec 9>"$1" && flock 9 && exec sleep 600"#, "sh"])
+            .arg(path)
+            .spawn()
+            .unwrap();
+        wait_for("the lock to be held", LONG, || {
+            !std::process::Command::new("flock")
+                .args(["--nonblock"])
+                .arg(path)
+                .arg("true")
+                .status()
+                .unwrap()
+                .success()
+        });
+        LockHolder(child)
+    }
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn kill9_before_the_switch_resumes_with_exactly_one_activation() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let lock = LockHolder::hold(&f.machine.switch_lock());
+    let mut agent = f.agent();
+    agent.wait_log("deferring the switch", LONG);
+    assert_eq!(f.phase(), "switching");
+    agent.kill9();
+    agent.restart();
+    wait_for("the restarted agent to defer again", LONG, || {
+        agent.log_text().matches("deferring the switch").count() >= 2
+    });
+    drop(lock);
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+}
+
+#[test]
+fn kill9_mid_switch_resumes_with_exactly_one_activation() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let name1 = format!("nixos-system-{HOST}-1");
+    f.machine.set("hang", &name1, true);
+    let mut agent = f.agent();
+    wait_for("the switch to start", LONG, || {
+        !f.machine.activations().is_empty()
+    });
+    agent.kill9();
+    // The switch runs detached: killing the agent does not kill it.
+    f.machine.set("hang", &name1, false);
+    wait_for("the detached switch to finish", LONG, || {
+        f.machine.current().as_deref() == Some(gen1.as_str())
+    });
+    agent.restart();
+    agent.wait_log("was started before; waiting for its outcome", LONG);
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+    f.wait_cp_log("kind=activated");
+}
+
+#[test]
+fn kill9_after_the_switch_before_the_confirm_confirms_when_the_window_is_open() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&["--confirm-deadline-secs", "300"]);
+    let name1 = format!("nixos-system-{HOST}-1");
+    f.machine.set("hang", &name1, true);
+    let mut agent = f.agent();
+    wait_for("the switch to start", LONG, || {
+        !f.machine.activations().is_empty()
+    });
+    stop_cp(&mut f);
+    f.machine.set("hang", &name1, false);
+    agent.wait_log("confirm not sent", LONG);
+    assert_eq!(f.phase(), "awaiting-confirm");
+    agent.kill9();
+    f.start_cp(&["--confirm-deadline-secs", "300"]);
+    agent.restart();
+    agent.wait_log("confirm window open until", LONG);
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+}
+
+#[test]
+fn kill9_after_the_switch_resumed_after_the_window_rolls_back() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&["--confirm-deadline-secs", "10"]);
+    let name1 = format!("nixos-system-{HOST}-1");
+    f.machine.set("hang", &name1, true);
+    let mut agent = f.agent();
+    wait_for("the switch to start", LONG, || {
+        !f.machine.activations().is_empty()
+    });
+    stop_cp(&mut f);
+    f.machine.set("hang", &name1, false);
+    agent.wait_log("confirm not sent", LONG);
+    agent.kill9();
+    let deadline = f.state()["machine"]["phase"]["deadline"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline =
+        time::OffsetDateTime::parse(&deadline, &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    wait_for("the confirm window to pass", LONG, || {
+        time::OffsetDateTime::now_utc() > deadline + time::Duration::seconds(1)
+    });
+    f.start_cp(&["--confirm-deadline-secs", "10"]);
+    agent.restart();
+    agent.wait_log("resumed after the confirm window closed", LONG);
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    f.wait_cp_log("kind=rolled-back");
+}
+
+// ---- a compromised control plane ------------------------------------------------------
+
+use nixfleet_harness::compromised::CompromisedCp;
+
+impl Fleet {
+    /// An agent talking to a compromised CP that relays to the real one.
+    fn compromised(&self) -> (CompromisedCp, AgentProc) {
+        let mut config = self.agent_config();
+        let evil = CompromisedCp::start(
+            &self.pki,
+            self.cp_port,
+            config.state_dir.join("cert.pem"),
+            &self.host.key,
+        );
+        config.control_plane_url = format!("https://localhost:{}", evil.port);
+        (evil, AgentProc::start(&config))
+    }
+
+    /// Signs another release (into its own directory) with `closures`, for a fleet of
+    /// `hosts`; returns the directory and the rollout id.
+    fn other_release(
+        &self,
+        name: &str,
+        hosts: &[&Host],
+        closures: Value,
+        extra: &[&str],
+    ) -> (PathBuf, String) {
+        let dir = self.tmp.path().join(name);
+        let fleet = fleet_json(hosts, single_wave());
+        let commit = "2222222222222222222222222222222222222222";
+        release_closures(&self.pki, &dir, &fleet, &closures, commit, extra);
+        let id = rollout_id(&dir, "stable");
+        (dir, id)
+    }
+}
+
+fn set_target_rollout(id: String) -> impl Fn(&mut Value) + Send + Sync {
+    move |v: &mut Value| {
+        if v["target"].is_object() {
+            v["target"]["rolloutId"] = Value::String(id.clone());
+        }
+    }
+}
+
+#[test]
+fn manifest_whose_host_set_lacks_the_host_is_refused_and_reported() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    // CI really signed this manifest, but for another host.
+    let db = Host::new("db-01");
+    let (dir, other) = f.other_release("other", &[&db], json!({"db-01": gen1.clone()}), &[]);
+    let (evil, mut agent) = f.compromised();
+    evil.serve_manifests_from(dir);
+    evil.rewrite_checkin(set_target_rollout(other.clone()));
+    agent.wait_log("its hostSet does not list web-01", LONG);
+    f.wait_cp_log("kind=manifest-rejected");
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert!(f.machine.activations().is_empty());
+    assert!(!nixfleet_harness::nix::is_valid(&gen1), "nothing realised");
+    assert_eq!(f.state()["failedTargets"][0]["rolloutId"], other.as_str());
+}
+
+#[test]
+fn target_the_signed_manifest_does_not_contain_is_refused_even_if_the_cache_signed_it() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let gen2 = f.closure(2, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let (evil, mut agent) = f.compromised();
+    let lie = gen2.clone();
+    evil.rewrite_checkin(move |v| {
+        if v["target"].is_object() {
+            v["target"]["closureHash"] = Value::String(lie.clone());
+        }
+    });
+    agent.wait_log("but the signed manifest disagrees", LONG);
+    f.wait_cp_log("kind=manifest-rejected");
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert!(f.machine.activations().is_empty());
+}
+
+#[test]
+fn stale_target_is_refused_and_reported() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    // The same plan, signed three days ago: older than its 1440-minute freshness window.
+    let (dir, stale) = f.other_release(
+        "stale",
+        &[&f.host],
+        json!({ HOST: gen1.clone() }),
+        &["--signed-at", "2026-01-01T00:00:00Z"],
+    );
+    let (evil, mut agent) = f.compromised();
+    evil.serve_manifests_from(dir);
+    evil.rewrite_checkin(set_target_rollout(stale));
+    agent.wait_log("is stale", LONG);
+    f.wait_cp_log("kind=stale-target");
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert!(f.machine.activations().is_empty());
+}
+
+#[test]
+fn rollout_id_swapped_mid_rollout_is_refused_and_the_activation_still_confirms() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let (dir, other) = f.other_release("swap", &[&f.host], json!({ HOST: gen1.clone() }), &[]);
+    assert_ne!(rollout, other);
+    let (evil, mut agent) = f.compromised();
+    evil.serve_manifests_from(dir);
+    evil.answer_confirm(Some(503));
+    agent.wait_log("confirm not accepted (503", LONG);
+    // The host runs gen1 now, so the real CP sends no target; the lie adds one.
+    let lie = json!({"closureHash": gen1.clone(), "rolloutId": other.clone(), "waveIndex": 0,
+                     "signedAt": "2026-11-27T00:00:00Z", "freshnessWindowSecs": 86400,
+                     "confirmWindowSecs": 300});
+    evil.rewrite_checkin(move |v| v["target"] = lie.clone());
+    agent.wait_log("changed the rollout of the activation in flight", LONG);
+    f.wait_cp_log("kind=manifest-rejected");
+    evil.answer_confirm(None);
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+}
+
+#[test]
+fn confirm_answered_410_rolls_back() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let (evil, mut agent) = f.compromised();
+    evil.answer_confirm(Some(410));
+    agent.wait_log("confirm refused with 410", LONG);
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
+    assert_eq!(f.state()["failedTargets"][0]["closureHash"], gen1.as_str());
+    f.wait_cp_log("kind=rolled-back");
+    assert!(!agent.log_text().contains("confirm of"));
+}
+
+// ---- certificates -------------------------------------------------------------------------
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+#[test]
+fn certificate_past_half_of_its_lifetime_is_renewed_and_the_old_one_still_works() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    f.release(&f.gen0.clone(), COMMIT, &[]);
+    f.start_cp(&[]);
+    // A certificate issued 20 days ago for 30 days: past half of its lifetime.
+    let ca = nixfleet_pki::FleetCa::from_pem(
+        &f.pki.read("etc/fleet-ca-cert.pem"),
+        &f.pki.read("etc/fleet-ca-key.pem"),
+    )
+    .unwrap();
+    let old = nixfleet_pki::issue_host_cert(
+        &ca,
+        &f.host.csr(),
+        &nixfleet_pki::HostExpectation {
+            hostname: HOST.into(),
+            ssh_fingerprint: None,
+        },
+        time::OffsetDateTime::now_utc() - time::Duration::days(20),
+        time::Duration::days(30),
+    )
+    .unwrap();
+    let mut config = f.agent_config();
+    config.bootstrap_token_file = None;
+    std::fs::create_dir_all(&config.state_dir).unwrap();
+    let cert_path = config.state_dir.join("cert.pem");
+    std::fs::write(&cert_path, &old.cert_pem).unwrap();
+    let mut agent = AgentProc::start(&config);
+    agent.wait_log("certificate renewed", LONG);
+    let new = std::fs::read_to_string(&cert_path).unwrap();
+    assert_ne!(new, old.cert_pem);
+    agent.wait_log("checked in", LONG);
+    // Both certificates work until the old one expires.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for cert in [old.cert_pem.clone(), new] {
+        let mut host = Host {
+            name: HOST.into(),
+            key: f.host.key.clone(),
+            cert_pem: Some(cert),
+        };
+        let client = Client::host(&f.pki, f.cp_port, &host);
+        let reply = rt.block_on(client.post(
+            "/v1/agent/checkin",
+            &checkin_body(HOST, &f.gen0, None, json!([])),
+        ));
+        assert_eq!(reply.status, 200);
+        host.cert_pem = None;
+    }
+}
+
+#[test]
+fn revoked_certificate_is_logged_plainly_and_retried_with_bounded_backoff() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    f.release(&f.gen0.clone(), COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    // Two check-ins: the list below is signed at least a second after the first one
+    // (the CP takes a list signed in the same second as the one it has for the same).
+    wait_for("two check-ins", LONG, || {
+        agent.log_text().matches("checked in").count() >= 2
+    });
+    let in_an_hour = rfc3339(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
+    sign_revocations(
+        &f.pki,
+        &f.forge_dir,
+        json!([{"hostname": HOST, "notBefore": in_an_hour, "reason": "stolen", "revokedBy": "ops"}]),
+    );
+    f.wait_cp_log("cert_revocations now has 1 rows");
+    agent.wait_log("it is revoked or expired", LONG);
+    agent.wait_log("was already used to enroll", LONG);
+    let before = agent.log_text().matches("not enrolled").count();
+    std::thread::sleep(Duration::from_secs(6));
+    let attempts = agent.log_text().matches("not enrolled").count() - before;
+    // Backoff from 2 s capped at the 2 s poll interval: at most one attempt a second.
+    assert!(attempts <= 7, "{attempts} attempts in 6 s: the agent spins");
+    assert!(attempts >= 1, "the agent stopped trying");
+    // The revocation is lifted (a newer, empty list): the same certificate works again.
+    sign_revocations(&f.pki, &f.forge_dir, json!([]));
+    agent.wait_log("control plane reachable again", LONG);
+}
+
+// ---- activation failures and start-up ---------------------------------------------------
+
+#[test]
+fn failing_switch_to_configuration_rolls_back_and_never_reports_success() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    f.machine
+        .set("fail", &format!("nixos-system-{HOST}-1"), true);
+    let mut agent = f.agent();
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.profile_target().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
+    f.wait_cp_log("kind=rolled-back");
+    assert!(!f.cp_log_has("kind=activated"));
+    assert!(agent.log_text().contains("exited with status 1"));
+}
+
+#[test]
+fn agent_refuses_to_start_on_a_trust_file_others_can_write() {
+    if !nix_or_skip() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = Fleet::new(single_wave());
+    let trust = f.tmp.path().join("writable-trust.json");
+    std::fs::copy(f.pki.path("etc/trust.json"), &trust).unwrap();
+    std::fs::set_permissions(&trust, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut config = f.agent_config();
+    config.trust_file = trust.clone();
+    let (code, log) = AgentProc::run_to_exit(&config, LONG);
+    assert_ne!(code, 0);
+    assert!(
+        log.contains("writable-trust.json") && log.contains("chmod go-w"),
+        "{log}"
+    );
+}
+
+// ---- resources ------------------------------------------------------------------------------
+
+/// (resident set in KiB, user + system CPU in clock ticks) of a process.
+fn rss_and_cpu(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
+    let cpu = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    (rss, cpu)
+}
+
+#[test]
+fn idle_agent_stays_under_20_mb_and_uses_almost_no_cpu() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    f.release(&f.gen0.clone(), COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut config = f.agent_config();
+    config.poll_interval_secs = 300;
+    let mut agent = AgentProc::start(&config);
+    agent.wait_log("checked in", LONG);
+    let pid = agent.child.as_ref().unwrap().id();
+    let (_, cpu_before) = rss_and_cpu(pid);
+    let checkins_before = agent.log_text().matches("checked in").count();
+    let start = std::time::Instant::now();
+    wait_for("three more check-ins", LONG, || {
+        agent.log_text().matches("checked in").count() >= checkins_before + 3
+    });
+    let elapsed = start.elapsed();
+    let (rss, cpu_after) = rss_and_cpu(pid);
+    let ticks = cpu_after - cpu_before;
+    eprintln!(
+        "idle agent: VmRSS {rss} KiB; {ticks} CPU ticks (1/100 s) over {:.1} s and 3 check-ins",
+        elapsed.as_secs_f64()
+    );
+    assert!(rss < 20 * 1024, "idle RSS {rss} KiB is over 20 MiB");
+    // 3 check-ins (TLS resumption, health command) in about 15 s: well under 5 % of a core.
+    let cpu_ms = ticks * 10;
+    assert!(
+        cpu_ms * 100 < elapsed.as_millis() as u64 * 5,
+        "{cpu_ms} ms of CPU in {elapsed:?}"
+    );
+}
+
+/// The NAR file the cache's narinfo for `closure` points at.
+fn nar_file(cache: &Cache, closure: &str) -> PathBuf {
+    let narinfo =
+        std::fs::read_to_string(cache.dir.join(format!("{}.narinfo", &closure[..32]))).unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap();
+    cache.dir.join(url)
+}
+
+#[test]
+fn corrupted_closure_in_the_cache_is_refused_and_reported() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let gen2 = f.closure(2, |c, p| c.push(p));
+    // gen1's signed narinfo now points at other bytes: its NarHash does not match.
+    std::fs::copy(nar_file(&f.cache, &gen2), nar_file(&f.cache, &gen1)).unwrap();
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("refused, nothing activated", LONG);
+    f.wait_cp_log("kind=closure-rejected");
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert!(f.machine.activations().is_empty());
+    // Nix may leave the unpacked bytes behind, but never registers them as valid.
+    assert!(!nixfleet_harness::nix::is_valid(&gen1));
+}
+
+#[test]
+fn kill9_mid_rollback_finishes_the_rollback_with_exactly_one_switch_back() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    f.machine
+        .set("fail", &format!("nixos-system-{HOST}-1"), true);
+    let name0 = format!("nixos-system-{HOST}-0");
+    f.machine.set("hang", &name0, true);
+    let mut agent = f.agent();
+    wait_for("the switch back to start", LONG, || {
+        f.machine.activations().len() == 2
+    });
+    assert_eq!(f.phase(), "rolling-back");
+    agent.kill9();
+    f.machine.set("hang", &name0, false);
+    agent.restart();
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    f.wait_cp_log("kind=rolled-back");
+}
