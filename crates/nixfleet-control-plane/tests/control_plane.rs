@@ -49,6 +49,23 @@ fn setup(names: &[&str], policy: Value, revoked: Value) -> Setup {
     }
 }
 
+/// Starts the control plane on a free port and enrolls the first `count` hosts.
+async fn start_enrolled(
+    s: &mut Setup,
+    state: &Path,
+    opts: &CpOptions,
+    count: usize,
+) -> (Cp, u16, Vec<Host>) {
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, state, opts);
+    cp.wait_ready(&s.pki);
+    let mut hosts = std::mem::take(&mut s.hosts);
+    for h in hosts.iter_mut().take(count) {
+        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
+    }
+    (cp, port, hosts)
+}
+
 fn in_an_hour() -> String {
     let t = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     t.replace_nanosecond(0)
@@ -299,19 +316,13 @@ async fn runbook_wipe_restart_recovers_everything_and_keeps_revoked_host_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn confirm_deadline_expiry_fails_the_host_and_halts_and_the_halt_survives_a_wipe() {
-    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let mut s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
-    let port = free_port();
     let opts = CpOptions {
         extra: vec!["--confirm-deadline-secs".into(), "2".into()],
         ..CpOptions::default()
     };
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    for h in hosts.iter_mut() {
-        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
-    }
+    let (mut cp, port, hosts) = start_enrolled(&mut s, &state, &opts, usize::MAX).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
     let web02 = Client::host(&s.pki, port, &hosts[1]);
     let op = Client::operator(&s.pki, port);
@@ -393,15 +404,10 @@ async fn confirm_deadline_expiry_fails_the_host_and_halts_and_the_halt_survives_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_mid_confirm_during_a_wipe_gets_an_orphan_confirm() {
-    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let mut s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
-    let port = free_port();
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    for h in hosts.iter_mut() {
-        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
-    }
+    let (mut cp, port, hosts) =
+        start_enrolled(&mut s, &state, &CpOptions::default(), usize::MAX).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
     let t1 = until_target(&web01, "web-01", &closure("web-01", 0)).await;
     assert_eq!(cp.terminate(), Some(0));
@@ -567,13 +573,9 @@ async fn enrollment_rules() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_ca_key_enrollment_is_503_and_checkins_keep_working() {
-    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
-    let port = free_port();
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let (mut cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     assert_eq!(cp.terminate(), Some(0));
     let opts = CpOptions {
         with_ca_key: false,
@@ -602,13 +604,9 @@ async fn without_the_ca_key_enrollment_is_503_and_checkins_keep_working() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_are_authorised_and_bounded() {
-    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let mut s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
-    let port = free_port();
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let (_cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
     let body = checkin_body("web-01", &closure("web-01", 0), None, json!([]));
     // Certificate for web-01, body for web-02: 403.
@@ -772,13 +770,9 @@ fn priming_url_then_build_time_fallback_then_refusal() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
-    let port = free_port();
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let (mut cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     let body = checkin_body("web-01", &closure("web-01", 0), None, json!([]));
     // A request half-sent when SIGTERM arrives still gets its answer.
     let status = request_in_flight(&s.pki, port, &hosts[0], "/v1/agent/checkin", &body, async {
@@ -802,23 +796,17 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rollback_and_halt_signals_every_host_that_activated() {
-    let s = setup(
+    let mut s = setup(
         &["web-01", "web-02"],
         canary_policy("rollback-and-halt", 0),
         json!([]),
     );
     let state = s.pki.path("var");
-    let port = free_port();
     let opts = CpOptions {
         extra: vec!["--confirm-deadline-secs".into(), "2".into()],
         ..CpOptions::default()
     };
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    for h in hosts.iter_mut() {
-        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
-    }
+    let (_cp, port, hosts) = start_enrolled(&mut s, &state, &opts, usize::MAX).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
     let web02 = Client::host(&s.pki, port, &hosts[1]);
     let rollout = rollout_id(&s.forge_dir, "stable");
@@ -900,13 +888,9 @@ async fn rollback_and_halt_signals_every_host_that_activated() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn host_signed_reports_are_stored_once_and_forgeries_refused() {
-    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
-    let port = free_port();
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let (_cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
     let report = json!({"hostname": "web-01", "reportId": "r-1", "kind": "rolled-back", "rolloutId": null,
                         "closureHash": null, "bootId": "b", "reason": "confirm window expired", "at": now_rfc3339()});
@@ -934,9 +918,8 @@ async fn host_signed_reports_are_stored_once_and_forgeries_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn manifests_by_url_template_and_metrics_on_loopback() {
-    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
-    let port = free_port();
     let metrics_port = free_port();
     let opts = CpOptions {
         rollouts_dir: false,
@@ -948,10 +931,7 @@ async fn manifests_by_url_template_and_metrics_on_loopback() {
         ],
         ..CpOptions::default()
     };
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &opts);
-    cp.wait_ready(&s.pki);
-    let mut hosts = s.hosts;
-    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let (_cp, port, hosts) = start_enrolled(&mut s, &state, &opts, 1).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
     let target = until_target(&web01, "web-01", &closure("web-01", 0)).await;
     assert_eq!(
