@@ -85,7 +85,11 @@ impl Machine {
     /// Builds a system closure named `name` (e.g. `nixos-system-web-01-1`); returns its
     /// store basename. Its content names this machine's directory, so every test gets its
     /// own store paths.
+    ///
+    /// Built with no substituters: nothing is to be fetched, and nix-build would otherwise
+    /// first try cache.nixos.org (seconds of retries per build when offline).
     pub fn build(&self, name: &str) -> String {
+        let options = ["--option", "substituters", ""];
         let d = self.dir.display();
         let script = format!(
             r#"#!/bin/sh
@@ -99,7 +103,8 @@ if [ -e {d}/unhealthy-{name} ]; then echo 1 > {d}/failed-units; else echo 0 > {d
         let mut cmd = nix_command("nix-build");
         cmd.arg(self.dir.join("system.nix"))
             .args(["--no-out-link", "--argstr", "name", name])
-            .args(["--argstr", "script", &script]);
+            .args(["--argstr", "script", &script])
+            .args(options);
         let path = run(cmd, "nix-build of a test closure");
         Path::new(&path)
             .file_name()
