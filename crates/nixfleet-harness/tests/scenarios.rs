@@ -684,3 +684,593 @@ fn teardown_of_a_halted_rollout_stays_halted_and_nothing_re_activates() {
         );
     }
 }
+
+// ---- control-plane-only scenarios (no Nix) ---------------------------------------------------
+
+const SHORT: Duration = Duration::from_secs(30);
+
+/// An RFC 3339 UTC time `offset` from now, as `date -d` reads it (e.g. `-10 min`).
+fn utc(offset: &str) -> String {
+    sh(&format!("date -u -d '{offset}' +%Y-%m-%dT%H:%M:%SZ"))
+        .trim()
+        .to_owned()
+}
+
+/// Copies `files` (relative paths, in order) from `from` to `to`, each replaced in one step.
+fn publish(from: &std::path::Path, to: &std::path::Path, files: &[&str]) {
+    for file in files {
+        let dest = to.join(file);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let tmp = dest.with_extension("publishing");
+        std::fs::copy(from.join(file), &tmp).unwrap();
+        std::fs::rename(&tmp, &dest).unwrap();
+    }
+}
+
+const FLEET_FILES: [&str; 2] = ["fleet.resolved.json.sig", "fleet.resolved.json"];
+const REVOCATION_FILES: [&str; 2] = ["revocations.json.sig", "revocations.json"];
+
+/// `nixfleet release` of `fleet` at `generation` signed with the key file `key` into `out`.
+fn release_with_key(
+    pki: &Pki,
+    out: &std::path::Path,
+    fleet: &Value,
+    generation: u32,
+    key: &str,
+    extra: &[&str],
+) {
+    let closures: serde_json::Map<String, Value> = fleet["hosts"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|h| (h.clone(), Value::String(closure(h, generation))))
+        .collect();
+    std::fs::write(pki.path("fleet.json"), fleet.to_string()).unwrap();
+    std::fs::write(
+        pki.path("closures.json"),
+        Value::Object(closures).to_string(),
+    )
+    .unwrap();
+    let mut args = vec![
+        "release",
+        "--fleet",
+        "fleet.json",
+        "--closures",
+        "closures.json",
+        "--ci-commit",
+        COMMIT,
+        "--key",
+        key,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    nixfleet(&pki.dir, &args);
+}
+
+/// The `meta.signedAt` of the fleet.resolved.json in `dir`.
+fn fleet_signed_at(dir: &std::path::Path) -> String {
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("fleet.resolved.json")).unwrap()).unwrap();
+    v["meta"]["signedAt"].as_str().unwrap().to_owned()
+}
+
+/// Waits until the CP's log, after byte `mark`, has a line with `prefix` and `reason`;
+/// returns that line.
+async fn wait_log_line(cp: &Cp, mark: usize, prefix: &str, reason: &str) -> String {
+    let mut found = String::new();
+    wait_for_async(
+        &format!("the CP to log `{prefix}` … `{reason}`"),
+        SHORT,
+        || {
+            let text = cp.log_text();
+            let hit = text
+                .get(mark..)
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains(prefix) && l.contains(reason))
+                .map(str::to_owned);
+            let done = hit.is_some();
+            if let Some(line) = hit {
+                found = line;
+            }
+            async move { done }
+        },
+    )
+    .await;
+    found
+}
+
+async fn checkin_status(client: &Client, host: &str) -> u16 {
+    client
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body(host, &closure(host, 0), None, json!([])),
+        )
+        .await
+        .status
+}
+
+async fn channel_signed_at(op: &Client) -> Value {
+    let r = op.get("/v1/channels/stable").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["signed_at"].clone()
+}
+
+// ---- scenario 8 -----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_or_stale_intent_is_refused_and_the_last_good_state_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let mut web = Host::new("web-01");
+    let mut lost = Host::new("lost-01");
+    let fleet = fleet_json(&[&web, &lost], canary_policy("halt", 0));
+    let forge_dir = tmp.path().join("forge");
+    release(&pki, &forge_dir, &fleet, 1, COMMIT);
+    release(&pki, &pki.path("build-time"), &fleet, 1, COMMIT);
+    let good_rollout = rollout_id(&forge_dir, "stable");
+    let good = tmp.path().join("good");
+    publish(&forge_dir, &good, &FLEET_FILES);
+
+    // An older revocation list (nothing revoked), then the current one (lost-01 revoked).
+    let old_revs = tmp.path().join("old-revocations");
+    let list = |entries: Value| {
+        json!({"schemaVersion": 1, "revocations": entries, "freshnessWindow": null,
+               "meta": {"schemaVersion": 1, "signedAt": null, "ciCommit": null, "signatureAlgorithm": null}})
+    };
+    std::fs::write(
+        pki.path("revocations-old.json"),
+        list(json!([])).to_string(),
+    )
+    .unwrap();
+    let ten_min_ago = utc("-10 min");
+    nixfleet(
+        &pki.dir,
+        &[
+            "revocations",
+            "sign",
+            "--in",
+            "revocations-old.json",
+            "--key",
+            "ci.pem",
+            "--signed-at",
+            &ten_min_ago,
+            "--out",
+            old_revs.to_str().unwrap(),
+        ],
+    );
+    sign_revocations(
+        &pki,
+        &forge_dir,
+        json!([{"hostname": "lost-01", "notBefore": in_an_hour(), "reason": "stolen", "revokedBy": "ops"}]),
+    );
+
+    // Another release (other closures): its manifest is served under the channel URL.
+    let other = tmp.path().join("other");
+    release(&pki, &other, &fleet, 2, COMMIT);
+    publish(
+        &other,
+        &forge_dir,
+        &[
+            "rollouts/channel/stable.json.sig",
+            "rollouts/channel/stable.json",
+        ],
+    );
+    let other_rollout = rollout_id(&other, "stable");
+    assert_ne!(other_rollout, good_rollout);
+
+    let forge = Forge::start(&forge_dir);
+    let opts = CpOptions {
+        rollouts_dir: false,
+        extra: vec![
+            "--rollouts-url-template".into(),
+            forge.url("rollouts/channel/{channel}.json"),
+        ],
+        ..CpOptions::default()
+    };
+    let port = free_port();
+    let mut cp = Cp::start_on(&pki, &forge, port, &pki.path("var"), &opts);
+    cp.wait_ready(&pki);
+    assert_eq!(enroll(&pki, port, &mut web).await.status, 200);
+    assert_eq!(enroll(&pki, port, &mut lost).await.status, 200);
+    let (web_c, lost_c) = (
+        Client::host(&pki, port, &web),
+        Client::host(&pki, port, &lost),
+    );
+    let op = Client::operator(&pki, port);
+    let anon = Client::anonymous(&pki, port);
+    wait_for_async("the revoked host to be refused", SHORT, || {
+        let c = lost_c.clone();
+        async move { checkin_status(&c, "lost-01").await == 401 }
+    })
+    .await;
+    let good_signed_at = channel_signed_at(&op).await;
+    assert_eq!(good_signed_at, fleet_signed_at(&good).as_str());
+
+    let last_good_state_kept = |what: &'static str| {
+        let (op, anon, web_c, lost_c) = (op.clone(), anon.clone(), web_c.clone(), lost_c.clone());
+        let good_signed_at = good_signed_at.clone();
+        async move {
+            assert_eq!(
+                channel_signed_at(&op).await,
+                good_signed_at,
+                "{what}: the verified fleet was replaced"
+            );
+            let health = anon.get("/healthz").await;
+            assert_eq!(health.status, 200, "{what}: /healthz");
+            assert!(!health.json()["last_tick_at"].is_null(), "{what}: /healthz");
+            assert_eq!(
+                checkin_status(&lost_c, "lost-01").await,
+                401,
+                "{what}: the revoked host got in"
+            );
+            assert_eq!(checkin_status(&web_c, "web-01").await, 200, "{what}");
+        }
+    };
+    let rollouts = |op: Client| async move {
+        let r = op.get("/v1/rollouts").await;
+        assert_eq!(r.status, 200);
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rollout_id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+
+    // (e) mix-and-match: the manifest under the channel URL belongs to another release.
+    let line = wait_log_line(
+        &cp,
+        0,
+        "rollout manifest of channel stable not loaded:",
+        "mix-and-match",
+    )
+    .await;
+    eprintln!("mix-and-match: {line}");
+    last_good_state_kept("mix-and-match").await;
+    assert!(
+        !rollouts(op.clone()).await.contains(&other_rollout),
+        "the other release's rollout was started"
+    );
+    let r = web_c
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-01", &closure("web-01", 0), None, json!([])),
+        )
+        .await;
+    assert!(
+        r.json()["target"].is_null(),
+        "a target from a mismatched manifest"
+    );
+    // The right manifest is then loaded.
+    std::fs::copy(
+        forge_dir.join(format!("rollouts/{good_rollout}.json.sig")),
+        forge_dir.join("rollouts/channel/stable.json.sig"),
+    )
+    .unwrap();
+    std::fs::copy(
+        forge_dir.join(format!("rollouts/{good_rollout}.json")),
+        forge_dir.join("rollouts/channel/stable.json"),
+    )
+    .unwrap();
+    wait_for_async("the release's own manifest to load", SHORT, || {
+        let op = op.clone();
+        let id = good_rollout.clone();
+        async move { rollouts(op).await.contains(&id) }
+    })
+    .await;
+
+    // (a) a bit flipped inside a string: still JSON, no longer what was signed.
+    let flipped = tmp.path().join("flipped");
+    publish(&good, &flipped, &FLEET_FILES);
+    let text = std::fs::read_to_string(flipped.join("fleet.resolved.json")).unwrap();
+    // A bit of the ciCommit string: still a well-formed commit id, but not the one signed.
+    let pos = text.find(COMMIT).expect("a string to flip");
+    let mut bytes = text.into_bytes();
+    bytes[pos] ^= 0x01;
+    std::fs::write(flipped.join("fleet.resolved.json"), &bytes).unwrap();
+    serde_json::from_slice::<Value>(&bytes).expect("still valid JSON");
+    // (b) dated two hours ahead; (c) signed beyond the freshness window (1440 min);
+    // (d) signed by a key the trust file does not pin.
+    let future = tmp.path().join("future");
+    release_with_key(
+        &pki,
+        &future,
+        &fleet,
+        1,
+        "ci.pem",
+        &["--signed-at", &utc("+2 hours")],
+    );
+    let expired = tmp.path().join("expired");
+    release_with_key(
+        &pki,
+        &expired,
+        &fleet,
+        1,
+        "ci.pem",
+        &["--signed-at", &utc("-3 days")],
+    );
+    nixfleet(&pki.dir, &["keygen", "--out", "foreign.pem"]);
+    let foreign = tmp.path().join("foreign");
+    release_with_key(&pki, &foreign, &fleet, 1, "foreign.pem", &[]);
+
+    for (what, dir, reason) in [
+        ("bit-flipped", &flipped, "signature does not verify"),
+        ("future-dated", &future, "after now"),
+        ("expired", &expired, "is stale"),
+        ("foreign key", &foreign, "signature does not verify"),
+    ] {
+        let mark = cp.log_text().len();
+        publish(dir, &forge_dir, &FLEET_FILES);
+        let line = wait_log_line(&cp, mark, "channel-refs poll failed:", reason).await;
+        eprintln!("{what}: {line}");
+        assert!(line.contains("keeping the verified fleet"), "{line}");
+        last_good_state_kept(what).await;
+    }
+
+    // (f) an older revocation list.
+    let mark = cp.log_text().len();
+    publish(&old_revs, &forge_dir, &REVOCATION_FILES);
+    let line = wait_log_line(
+        &cp,
+        mark,
+        "revocations poll failed:",
+        "revocations never roll back",
+    )
+    .await;
+    eprintln!("older revocations: {line}");
+    last_good_state_kept("older revocation list").await;
+
+    // Serving the good release again changes nothing either.
+    publish(&good, &forge_dir, &FLEET_FILES);
+    last_good_state_kept("good release again").await;
+}
+
+// ---- scenario 10 ----------------------------------------------------------------------------
+
+/// A bootstrap token for `host`, correctly signed by the org root key, that expired an
+/// hour ago.
+fn expired_token(pki: &Pki, host: &Host) -> Value {
+    use nixfleet_trust::keys::{ssh_fingerprint, PrivateKey};
+    let org = PrivateKey::from_pem(&pki.read("org.pem")).unwrap();
+    let claims = json!({
+        "hostname": host.name,
+        "expectedPubkeyFingerprint": ssh_fingerprint(&host.pubkey_line()).unwrap(),
+        "issuedAt": utc("-2 hours"), "expiresAt": utc("-1 hour"),
+        "nonce": "0000000000000000000000000000000e",
+    });
+    let sig = org.sign(&nixfleet_trust::jcs::to_canonical(&claims).unwrap());
+    json!({"version": 1, "claims": claims, "signature": b64(&sig)})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_concurrent_replayed_wrong_key_and_expired_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let mut hosts: Vec<Host> = (1..=5).map(|i| Host::new(&format!("web-{i:02}"))).collect();
+    let late = Host::new("web-06");
+    let mut all: Vec<&Host> = hosts.iter().collect();
+    all.push(&late);
+    let fleet = fleet_json(&all, canary_policy("halt", 0));
+    let forge_dir = tmp.path().join("forge");
+    release(&pki, &forge_dir, &fleet, 1, COMMIT);
+    release(&pki, &pki.path("build-time"), &fleet, 1, COMMIT);
+    sign_revocations(&pki, &forge_dir, json!([]));
+    let forge = Forge::start(&forge_dir);
+    let state = pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&pki, &forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&pki);
+    let anon = Client::anonymous(&pki, port);
+
+    // Five hosts enroll at once, each with its own token: all get a certificate.
+    let bodies: Vec<Value> = hosts
+        .iter()
+        .map(|h| json!({"token": h.token(&pki, &[]), "csrPem": h.csr()}))
+        .collect();
+    let tasks: Vec<_> = bodies
+        .iter()
+        .cloned()
+        .map(|body| {
+            let anon = anon.clone();
+            tokio::spawn(async move { anon.post("/v1/enroll", &body).await })
+        })
+        .collect();
+    for (host, task) in hosts.iter_mut().zip(tasks) {
+        let r = task.await.unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{}: {}",
+            host.name,
+            String::from_utf8_lossy(&r.body)
+        );
+        host.cert_pem = Some(r.json()["certPem"].as_str().unwrap().to_owned());
+    }
+    for host in &hosts {
+        let client = Client::host(&pki, port, host);
+        assert_eq!(
+            checkin_status(&client, &host.name).await,
+            200,
+            "{}",
+            host.name
+        );
+    }
+    let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    assert_eq!(audit.lines().count(), 5, "{audit}");
+
+    // A replayed token: 409.
+    let r = anon.post("/v1/enroll", &bodies[0]).await;
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+
+    // A token minted for web-06 used with another host's key (a CSR for web-06 made
+    // with web-01's key): 403.
+    let r = anon
+        .post(
+            "/v1/enroll",
+            &json!({"token": late.token(&pki, &[]), "csrPem": hosts[0].csr_for("web-06")}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+
+    // An expired token: 401.
+    let r = anon
+        .post(
+            "/v1/enroll",
+            &json!({"token": expired_token(&pki, &late), "csrPem": late.csr()}),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("expired"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    // None of the refused attempts issued a certificate.
+    let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    assert_eq!(audit.lines().count(), 5, "{audit}");
+    assert!(!audit.contains("web-06"), "{audit}");
+}
+
+// ---- scenario 11 ----------------------------------------------------------------------------
+
+/// Replaces the trust file in one step (write aside, rename), as a deployment would.
+fn install_trust(pki: &Pki, trust: &str) {
+    let aside = pki.path("etc/trust.json.new");
+    std::fs::write(&aside, trust).unwrap();
+    std::fs::rename(&aside, pki.path("etc/trust.json")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_rotation_previous_key_grace_then_reject_before_refuses_old_artifacts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let mut hosts = [Host::new("web-01"), Host::new("web-02")];
+    let fleet = fleet_json(&hosts.iter().collect::<Vec<_>>(), canary_policy("halt", 0));
+    let forge_dir = tmp.path().join("forge");
+    // The release in service, signed with the old key ten minutes ago.
+    let old_release = tmp.path().join("old-release");
+    let old_signed = utc("-10 min");
+    release_with_key(
+        &pki,
+        &old_release,
+        &fleet,
+        1,
+        "ci.pem",
+        &["--signed-at", &old_signed],
+    );
+    publish(&old_release, &forge_dir, &FLEET_FILES);
+    publish(&old_release, &pki.path("build-time"), &FLEET_FILES);
+    sign_revocations(&pki, &forge_dir, json!([]));
+    let forge = Forge::start(&forge_dir);
+    let opts = CpOptions {
+        rollouts_dir: false,
+        ..CpOptions::default()
+    };
+    let port = free_port();
+    let mut cp = Cp::start_on(&pki, &forge, port, &pki.path("var"), &opts);
+    cp.wait_ready(&pki);
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&pki, port, h).await.status, 200);
+    }
+    let clients: Vec<(Client, String)> = hosts
+        .iter()
+        .map(|h| (Client::host(&pki, port, h), h.name.clone()))
+        .collect();
+    let agents_check_in = |what: &'static str| {
+        let clients = clients.clone();
+        async move {
+            for (client, name) in &clients {
+                assert_eq!(checkin_status(client, name).await, 200, "{what}: {name}");
+            }
+        }
+    };
+    let op = Client::operator(&pki, port);
+    assert_eq!(channel_signed_at(&op).await, old_signed.as_str());
+    agents_check_in("before the rotation").await;
+
+    // CI rotates: the new key is current, the old one previous.
+    let old_pub = nixfleet(&pki.dir, &["derive-pubkey", "ci.pem"]);
+    let new_pub = nixfleet(&pki.dir, &["keygen", "--out", "ci-new.pem"]);
+    let org_pub = nixfleet(&pki.dir, &["derive-pubkey", "org.pem"]);
+    nixfleet(
+        &pki.dir,
+        &[
+            "trust",
+            "init",
+            "--ci-release-key",
+            new_pub.trim(),
+            "--previous-ci-release-key",
+            old_pub.trim(),
+            "--org-root-key",
+            org_pub.trim(),
+            "--out",
+            "etc/trust.json.rotated",
+        ],
+    );
+    let rotated = pki.read("etc/trust.json.rotated");
+    let mark = cp.log_text().len();
+    install_trust(&pki, &rotated);
+    wait_log_line(&cp, mark, "trust file changed", "new trust roots in use").await;
+    // The old release is still accepted during the grace period.
+    let verify_old = || {
+        Command::new(bin("nixfleet"))
+            .args(["verify", "fleet", "--trust-file"])
+            .arg(pki.path("etc/trust.json"))
+            .arg(old_release.join("fleet.resolved.json"))
+            .output()
+            .unwrap()
+    };
+    assert!(
+        verify_old().status.success(),
+        "old release during the grace"
+    );
+    agents_check_in("after the rotation").await;
+
+    // The fleet re-signed with the new key is accepted.
+    let new_release = tmp.path().join("new-release");
+    release_with_key(&pki, &new_release, &fleet, 1, "ci-new.pem", &[]);
+    let new_signed = fleet_signed_at(&new_release);
+    assert!(new_signed > old_signed);
+    publish(&new_release, &forge_dir, &FLEET_FILES);
+    wait_for_async("the re-signed fleet to be in use", SHORT, || {
+        let op = op.clone();
+        let want = new_signed.clone();
+        async move { channel_signed_at(&op).await == want.as_str() }
+    })
+    .await;
+    agents_check_in("on the re-signed fleet").await;
+
+    // rejectBefore after the old release's signedAt: old artifacts are refused.
+    let mut trust: Value = serde_json::from_str(&rotated).unwrap();
+    trust["ciReleaseKey"]["rejectBefore"] = json!(utc("-5 min"));
+    let mark = cp.log_text().len();
+    install_trust(&pki, &trust.to_string());
+    wait_log_line(&cp, mark, "trust file changed", "new trust roots in use").await;
+    let out = verify_old();
+    assert!(
+        !out.status.success(),
+        "old release verified after rejectBefore"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rejectBefore"), "{err}");
+    // The new release still verifies.
+    sh_ok(&format!(
+        "{} verify fleet --trust-file {} {}",
+        bin("nixfleet").display(),
+        pki.path("etc/trust.json").display(),
+        new_release.join("fleet.resolved.json").display()
+    ));
+
+    // The forge serves the old-key release again: refused, the new one kept.
+    let mark = cp.log_text().len();
+    publish(&old_release, &forge_dir, &FLEET_FILES);
+    let line = wait_log_line(&cp, mark, "channel-refs poll failed:", "rejectBefore").await;
+    eprintln!("old release after rejectBefore: {line}");
+    assert_eq!(channel_signed_at(&op).await, new_signed.as_str());
+    let health = Client::anonymous(&pki, port).get("/healthz").await;
+    assert_eq!(health.status, 200);
+    agents_check_in("after rejectBefore").await;
+}
