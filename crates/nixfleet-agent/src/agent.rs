@@ -29,6 +29,8 @@ use crate::store::{self, AgentState, Confirmation, StateDir, StoreError};
 
 /// Confirms are retried quickly: the window is minutes, an outage may be seconds.
 const CONFIRM_RETRY_CAP: Duration = Duration::from_secs(5);
+/// The shortest confirm attempt, even when the window is about to close.
+const MIN_CONFIRM_ATTEMPT: Duration = Duration::from_millis(500);
 /// How often a deferred activation looks at the switch lock again.
 const LOCK_RETRY: Duration = Duration::from_secs(5);
 /// A failed renewal is tried again after this long (the certificate is still valid).
@@ -749,6 +751,16 @@ impl Agent {
         let Some(client) = self.client.clone() else {
             self.apply(Event::ConfirmUnanswered);
             return self.confirm_retry();
+        };
+        // A control plane that accepts connections but never answers must not keep the
+        // host past its confirm window: the rollback is due at the deadline.
+        let client = match &self.state.machine.phase {
+            Phase::AwaitingConfirm { deadline, .. } => {
+                let left = (*deadline - now()).max(time::Duration::ZERO);
+                client
+                    .within(Duration::from_secs_f64(left.as_seconds_f64()).max(MIN_CONFIRM_ATTEMPT))
+            }
+            _ => client,
         };
         let request = ConfirmRequest {
             hostname: self.hostname.clone(),

@@ -94,6 +94,15 @@ impl CpClient {
         })
     }
 
+    /// The same client (and connection pool) with requests cut off after `timeout`, when
+    /// that is sooner than the configured timeout.
+    pub fn within(&self, timeout: Duration) -> CpClient {
+        CpClient {
+            timeout: self.timeout.min(timeout),
+            ..self.clone()
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -2,320 +2,22 @@
 //! per host, each with its own host key, state dir, profile and current-system link), a
 //! forge serving the signed artifacts, and a signed Nix binary cache over HTTP.
 
+mod fleet;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nixfleet_harness::agent::{AgentConfig, AgentProc};
-use nixfleet_harness::nix::{delete_from_store, Cache, Machine};
+use fleet::*;
 use nixfleet_harness::*;
 use serde_json::{json, Value};
-
-const COMMIT: &str = "1111111111111111111111111111111111111111";
-const LONG: Duration = Duration::from_secs(90);
-/// The agents' poll interval in these scenarios.
-const POLL_SECS: u64 = 5;
-
-/// One host: its key, its test machine (running generation 0) and its agent.
-struct Node {
-    host: Host,
-    key_dir: PathBuf,
-    machine: Machine,
-    gen0: String,
-    gen1: String,
-    agent: Option<AgentProc>,
-}
-
-impl Node {
-    fn name(&self) -> &str {
-        &self.host.name
-    }
-
-    fn agent(&self) -> &AgentProc {
-        self.agent.as_ref().expect("agent started")
-    }
-
-    fn log(&self) -> String {
-        self.agent().log_text()
-    }
-
-    fn state(&self) -> Value {
-        let path = self.machine.dir.join("agent-state/state.json");
-        serde_json::from_slice(&std::fs::read(path).unwrap_or_default()).unwrap_or(Value::Null)
-    }
-}
-
-/// A fleet of hosts in channel `stable`, each with a gen0 installed and a signed gen1 in
-/// the cache; the release (gen1 everywhere) is on the forge and in the build-time
-/// directory.
-struct Fleet {
-    // Dropped in this order: the CP and the agents are killed before the forge stops
-    // and the temporary directory goes.
-    cp: Option<Cp>,
-    nodes: Vec<Node>,
-    forge: Forge,
-    pki: Pki,
-    forge_dir: PathBuf,
-    cp_port: u16,
-    rollout: String,
-    tmp: tempfile::TempDir,
-}
-
-impl Fleet {
-    fn new(names: &[String], policy: Value, revoked: Value) -> Fleet {
-        let tmp = tempfile::tempdir().unwrap();
-        let forge_dir = tmp.path().join("forge");
-        let cache = Cache::new(&forge_dir.join("cache"), "fleet-cache-1");
-        let pki = Pki::with_cache_keys(tmp.path(), &[&cache.public_key]);
-        let mut nodes = Vec::new();
-        for name in names {
-            let key_dir = tmp.path().join(format!("hostkey-{name}"));
-            let host = Host::from_ssh_keygen(name, &key_dir);
-            let machine = Machine::new(&tmp.path().join(format!("machine-{name}")));
-            let gen0 = machine.build(&format!("nixos-system-{name}-0"));
-            machine.install(&gen0);
-            let gen1 = machine.build(&format!("nixos-system-{name}-1"));
-            cache.push(&gen1);
-            delete_from_store(&gen1);
-            host.token_file(&pki, &machine.dir.join("token.json"));
-            nodes.push(Node {
-                host,
-                key_dir,
-                machine,
-                gen0,
-                gen1,
-                agent: None,
-            });
-        }
-        let fleet = fleet_json(&nodes.iter().map(|n| &n.host).collect::<Vec<_>>(), policy);
-        let closures: serde_json::Map<String, Value> = nodes
-            .iter()
-            .map(|n| (n.name().to_owned(), Value::String(n.gen1.clone())))
-            .collect();
-        let closures = Value::Object(closures);
-        release_closures(&pki, &forge_dir, &fleet, &closures, COMMIT, &[]);
-        release_closures(
-            &pki,
-            &pki.path("build-time"),
-            &fleet,
-            &closures,
-            COMMIT,
-            &[],
-        );
-        let rollout = rollout_id(&forge_dir, "stable");
-        sign_revocations(&pki, &forge_dir, revoked);
-        let forge = Forge::start(&forge_dir);
-        Fleet {
-            tmp,
-            pki,
-            forge_dir,
-            forge,
-            nodes,
-            cp: None,
-            cp_port: free_port(),
-            rollout,
-        }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.tmp.path().join("var-lib-nixfleet-cp")
-    }
-
-    /// Spawns the CP (the same flags every time, as a systemd unit would).
-    fn spawn_cp(&mut self) {
-        let cp = Cp::start_on(
-            &self.pki,
-            &self.forge,
-            self.cp_port,
-            &self.state_dir(),
-            &CpOptions::default(),
-        );
-        self.cp = Some(cp);
-    }
-
-    fn cp(&mut self) -> &mut Cp {
-        self.cp.as_mut().expect("CP running")
-    }
-
-    fn start_agents(&mut self) {
-        let url = self.forge.url("cache");
-        for node in &mut self.nodes {
-            let mut config = AgentConfig::new(
-                &self.pki,
-                self.cp_port,
-                &node.host,
-                &node.key_dir,
-                &node.machine,
-                &url,
-            );
-            config.poll_interval_secs = POLL_SECS;
-            node.agent = Some(AgentProc::start(&config));
-        }
-    }
-
-    fn node(&self, name: &str) -> &Node {
-        self.nodes.iter().find(|n| n.name() == name).unwrap()
-    }
-
-    /// Runs an operator GET with the harness's mTLS client.
-    fn operator_get(&self, path: &str) -> Reply {
-        let client = Client::operator(&self.pki, self.cp_port);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(client.get(path))
-    }
-
-    fn curl_operator(&self, path: &str) -> String {
-        format!(
-            "curl -sk --cacert {} --cert {} --key {} https://localhost:{}{path}",
-            self.pki.path("etc/ca.pem").display(),
-            self.pki.path("operator/operator-cert.pem").display(),
-            self.pki.path("operator/operator-key.pem").display(),
-            self.cp_port
-        )
-    }
-
-    /// The rollout's state as the operator API reports it.
-    fn rollout_state(&self) -> Value {
-        let list = self.operator_get("/v1/rollouts").json();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["rollout_id"] == self.rollout.as_str())
-            .map(|r| r["state"].clone())
-            .unwrap_or(Value::Null)
-    }
-
-    /// Waits until every named host's agent has confirmed gen1 (exactly one activation).
-    fn wait_confirmed(&self, names: &[&str]) -> Instant {
-        for name in names {
-            let node = self.node(name);
-            wait_for(&format!("{name} to confirm gen1"), LONG, || {
-                node.log().contains("confirm of")
-            });
-            assert_eq!(node.machine.activations(), vec![node.gen1.clone()]);
-        }
-        Instant::now()
-    }
-
-    /// Agent log lengths now, to look at what comes after.
-    fn log_marks(&self) -> Vec<usize> {
-        self.nodes.iter().map(|n| n.log().len()).collect()
-    }
-
-    /// Asserts that no agent was told to act (target or rollback) since `marks`.
-    fn assert_no_orders_since(&self, marks: &[usize], skip: &[&str]) {
-        for (node, mark) in self.nodes.iter().zip(marks) {
-            if skip.contains(&node.name()) {
-                continue;
-            }
-            let after = &node.log()[*mark..];
-            for line in after.lines().filter(|l| l.contains("checked in")) {
-                assert!(
-                    line.contains("target=None") && line.contains("rollback=None"),
-                    "{} told to act after the wipe: {line}",
-                    node.name()
-                );
-            }
-            for bad in [
-                "rollback signal",
-                "rolling back",
-                "switching to",
-                "rolled back",
-            ] {
-                assert!(
-                    !after.contains(bad),
-                    "{}: {bad:?} after the wipe:\n{after}",
-                    node.name()
-                );
-            }
-        }
-    }
-
-    /// Waits until each agent not in `skip` has checked in `n` times since `marks`.
-    fn wait_checkins_since(&self, marks: &[usize], n: usize, skip: &[&str]) {
-        for (node, mark) in self.nodes.iter().zip(marks) {
-            if skip.contains(&node.name()) {
-                continue;
-            }
-            wait_for(&format!("{}: {n} check-ins", node.name()), LONG, || {
-                node.log()[*mark..].matches("checked in").count() >= n
-            });
-        }
-    }
-}
-
-/// A shell pipeline, as an operator would type it; returns its stdout.
-fn sh(script: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A shell command that must succeed.
-fn sh_ok(script: &str) {
-    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{script}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The runbook's last Verify command on a log file: every host that checked in.
-fn checked_in(log: &std::path::Path) -> BTreeSet<String> {
-    sh(&format!(
-        "cat {} | grep 'checkin received' | awk '{{print $NF}}' | sort -u",
-        log.display()
-    ))
-    .split_whitespace()
-    .map(str::to_owned)
-    .collect()
-}
-
-/// These scenarios need real Nix; without it they fail rather than pass vacuously.
-fn require_nix() {
-    assert!(
-        nixfleet_harness::nix::nix_available(),
-        "nix-store not found: the fleet scenarios need real Nix (apt-get install -y nix-bin)"
-    );
-}
-
-fn in_an_hour() -> String {
-    sh("date -u -d '+1 hour' +%Y-%m-%dT%H:%M:%SZ")
-        .trim()
-        .to_owned()
-}
-
-/// Runbook steps 1-3: SIGTERM, `rm -rf state.db state.db-wal state.db-shm`, start. Returns
-/// the instant of the restart.
-fn wipe_and_restart(f: &mut Fleet) -> Instant {
-    let mut old = f.cp.take().expect("CP running");
-    assert_eq!(
-        old.terminate(),
-        Some(0),
-        "SIGTERM exits 0:\n{}",
-        old.log_text()
-    );
-    let dir = f.state_dir();
-    sh_ok(&format!(
-        "cd {} && rm -rf state.db state.db-wal state.db-shm",
-        dir.display()
-    ));
-    assert!(!dir.join("state.db").exists());
-    let restarted = Instant::now();
-    f.spawn_cp();
-    restarted
-}
 
 // ---- scenario 1 -----------------------------------------------------------------------------
 
 #[test]
 fn teardown_runbook_literally_with_ten_agents_and_a_revoked_host() {
     require_nix();
+    let mut summary = Summary::begin("1 teardown");
     let good: Vec<String> = (1..=10).map(|i| format!("web-{i:02}")).collect();
     let revoked_name = "lost-01".to_owned();
     let mut names = good.clone();
@@ -429,10 +131,12 @@ fn teardown_runbook_literally_with_ten_agents_and_a_revoked_host() {
         checked_in(&new_log) == expected
     });
     let visible = restarted.elapsed();
-    eprintln!(
-        "teardown: restart to full visibility of {} agents at a {POLL_SECS} s poll: {:.2} s",
-        good.len(),
-        visible.as_secs_f64()
+    summary.timing(
+        &format!(
+            "restart to full visibility ({} agents, {POLL_SECS} s poll)",
+            good.len()
+        ),
+        visible,
     );
     assert!(
         visible <= Duration::from_secs(2 * POLL_SECS),
@@ -532,6 +236,7 @@ fn three_waves(wave1: &[&str]) -> Value {
 #[test]
 fn teardown_mid_rollout_continues_the_soak_from_last_confirmed_at_and_converges() {
     require_nix();
+    let mut summary = Summary::begin("2 teardown mid-rollout");
     let names: Vec<String> = ["canary-01", "web-01", "web-02", "web-03", "web-04"]
         .iter()
         .map(|s| s.to_string())
@@ -592,11 +297,8 @@ fn teardown_mid_rollout_continues_the_soak_from_last_confirmed_at_and_converges(
     let promoted = Instant::now();
     let soaked = promoted - wave1_confirmed;
     let since_restart = promoted - restarted;
-    eprintln!(
-        "teardown mid-rollout: wave 2 started {:.1} s after wave 1 confirmed, {:.1} s after the restart",
-        soaked.as_secs_f64(),
-        since_restart.as_secs_f64()
-    );
+    summary.timing("wave 2 after wave 1 confirmed", soaked);
+    summary.timing("wave 2 after the restart", since_restart);
     assert!(
         soaked >= Duration::from_secs(58),
         "wave 2 promoted early: {soaked:?} after wave 1 confirmed"
@@ -627,6 +329,7 @@ fn teardown_mid_rollout_continues_the_soak_from_last_confirmed_at_and_converges(
 #[test]
 fn teardown_of_a_halted_rollout_stays_halted_and_nothing_re_activates() {
     require_nix();
+    let _summary = Summary::begin("3 teardown halted");
     let names: Vec<String> = ["canary-01", "web-01", "web-02"]
         .iter()
         .map(|s| s.to_string())
@@ -801,6 +504,7 @@ async fn channel_signed_at(op: &Client) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tampered_or_stale_intent_is_refused_and_the_last_good_state_kept() {
+    let _summary = Summary::begin("8 tampered intent");
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(tmp.path());
     let mut web = Host::new("web-01");
@@ -1046,6 +750,7 @@ fn expired_token(pki: &Pki, host: &Host) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn enrollment_concurrent_replayed_wrong_key_and_expired_tokens() {
+    let _summary = Summary::begin("10 enrollment");
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(tmp.path());
     let mut hosts: Vec<Host> = (1..=5).map(|i| Host::new(&format!("web-{i:02}"))).collect();
@@ -1145,6 +850,7 @@ fn install_trust(pki: &Pki, trust: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn key_rotation_previous_key_grace_then_reject_before_refuses_old_artifacts() {
+    let _summary = Summary::begin("11 key rotation");
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(tmp.path());
     let mut hosts = [Host::new("web-01"), Host::new("web-02")];
