@@ -70,6 +70,33 @@ pub struct Fleet {
     pub tmp: tempfile::TempDir,
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Drop for Fleet {
+    // A failed scenario shows what every process said last.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for node in &self.nodes {
+            if let Some(agent) = &node.agent {
+                eprintln!(
+                    "---- agent {} ----\n{}",
+                    node.name(),
+                    tail(&agent.log_text(), 40)
+                );
+            }
+        }
+        if let Some(cp) = &self.cp {
+            eprintln!("---- control plane ----\n{}", tail(&cp.log_text(), 80));
+        }
+    }
+}
+
 impl Fleet {
     pub fn new(names: &[String], policy: Value, revoked: Value) -> Fleet {
         Fleet::new_with(names, policy, revoked, |_| {})
