@@ -120,3 +120,22 @@ pub struct HookEvent {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
+
+/// `nixfleet status --json`: the fleet as one control plane sees it. Fields are only
+/// ever added, never renamed or removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The control plane's URL.
+    pub control_plane: String,
+    /// When the CLI asked.
+    #[serde(with = "time::serde::rfc3339")]
+    pub generated_at: OffsetDateTime,
+    /// The control plane's version, from `/healthz`.
+    pub version: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub fleet_signed_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_tick_at: Option<OffsetDateTime>,
+    /// Every host of the verified fleet, by name.
+    pub hosts: Vec<HostStatus>,
+}
