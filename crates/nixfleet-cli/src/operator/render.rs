@@ -113,10 +113,40 @@ pub fn ago(now: OffsetDateTime, then: OffsetDateTime) -> String {
     }
 }
 
+/// RFC 3339 in UTC, to the second.
 fn rfc3339(t: OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).unwrap_or(t);
     t.to_offset(UtcOffset::UTC)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
+}
+
+/// `text` with the fractions of seconds dropped from the RFC 3339 times in it: the
+/// control plane's reasons carry them, a reader does not need them.
+pub fn tidy_times(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let after_seconds = i >= 3
+            && chars[i - 3] == ':'
+            && chars[i - 2].is_ascii_digit()
+            && chars[i - 1].is_ascii_digit();
+        if c == '.' && after_seconds {
+            let mut j = i + 1;
+            while j < chars.len() && chars[j].is_ascii_digit() {
+                j += 1;
+            }
+            if j > i + 1 && chars.get(j).is_some_and(|c| matches!(c, 'Z' | '+' | '-')) {
+                i = j;
+                continue;
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    out
 }
 
 /// `11-27 10:00:01`, UTC.
@@ -337,10 +367,10 @@ pub fn fleet(report: &StatusReport, style: &Style) -> String {
         let state = host_state(host);
         let (seen, seen_tone) = staleness(host, now);
         let notes = if shows_reason(host) {
-            let reason = host
-                .waiting
-                .clone()
-                .unwrap_or_else(|| "waiting: the control plane gave no reason".to_owned());
+            let reason = host.waiting.as_deref().map_or_else(
+                || "waiting: the control plane gave no reason".to_owned(),
+                tidy_times,
+            );
             let tone = reason_tone(&reason);
             wrap(&reason, style.width, 2, 4)
                 .into_iter()
@@ -381,7 +411,7 @@ pub fn fleet(report: &StatusReport, style: &Style) -> String {
 
 /// A decision's detail in a few words: its reason, or its other fields.
 pub fn event_summary(detail: &Value) -> String {
-    match detail {
+    tidy_times(&match detail {
         Value::Object(map) => {
             if let Some(Value::String(reason)) = map.get("reason") {
                 return reason.clone();
@@ -398,7 +428,7 @@ pub fn event_summary(detail: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
-    }
+    })
 }
 
 fn event_tone(kind: &str) -> Tone {
@@ -479,9 +509,9 @@ pub fn host_detail(detail: &HostDetail, now: OffsetDateTime, style: &Style) -> S
         "last seen",
         style.paint(tone, &elide(&seen_line, room))
     ));
-    match &h.waiting {
+    match h.waiting.as_deref().map(tidy_times) {
         Some(reason) => {
-            let lines = wrap(reason, style.width, 13, 13);
+            let lines = wrap(&reason, style.width, 13, 13);
             for (i, l) in lines.into_iter().enumerate() {
                 let text = l.trim_start();
                 let prefix = if i == 0 {
@@ -491,7 +521,7 @@ pub fn host_detail(detail: &HostDetail, now: OffsetDateTime, style: &Style) -> S
                 };
                 out.push(format!(
                     "{prefix}{}",
-                    style.paint(reason_tone(reason), text)
+                    style.paint(reason_tone(&reason), text)
                 ));
             }
         }
@@ -719,6 +749,10 @@ mod tests {
             ["  one two", "    three", "    four", "    five six"]
         );
         assert_eq!(ago(NOW, NOW - time::Duration::seconds(90)), "1m ago");
+        assert_eq!(
+            tidy_times("confirming: deadline 2026-11-27T05:13:54.974190835Z, v1.5"),
+            "confirming: deadline 2026-11-27T05:13:54Z, v1.5"
+        );
     }
 
     #[test]
