@@ -154,7 +154,7 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_CP_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,
 
-    /// Command run (through `sh -c`) for rollout events (halted, converged, host failed),
+    /// Command run (through `/bin/sh -c`) for rollout events (halted, converged, host failed),
     /// with the event as one JSON object on stdin. Runs in the background, one event at a
     /// time; failures are logged.
     #[arg(long, env = "NIXFLEET_CP_EVENT_HOOK")]

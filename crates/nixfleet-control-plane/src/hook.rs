@@ -24,7 +24,7 @@ pub struct EventHook {
 }
 
 impl EventHook {
-    /// Starts the task that runs `command` (through `sh -c`) for each queued event.
+    /// Starts the task that runs `command` (through `/bin/sh -c`) for each queued event.
     pub fn start(
         command: String,
         timeout: Duration,
@@ -132,7 +132,8 @@ async fn run_hooks(
 async fn run_one(command: &str, event: &HookEvent, timeout: Duration) -> Result<(), String> {
     let mut input = serde_json::to_vec(event).map_err(|e| e.to_string())?;
     input.push(b'\n');
-    let mut child = tokio::process::Command::new("sh")
+    // An absolute path: a NixOS service's PATH has no shell.
+    let mut child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(command)
         .stdin(Stdio::piped())
