@@ -5,6 +5,7 @@
 //! and never holds up the tick or check-ins.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nixfleet_proto::api::HookEvent;
@@ -12,6 +13,8 @@ use nixfleet_reconciler::{Action, HostEvent, RolloutEvent, StoredState};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Metrics;
 
 /// Events waiting for the hook beyond this are dropped (and logged): a hook that cannot
 /// keep up must not make the control plane hold memory without bound.
@@ -21,6 +24,7 @@ const QUEUE: usize = 1024;
 #[derive(Clone)]
 pub struct EventHook {
     queue: mpsc::Sender<HookEvent>,
+    metrics: Arc<Metrics>,
 }
 
 impl EventHook {
@@ -28,11 +32,12 @@ impl EventHook {
     pub fn start(
         command: String,
         timeout: Duration,
+        metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> (EventHook, tokio::task::JoinHandle<()>) {
         let (queue, events) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run_hooks(command, timeout, events, stop));
-        (EventHook { queue }, task)
+        let task = tokio::spawn(run_hooks(command, timeout, events, metrics.clone(), stop));
+        (EventHook { queue, metrics }, task)
     }
 
     /// Queues events without waiting.
@@ -40,6 +45,7 @@ impl EventHook {
         for event in events {
             let (name, rollout) = (event.event.clone(), event.rollout_id.clone());
             if let Err(e) = self.queue.try_send(event) {
+                Metrics::inc(&self.metrics.hook_dropped);
                 tracing::warn!(event = %name, rollout = %rollout, "event hook skipped: {}", match e {
                     mpsc::error::TrySendError::Full(_) => "the hook is more than 1024 events behind",
                     mpsc::error::TrySendError::Closed(_) => "the hook runner has stopped",
@@ -106,6 +112,7 @@ async fn run_hooks(
     command: String,
     timeout: Duration,
     mut events: mpsc::Receiver<HookEvent>,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -118,13 +125,17 @@ async fn run_hooks(
         };
         match run_one(&command, &event, timeout).await {
             Ok(()) => {
+                Metrics::inc(&metrics.hook_ok);
                 tracing::info!(event = %event.event, rollout = %event.rollout_id, "event hook ran")
             }
-            Err(why) => tracing::warn!(
-                event = %event.event,
-                rollout = %event.rollout_id,
-                "event hook {command:?} failed: {why}"
-            ),
+            Err(why) => {
+                Metrics::inc(&metrics.hook_failed);
+                tracing::warn!(
+                    event = %event.event,
+                    rollout = %event.rollout_id,
+                    "event hook {command:?} failed: {why}"
+                )
+            }
         }
     }
 }

@@ -174,6 +174,7 @@ async fn run(config: Config) -> Result<(), String> {
         let (hook, task) = hook::EventHook::start(
             command,
             Duration::from_secs(config.event_hook_timeout_secs.max(1)),
+            metrics.clone(),
             stopped.clone(),
         );
         tasks.spawn(async move {

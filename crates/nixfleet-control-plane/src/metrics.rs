@@ -27,6 +27,9 @@ pub struct Metrics {
     pub revocations_ok: AtomicU64,
     pub revocations_failed: AtomicU64,
     pub revocations_last_success: AtomicU64,
+    pub hook_ok: AtomicU64,
+    pub hook_failed: AtomicU64,
+    pub hook_dropped: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -123,6 +126,15 @@ impl Metrics {
                     "{artifact=\"revocations\",result=\"failed\"}",
                     &self.revocations_failed,
                 ),
+            ],
+        );
+        counter(
+            "nixfleet_event_hook_runs_total",
+            "Runs of --event-hook by result (dropped: the hook fell too far behind).",
+            &[
+                ("{result=\"ok\"}", &self.hook_ok),
+                ("{result=\"failed\"}", &self.hook_failed),
+                ("{result=\"dropped\"}", &self.hook_dropped),
             ],
         );
         let _ = writeln!(out, "# HELP nixfleet_poll_last_success_timestamp_seconds Last successful poll.\n# TYPE nixfleet_poll_last_success_timestamp_seconds gauge");

@@ -727,6 +727,19 @@ async fn event_hook_gets_convergence_failure_and_halt_as_json() {
         "hook timeout not logged:\n{log}"
     );
     assert_eq!(f.checkin(1, 1).await["target"], Value::Null);
+    let operator = Client::operator(&f.pki, f.port);
+    wait_for_async(
+        "three hook runs counted as failed",
+        Duration::from_secs(10),
+        || {
+            let operator = operator.clone();
+            async move {
+                let metrics = String::from_utf8(operator.get("/metrics").await.body).unwrap();
+                metrics.contains("nixfleet_event_hook_runs_total{result=\"failed\"} 3")
+            }
+        },
+    )
+    .await;
 
     // The trail the operator reads carries the same reason.
     let trace = f.nixfleet_ok(&["rollout", "trace", &second]);
