@@ -178,3 +178,30 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_in_the_metrics_reference() {
+        let text = Metrics::default().render(None, 0, 0);
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/metrics.md"
+        ))
+        .unwrap();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(names.len() > 10, "{text}");
+        for name in names {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is missing from docs/metrics.md"
+            );
+        }
+    }
+}
