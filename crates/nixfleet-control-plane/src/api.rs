@@ -758,20 +758,18 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
         (now - a.last_seen).whole_seconds() <= i64::from(app.checkin_interval_secs) * 3
     });
     let stored = app.shared.stored();
-    let (rollout, rollout_state) = stored
+    let newest = stored
         .rollouts
         .iter()
         .filter(|(_, r)| r.channel == host.channel)
-        .max_by_key(|(_, r)| r.opened_at)
-        .map(|(id, r)| {
-            let state = r
-                .hosts
-                .get(name)
-                .and_then(|h| serde_json::to_value(&h.state).ok())
-                .map_or_else(|| "queued".to_owned(), |s| state_name(&s));
-            (Some(id.clone()), Some(state))
-        })
-        .unwrap_or((None, None));
+        .max_by_key(|(_, r)| r.opened_at);
+    let host_state = newest.and_then(|(_, r)| r.hosts.get(name).map(|h| &h.state));
+    let rollout = newest.map(|(id, _)| id.clone());
+    let rollout_state = newest.map(|_| {
+        host_state
+            .and_then(|s| serde_json::to_value(s).ok())
+            .map_or_else(|| "queued".to_owned(), |s| state_name(&s))
+    });
     let current_closure = attestation.as_ref().and_then(|a| a.current_closure.clone());
     let converged = current_closure.is_some() && current_closure == host.closure_hash;
     let directives = app.shared.directives();
@@ -782,6 +780,7 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
                 attestation.as_ref(),
                 online,
                 host.closure_hash.is_none(),
+                host_state,
                 directives.channel_reasons.get(&host.channel),
             )
         })
@@ -801,14 +800,28 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
 }
 
 /// Why a host that is not on its declared closure, and that the last tick gave no reason
-/// for (it acted on the host, or the host is in no live rollout), is where it is.
+/// for (it acted on the host, or the host is in no live rollout), is where it is: its
+/// state in the channel's newest rollout first, then what the check-ins say.
 fn fallback_reason(
     app: &App,
     attestation: Option<&nixfleet_reconciler::Attestation>,
     online: bool,
     undeclared: bool,
+    host_state: Option<&HostState>,
     channel_reason: Option<&String>,
 ) -> String {
+    match host_state {
+        Some(HostState::Dispatched) => {
+            return "dispatched: target goes out at the next check-in".to_owned()
+        }
+        Some(HostState::ConfirmWindow { deadline }) => {
+            return format!("confirming: deadline {}", rfc3339(*deadline))
+        }
+        Some(HostState::Failed { reason, .. }) => return format!("failed: {reason}"),
+        Some(HostState::RollingBack) => return "rolling back: rollback signal sent".to_owned(),
+        Some(HostState::Reverted) => return "reverted".to_owned(),
+        _ => {}
+    }
     match attestation {
         _ if undeclared => "waiting: the fleet declares no closure for this host".to_owned(),
         None => format!(

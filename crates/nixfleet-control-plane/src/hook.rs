@@ -151,8 +151,11 @@ async fn run_one(command: &str, event: &HookEvent, timeout: Duration) -> Result<
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
+        // Its own process group, so that a timeout also ends what the hook started.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start it: {e}"))?;
+    let pid = child.id();
     let mut stdin = child.stdin.take();
     let run = async {
         if let Some(stdin) = stdin.as_mut() {
@@ -162,7 +165,13 @@ async fn run_one(command: &str, event: &HookEvent, timeout: Duration) -> Result<
         drop(stdin);
         child.wait_with_output().await
     };
-    match tokio::time::timeout(timeout, run).await {
+    let outcome = tokio::time::timeout(timeout, run).await;
+    if outcome.is_err() {
+        if let Some(pid) = pid {
+            kill_group(pid).await;
+        }
+    }
+    match outcome {
         Err(_) => Err(format!(
             "still running after {} s; killed (raise --event-hook-timeout-secs or make the hook return sooner)",
             timeout.as_secs()
@@ -182,6 +191,20 @@ async fn run_one(command: &str, event: &HookEvent, timeout: Duration) -> Result<
                 }
             ))
         }
+    }
+}
+
+/// SIGKILL to the hook's process group (the shell is killed when its future is dropped).
+async fn kill_group(pid: u32) {
+    let killed = tokio::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if let Err(e) = killed {
+        tracing::warn!("cannot end the event hook's processes (group {pid}): {e}");
     }
 }
 

@@ -320,6 +320,19 @@ async fn operator_errors_say_what_to_do() {
         "{stderr}"
     );
     assert!(stderr.contains("nixfleet cert operator"), "{stderr}");
+    // A CA that did not issue the control plane's certificate.
+    let wrong_ca = f.pki.path("operator/operator-cert.pem");
+    let out = f.nixfleet(&["status", "--ca-cert", wrong_ca.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not chain to --ca-cert"), "{stderr}");
+    // Something that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("https://localhost:{}", silent.local_addr().unwrap().port());
+    let started = Instant::now();
+    let out = f.nixfleet(&["status", "--url", &silent_url, "--timeout-secs", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gave no answer within 1 s"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
     // An unknown host.
     let out = f.nixfleet(&["status", "--host", "db-99"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -630,13 +643,32 @@ async fn status_on_a_terminal_is_aligned_coloured_and_fits() {
     }
 }
 
+/// Live processes in process group `pgid`, from /proc.
+fn process_group_members(pgid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // Fields after the parenthesised command name: state, ppid, pgrp, …
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
+        })
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn event_hook_gets_convergence_failure_and_halt_as_json() {
     let tmp = tempfile::tempdir().unwrap();
     let events_file = tmp.path().join("events.jsonl");
-    // The hook writes its input, then dawdles past its timeout: it is killed, logged,
-    // and nothing else waits for it.
-    let hook = format!("cat >> {}; sleep 3", events_file.display());
+    let groups_file = tmp.path().join("groups");
+    // The hook writes its input, then dawdles past its timeout: it is killed with what
+    // it started, logged, and nothing else waits for it.
+    let hook = format!(
+        "cat >> {}; echo $$ >> {}; sleep 30",
+        events_file.display(),
+        groups_file.display()
+    );
     let mut f = Fleet::start(
         &["web-01", "web-02"],
         |_| {},
@@ -740,6 +772,18 @@ async fn event_hook_gets_convergence_failure_and_halt_as_json() {
         },
     )
     .await;
+
+    let groups: Vec<u32> = std::fs::read_to_string(&groups_file)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(groups.len(), 3);
+    wait_for(
+        "the hooks' processes to be gone",
+        Duration::from_secs(5),
+        || groups.iter().all(|g| process_group_members(*g) == 0),
+    );
 
     // The trail the operator reads carries the same reason.
     let trace = f.nixfleet_ok(&["rollout", "trace", &second]);
