@@ -541,16 +541,30 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Some(host) => operator::Query::Host(host),
                 None => operator::Query::Fleet,
             };
-            print!("{}", args.connection.run(query)?);
+            print_text(&args.connection.run(query)?)?;
         }
         Command::Rollout(RolloutCommand::List { connection }) => {
-            print!("{}", connection.run(operator::Query::Rollouts)?)
+            print_text(&connection.run(operator::Query::Rollouts)?)?
         }
         Command::Rollout(RolloutCommand::Trace { id, connection }) => {
-            print!("{}", connection.run(operator::Query::Trace(id))?)
+            print_text(&connection.run(operator::Query::Trace(id))?)?
         }
     }
     Ok(())
+}
+
+/// Writes a command's output; a reader that went away (`| head`) is not an error.
+fn print_text(text: &str) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CliError::io("write", std::path::Path::new("<stdout>"), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {
