@@ -180,3 +180,53 @@ fn a_failing_block_fails_its_page() {
     .expect("a failing block is reported");
     assert!(failure.contains("docs/example.md:7"), "{failure}");
 }
+
+/// The `--flags` a command's `--help` lists (clap's definitions are the source).
+fn help_flags(args: &[&str]) -> Vec<String> {
+    let out = Command::new(bin(args[0]))
+        .args(&args[1..])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?} --help");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut flags: Vec<String> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', '<', ',']).next())
+        .filter(|f| !matches!(*f, "help" | "version"))
+        .map(|f| format!("--{f}"))
+        .collect();
+    flags.dedup();
+    flags
+}
+
+#[test]
+fn every_operator_flag_is_documented() {
+    let doc = std::fs::read_to_string(repo().join("docs/operator-cli.md")).unwrap();
+    let mut checked = 0;
+    for command in [
+        &["nixfleet", "status"][..],
+        &["nixfleet", "rollout", "list"],
+        &["nixfleet", "rollout", "trace"],
+    ] {
+        for flag in help_flags(command) {
+            assert!(
+                doc.contains(&format!("`{flag}")),
+                "{command:?} {flag} is not in docs/operator-cli.md"
+            );
+            checked += 1;
+        }
+    }
+    for flag in help_flags(&["nixfleet-control-plane"])
+        .into_iter()
+        .filter(|f| f.starts_with("--event-hook"))
+    {
+        assert!(
+            doc.contains(&format!("`{flag}")),
+            "{flag} is not documented"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "too few flags found in --help");
+}
