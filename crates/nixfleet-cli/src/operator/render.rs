@@ -208,6 +208,8 @@ struct Table {
     headers: Vec<&'static str>,
     flexible: Vec<usize>,
     rows: Vec<(Vec<Cell>, Vec<String>)>,
+    /// Wrap the last column onto more lines instead of cutting it (reasons).
+    wrap_last: bool,
 }
 
 const GAP: &str = "  ";
@@ -219,7 +221,13 @@ impl Table {
             headers: headers.to_vec(),
             flexible: flexible.to_vec(),
             rows: Vec::new(),
+            wrap_last: false,
         }
+    }
+
+    fn wrapping_last(mut self) -> Table {
+        self.wrap_last = true;
+        self
     }
 
     /// A row, and lines printed under it (already laid out).
@@ -271,10 +279,21 @@ impl Table {
                 .map(|h| ((*h).to_owned(), Tone::Bold))
                 .collect(),
         )];
+        let last_start = widths[..last].iter().sum::<usize>() + GAP.len() * last;
         for (cells, notes) in &self.rows {
-            out.push(line(
-                cells.iter().map(|c| (c.text.clone(), c.tone)).collect(),
-            ));
+            let mut cells: Vec<(String, Tone)> =
+                cells.iter().map(|c| (c.text.clone(), c.tone)).collect();
+            let mut more = Vec::new();
+            if self.wrap_last && width_of(&cells[last].0) > widths[last] {
+                let mut lines = wrap(&cells[last].0, widths[last], 0, 0).into_iter();
+                let tone = cells[last].1;
+                cells[last].0 = lines.next().unwrap_or_default();
+                more = lines
+                    .map(|l| format!("{}{}", " ".repeat(last_start), style.paint(tone, &l)))
+                    .collect();
+            }
+            out.push(line(cells));
+            out.extend(more);
             out.extend(notes.iter().cloned());
         }
         out
@@ -412,19 +431,18 @@ pub fn fleet(report: &StatusReport, style: &Style) -> String {
 /// A decision's detail in a few words: its reason, or its other fields.
 pub fn event_summary(detail: &Value) -> String {
     tidy_times(&match detail {
-        Value::Object(map) => {
-            if let Some(Value::String(reason)) = map.get("reason") {
-                return reason.clone();
-            }
-            map.iter()
+        Value::Object(map) => match map.get("reason") {
+            Some(Value::String(reason)) => reason.clone(),
+            _ => map
+                .iter()
                 .filter(|(k, _)| !matches!(k.as_str(), "action" | "rollout" | "host"))
                 .map(|(k, v)| match v {
                     Value::String(s) => format!("{k} {s}"),
                     other => format!("{k} {other}"),
                 })
                 .collect::<Vec<_>>()
-                .join(", ")
-        }
+                .join(", "),
+        },
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
@@ -445,7 +463,7 @@ fn events_table(events: &[RolloutEventRecord], with_host: bool, style: &Style) -
     } else {
         &["TIME", "ROLLOUT", "EVENT", "REASON"]
     };
-    let mut table = Table::new(headers, &[1, 3]);
+    let mut table = Table::new(headers, &[1, 3]).wrapping_last();
     for e in events {
         let who = if with_host {
             e.hostname.clone().unwrap_or_else(|| "-".to_owned())
@@ -753,6 +771,38 @@ mod tests {
             tidy_times("confirming: deadline 2026-11-27T05:13:54.974190835Z, v1.5"),
             "confirming: deadline 2026-11-27T05:13:54Z, v1.5"
         );
+    }
+
+    #[test]
+    fn long_reasons_in_the_trail_wrap_under_their_column() {
+        let event = |reason: &str| RolloutEventRecord {
+            rollout_id: "r".repeat(64),
+            hostname: Some("web-01".into()),
+            kind: "requeue".into(),
+            detail: serde_json::json!({"action": "requeue", "reason": reason}),
+            at: NOW,
+        };
+        let long = "waiting: offline since 2026-11-27T09:00:00.123456789Z and more words to make it far too long for one line of eighty";
+        let text = trace(
+            &"r".repeat(64),
+            None,
+            &[event(long), event("short")],
+            &Style {
+                width: 80,
+                colour: false,
+            },
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let column = lines[1].find("REASON").unwrap();
+        assert!(
+            lines[2].contains("waiting: offline since 2026-11-27T09:00:00Z"),
+            "{text}"
+        );
+        assert_eq!(lines[3].find(|c: char| c != ' '), Some(column), "{text}");
+        for line in &lines {
+            assert!(width_of(line) <= 80, "{line:?}");
+        }
+        assert!(text.contains("eighty"), "nothing cut:\n{text}");
     }
 
     #[test]
