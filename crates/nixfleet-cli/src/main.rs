@@ -155,7 +155,7 @@ impl ConnectionFlags {
         let width = if tty {
             console::Term::stdout()
                 .size_checked()
-                .map_or(80, |(_, cols)| usize::from(cols).clamp(60, 160))
+                .map_or(80, |(_, cols)| usize::from(cols).clamp(40, 200))
         } else {
             80
         };

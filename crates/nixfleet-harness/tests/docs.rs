@@ -4,6 +4,8 @@
 //! on PATH, HOME pointing into the scratch directory, and `PORT` set to a free port.
 //! Blocks marked plain `sh` are shown to readers but not run (they need root, systemd
 //! or a real fleet).
+//! `set -e` does not stop at a negated command (`! cmd`): a block that shows a refusal
+//! checks it with `if cmd; then false; fi`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
