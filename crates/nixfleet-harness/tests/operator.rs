@@ -229,6 +229,10 @@ async fn status_shows_the_waiting_reason_of_every_host_not_converged() {
             "{name}'s reason is not under its row:\n{text}"
         );
     }
+    assert!(
+        text.contains("stable   stable@1111111  wave 1 active"),
+        "{text}"
+    );
     assert!(text.contains("waiting: budget"), "{text}");
     assert!(text.contains("confirming: deadline"), "{text}");
     assert!(text.contains("waiting: not seen since"), "{text}");
@@ -414,6 +418,31 @@ fn check_event(e: &Value) {
     assert!(!e["detail"].is_null(), "{e}");
 }
 
+fn check_rollout(r: &Value) {
+    assert_eq!(
+        keys(r),
+        set(&[
+            "rollout_id",
+            "channel",
+            "display_name",
+            "state",
+            "opened_at",
+            "hosts"
+        ]),
+        "{r}"
+    );
+    assert!(
+        r["rollout_id"].is_string() && r["channel"].is_string(),
+        "{r}"
+    );
+    assert!(
+        is_opt_str(&r["display_name"]) && is_time(&r["opened_at"]),
+        "{r}"
+    );
+    assert!(r["state"].is_string() || r["state"].is_object(), "{r}");
+    assert!(r["hosts"].is_object(), "{r}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_json_has_the_documented_shape() {
     let f = mixed_fleet().await;
@@ -426,6 +455,7 @@ async fn status_json_has_the_documented_shape() {
             "version",
             "fleet_signed_at",
             "last_tick_at",
+            "rollouts",
             "hosts"
         ])
     );
@@ -438,6 +468,11 @@ async fn status_json_has_the_documented_shape() {
     assert!(is_time(&status["fleet_signed_at"]) && is_time(&status["last_tick_at"]));
     for h in status["hosts"].as_array().unwrap() {
         check_host(h);
+    }
+    let current = status["rollouts"].as_array().unwrap();
+    assert_eq!(current.len(), 1, "one rollout per channel: {status:#}");
+    for r in current {
+        check_rollout(r);
     }
 
     let detail: Value =
@@ -452,22 +487,7 @@ async fn status_json_has_the_documented_shape() {
 
     let list: Value = serde_json::from_str(&f.nixfleet_ok(&["rollout", "list", "--json"])).unwrap();
     for r in list.as_array().unwrap() {
-        assert_eq!(
-            keys(r),
-            set(&[
-                "rollout_id",
-                "channel",
-                "display_name",
-                "state",
-                "opened_at",
-                "hosts"
-            ]),
-            "{r}"
-        );
-        assert!(r["rollout_id"].is_string() && r["channel"].is_string());
-        assert!(is_opt_str(&r["display_name"]) && is_time(&r["opened_at"]));
-        assert!(r["state"].is_string() || r["state"].is_object());
-        assert!(r["hosts"].is_object());
+        check_rollout(r);
     }
     let rollout = rollout_id(&f.forge_dir, "stable");
     let trace: Value =
@@ -625,6 +645,7 @@ async fn status_on_a_terminal_is_aligned_coloured_and_fits() {
         "HOST",
         &["web-01", "web-02", "web-03", "web-04"],
     );
+    assert_aligned(&captured[0], "CHANNEL", &["stable "]);
     assert_aligned(&captured[2], "ROLLOUT", &[&rollout[..12]]);
     assert_aligned(&captured[3], "TIME", &[]);
     assert!(captured[0].contains("  waiting: budget"), "{}", captured[0]);

@@ -136,6 +136,9 @@ pub struct StatusReport {
     pub fleet_signed_at: Option<OffsetDateTime>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub last_tick_at: Option<OffsetDateTime>,
+    /// The newest rollout of each channel, by channel.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutStatus>,
     /// Every host of the verified fleet, by name.
     pub hosts: Vec<HostStatus>,
 }

@@ -213,12 +213,23 @@ async fn fleet_report(
 ) -> Result<StatusReport, OperatorError> {
     let health: Healthz = client.get_json("/healthz").await?;
     let hosts: Vec<HostStatus> = client.get_json("/v1/hosts").await?;
+    let all: Vec<RolloutStatus> = client.get_json("/v1/rollouts").await?;
+    let mut newest: std::collections::BTreeMap<String, RolloutStatus> = Default::default();
+    for r in all {
+        match newest.get(&r.channel) {
+            Some(kept) if kept.opened_at >= r.opened_at => {}
+            _ => {
+                newest.insert(r.channel.clone(), r);
+            }
+        }
+    }
     Ok(StatusReport {
         control_plane: conn.url.clone(),
         generated_at: OffsetDateTime::now_utc(),
         version: Some(health.version),
         fleet_signed_at: health.fleet_signed_at,
         last_tick_at: health.last_tick_at,
+        rollouts: newest.into_values().collect(),
         hosts,
     })
 }

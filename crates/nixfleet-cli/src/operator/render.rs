@@ -360,6 +360,26 @@ pub fn fleet(report: &StatusReport, style: &Style) -> String {
         &format!("{}  {signed}", report.control_plane),
         style.width,
     ));
+    if !report.rollouts.is_empty() {
+        let mut rollouts = Table::new(&["CHANNEL", "ROLLOUT", "STATE"], &[0, 1, 2]).wrapping_last();
+        for r in &report.rollouts {
+            rollouts.row(
+                vec![
+                    cell(r.channel.clone(), Tone::Plain),
+                    cell(
+                        r.display_name
+                            .clone()
+                            .unwrap_or_else(|| short_id(&r.rollout_id).to_owned()),
+                        Tone::Plain,
+                    ),
+                    cell(rollout_state_text(&r.state), rollout_tone(&r.state)),
+                ],
+                Vec::new(),
+            );
+        }
+        out.extend(rollouts.render(style));
+        out.push(String::new());
+    }
     let mut table = Table::new(
         &[
             "HOST",
@@ -580,6 +600,10 @@ pub fn rollout_state_text(state: &Value) -> String {
                 if failures == 1 { "" } else { "s" }
             )
         }
+        "pending" => match fields.and_then(|f| f.get("reason")).and_then(Value::as_str) {
+            Some(reason) => format!("pending: {reason}"),
+            None => name,
+        },
         _ => name,
     }
 }
@@ -699,6 +723,14 @@ mod tests {
             version: Some("0.1.0".into()),
             fleet_signed_at: Some(NOW - time::Duration::minutes(5)),
             last_tick_at: Some(NOW),
+            rollouts: vec![RolloutStatus {
+                rollout_id: "f".repeat(64),
+                channel: "stable".into(),
+                display_name: Some("stable@1111111".into()),
+                state: serde_json::json!({"executing": {"wave": 1, "phase": "active"}}),
+                opened_at: NOW,
+                hosts: Default::default(),
+            }],
             hosts,
         }
     }
@@ -727,7 +759,9 @@ mod tests {
         assert!(!text.contains("\x1b["), "no colour when not asked");
         // The header and the rows start every column at the same offset.
         let lines: Vec<&str> = text.lines().collect();
-        let state_col = lines[1].find("STATE").unwrap();
+        assert_eq!(lines[2], "stable   stable@1111111  wave 1 active", "{text}");
+        let header = lines.iter().position(|l| l.starts_with("HOST")).unwrap();
+        let state_col = lines[header].find("STATE").unwrap();
         let web02 = lines.iter().find(|l| l.starts_with("web-02")).unwrap();
         assert_eq!(&web02[state_col..state_col + 6], "queued");
         assert!(text.contains("3 hosts: 1 converged, 2 not converged, 0 offline"));
