@@ -41,6 +41,8 @@ fn closures(hosts: &[Host], generation: u32) -> Value {
 /// A fleet in channel `stable` (wave 0: the first host; wave 1: the rest), released and
 /// served, with a control plane running and every host enrolled.
 struct Fleet {
+    /// Check-in loops that keep hosts online while a test looks at them.
+    keepalive: Vec<tokio::task::JoinHandle<()>>,
     cp: Cp,
     port: u16,
     hosts: Vec<Host>,
@@ -87,7 +89,26 @@ impl Fleet {
             _forge: forge,
             pki,
             _tmp: tmp,
+            keepalive: Vec::new(),
         }
+    }
+
+    /// Host `i` checks in every 2 s running `generation`, as its agent would, so that it
+    /// stays online however long the test takes.
+    fn keep_online(&mut self, i: usize, generation: u32) {
+        let client = self.client(i);
+        let body = checkin_body(
+            self.name(i),
+            &store_closure(self.name(i), generation),
+            None,
+            json!([]),
+        );
+        self.keepalive.push(tokio::spawn(async move {
+            loop {
+                let _ = client.try_post("/v1/agent/checkin", &body).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }));
     }
 
     fn client(&self, i: usize) -> Client {
@@ -158,7 +179,7 @@ fn one_web_host_at_a_time(fleet: &mut Value) {
 /// web-01 converged; web-02 dispatched and confirming; web-03 held by the budget; web-04
 /// never seen.
 async fn mixed_fleet() -> Fleet {
-    let f = Fleet::start(
+    let mut f = Fleet::start(
         &["web-01", "web-02", "web-03", "web-04"],
         one_web_host_at_a_time,
         &[],
@@ -194,7 +215,18 @@ async fn mixed_fleet() -> Fleet {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    f.keep_online(0, 1);
+    f.keep_online(1, 0);
+    f.keep_online(2, 0);
     f
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for task in &self.keepalive {
+            task.abort();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
