@@ -178,6 +178,17 @@ let
       example = "127.0.0.1:9464";
       description = "Plain-HTTP listener for /metrics; keep it on loopback.";
     };
+    eventHook = {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/nixfleet/cp/notify-chat";
+      description = "Command run (through `/bin/sh -c`) for rollout events (halted, converged, host failed), with the event as one JSON object on stdin. It runs as the service's user under the unit's sandbox, one event at a time; failures are logged.";
+    };
+    eventHookTimeoutSecs = {
+      type = types.ints.positive;
+      default = 10;
+      description = "How long one run of {option}`eventHook` may take before it is killed, seconds.";
+    };
     drainTimeoutSecs = {
       type = types.ints.unsigned;
       default = 10;

@@ -1,9 +1,10 @@
 //! The `nixfleet` operator CLI (SPEC.md §8): keys, trust roots, releases, offline
-//! verification and bootstrap tokens. `main.rs` holds the flag definitions; the work is
+//! verification, bootstrap tokens, and the fleet's status from a running control plane. `main.rs` holds the flag definitions; the work is
 //! here so that it can be tested without spawning the binary.
 
 pub mod commands;
 pub mod files;
+pub mod operator;
 pub mod pki;
 pub mod release;
 pub mod signer;
@@ -44,6 +45,8 @@ pub enum CliError {
     SignCommand { command: String, reason: String },
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Operator(#[from] operator::OperatorError),
     #[error("{context}: {source}")]
     Pki {
         context: String,

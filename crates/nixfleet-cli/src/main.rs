@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use nixfleet_cli::commands::{self, MintToken, TokenKey, TrustInit, VerifyTarget};
-use nixfleet_cli::pki;
 use nixfleet_cli::signer::Signer;
 use nixfleet_cli::CliError;
+use nixfleet_cli::{operator, pki};
 use nixfleet_proto::Algorithm;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 #[command(
     name = "nixfleet",
     version,
-    about = "Operator tools for nixfleet: keys, trust roots, signed releases, offline verification, bootstrap tokens"
+    about = "Operator tools for nixfleet: keys, trust roots, signed releases, offline verification, bootstrap tokens, fleet status"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -58,6 +58,117 @@ enum Command {
     /// Issue certificates from the fleet CA (hosts get theirs by enrolling).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The fleet as the control plane sees it: per host, closures, state, how stale, and
+    /// why it waits; `--host H` for one host and its recent events.
+    Status(StatusArgs),
+    /// Rollouts: list them, or trace one's events with the reconciler's reasons.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+/// Where the control plane and the operator certificate are. Each flag falls back to its
+/// environment variable, then to the config file (see docs/operator-cli.md).
+#[derive(Args)]
+struct ConnectionFlags {
+    /// Control-plane URL, e.g. https://cp.example.org:8443.
+    #[arg(long, env = "NIXFLEET_URL")]
+    url: Option<String>,
+    /// Fleet CA certificate that issued the control plane's certificate (ca.pem).
+    #[arg(long, env = "NIXFLEET_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Operator certificate (`nixfleet cert operator`).
+    #[arg(long, env = "NIXFLEET_CERT")]
+    cert: Option<PathBuf>,
+    /// Operator private key.
+    #[arg(long, env = "NIXFLEET_KEY")]
+    key: Option<PathBuf>,
+    /// Timeout of each request, seconds [default: 10].
+    #[arg(long, env = "NIXFLEET_TIMEOUT_SECS")]
+    timeout_secs: Option<u64>,
+    /// Config file [default: $XDG_CONFIG_HOME/nixfleet/config.toml].
+    #[arg(long, env = "NIXFLEET_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// When to colour the output.
+    #[arg(long, value_enum, default_value = "auto")]
+    color: ColorChoice,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ColorChoice {
+    /// When stdout is a terminal and NO_COLOR is not set.
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Show one host in detail, with its recent events.
+    #[arg(long)]
+    host: Option<String>,
+    #[command(flatten)]
+    connection: ConnectionFlags,
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Every rollout the control plane knows, newest first.
+    List {
+        #[command(flatten)]
+        connection: ConnectionFlags,
+    },
+    /// One rollout's event trail, oldest first, with the reasons the reconciler gave.
+    Trace {
+        /// Rollout id, a unique prefix of it, or its name (stable@1a2b3c4).
+        id: String,
+        #[command(flatten)]
+        connection: ConnectionFlags,
+    },
+}
+
+impl ConnectionFlags {
+    fn args(&self) -> operator::config::ConnectionArgs {
+        operator::config::ConnectionArgs {
+            url: self.url.clone(),
+            ca_cert: self.ca_cert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            timeout_secs: self.timeout_secs,
+            config: self.config.clone(),
+        }
+    }
+
+    /// Colour and width for stdout; a spinner only when stderr is a terminal.
+    fn ui(&self) -> operator::Ui {
+        use std::io::IsTerminal;
+        let tty = std::io::stdout().is_terminal();
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
+        let colour = match self.color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => tty && !no_color && !dumb,
+        };
+        let width = if tty {
+            console::Term::stdout()
+                .size_checked()
+                .map_or(80, |(_, cols)| usize::from(cols).clamp(40, 200))
+        } else {
+            80
+        };
+        operator::Ui {
+            json: self.json,
+            style: operator::render::Style { width, colour },
+            spinner: std::io::stderr().is_terminal() && !dumb,
+        }
+    }
+
+    fn run(&self, query: operator::Query) -> Result<String, CliError> {
+        Ok(operator::run(&query, &self.args(), self.ui())?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -425,8 +536,35 @@ fn run(cli: Cli) -> Result<(), CliError> {
             out: dir,
             validity_days,
         })?),
+        Command::Status(args) => {
+            let query = match args.host {
+                Some(host) => operator::Query::Host(host),
+                None => operator::Query::Fleet,
+            };
+            print_text(&args.connection.run(query)?)?;
+        }
+        Command::Rollout(RolloutCommand::List { connection }) => {
+            print_text(&connection.run(operator::Query::Rollouts)?)?
+        }
+        Command::Rollout(RolloutCommand::Trace { id, connection }) => {
+            print_text(&connection.run(operator::Query::Trace(id))?)?
+        }
     }
     Ok(())
+}
+
+/// Writes a command's output; a reader that went away (`| head`) is not an error.
+fn print_text(text: &str) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CliError::io("write", std::path::Path::new("<stdout>"), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {

@@ -15,14 +15,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use nixfleet_pki::{FleetCa, HostExpectation, Role};
-use nixfleet_proto::api::{ChannelStatus, Healthz};
+use nixfleet_proto::api::{
+    state_name, ChannelStatus, Healthz, HostDetail, HostStatus, RolloutEventRecord, RolloutStatus,
+};
 use nixfleet_proto::wire::{
     CheckinRequest, CheckinResponse, ConfirmRequest, EnrollRequest, EnrollResponse, ErrorBody,
     RenewRequest, RenewResponse, ReportResponse, PROTOCOL_HEADER, PROTOCOL_MAJOR,
 };
 use nixfleet_reconciler::HostState;
 use nixfleet_trust::verify::{self, Limits, VerifyError};
-use serde::Serialize;
 use time::OffsetDateTime;
 use tower_http::timeout::TimeoutLayer;
 
@@ -749,21 +750,7 @@ async fn channel(
     }))
 }
 
-/// One host as operators see it.
-#[derive(Debug, Serialize)]
-struct HostView {
-    name: String,
-    channel: String,
-    declared_closure: Option<String>,
-    current_closure: Option<String>,
-    last_checkin: Option<String>,
-    online: bool,
-    rollout: Option<String>,
-    rollout_state: Option<String>,
-    waiting: Option<String>,
-}
-
-fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> Option<HostView> {
+fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> Option<HostStatus> {
     let host = fleet.fleet.value.hosts.get(name)?;
     let attestation = app.shared.attestations.get(name);
     let now = OffsetDateTime::now_utc();
@@ -771,43 +758,88 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
         (now - a.last_seen).whole_seconds() <= i64::from(app.checkin_interval_secs) * 3
     });
     let stored = app.shared.stored();
-    let (rollout, rollout_state) = stored
+    let newest = stored
         .rollouts
         .iter()
         .filter(|(_, r)| r.channel == host.channel)
-        .max_by_key(|(_, r)| r.opened_at)
-        .map(|(id, r)| {
-            let state = r
-                .hosts
-                .get(name)
-                .map(|h| serde_json::to_value(&h.state).ok())
-                .unwrap_or_else(|| Some(serde_json::json!("queued")));
-            (
-                Some(id.clone()),
-                state.map(|s| match s {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                }),
+        .max_by_key(|(_, r)| r.opened_at);
+    let host_state = newest.and_then(|(_, r)| r.hosts.get(name).map(|h| &h.state));
+    let rollout = newest.map(|(id, _)| id.clone());
+    let rollout_state = newest.map(|_| {
+        host_state
+            .and_then(|s| serde_json::to_value(s).ok())
+            .map_or_else(|| "queued".to_owned(), |s| state_name(&s))
+    });
+    let current_closure = attestation.as_ref().and_then(|a| a.current_closure.clone());
+    let converged = current_closure.is_some() && current_closure == host.closure_hash;
+    let directives = app.shared.directives();
+    let waiting = directives.reasons.get(name).cloned().or_else(|| {
+        (!converged).then(|| {
+            fallback_reason(
+                app,
+                attestation.as_ref(),
+                online,
+                host.closure_hash.is_none(),
+                host_state,
+                directives.channel_reasons.get(&host.channel),
             )
         })
-        .unwrap_or((None, None));
-    Some(HostView {
+    });
+    Some(HostStatus {
         name: name.to_owned(),
         channel: host.channel.clone(),
         declared_closure: host.closure_hash.clone(),
-        current_closure: attestation.as_ref().and_then(|a| a.current_closure.clone()),
-        last_checkin: attestation.as_ref().map(|a| rfc3339(a.last_seen)),
+        current_closure,
+        last_checkin: attestation.as_ref().map(|a| a.last_seen),
         online,
+        converged,
         rollout,
         rollout_state,
-        waiting: app.shared.directives().reasons.get(name).cloned(),
+        waiting,
     })
+}
+
+/// Why a host that is not on its declared closure, and that the last tick gave no reason
+/// for (it acted on the host, or the host is in no live rollout), is where it is: its
+/// state in the channel's newest rollout first, then what the check-ins say.
+fn fallback_reason(
+    app: &App,
+    attestation: Option<&nixfleet_reconciler::Attestation>,
+    online: bool,
+    undeclared: bool,
+    host_state: Option<&HostState>,
+    channel_reason: Option<&String>,
+) -> String {
+    match host_state {
+        Some(HostState::Dispatched) => {
+            return "dispatched: target goes out at the next check-in".to_owned()
+        }
+        Some(HostState::ConfirmWindow { deadline }) => {
+            return format!("confirming: deadline {}", rfc3339(*deadline))
+        }
+        Some(HostState::Failed { reason, .. }) => return format!("failed: {reason}"),
+        Some(HostState::RollingBack) => return "rolling back: rollback signal sent".to_owned(),
+        Some(HostState::Reverted) => return "reverted".to_owned(),
+        _ => {}
+    }
+    match attestation {
+        _ if undeclared => "waiting: the fleet declares no closure for this host".to_owned(),
+        None => format!(
+            "waiting: not seen since {} (control plane start)",
+            rfc3339(app.shared.started_at)
+        ),
+        Some(a) if !online => format!("waiting: offline since {}", rfc3339(a.last_seen)),
+        Some(_) => match channel_reason {
+            Some(why) => why.clone(),
+            None => "waiting: next reconcile tick".to_owned(),
+        },
+    }
 }
 
 async fn list_hosts(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
-) -> ApiResult<Json<Vec<HostView>>> {
+) -> ApiResult<Json<Vec<HostStatus>>> {
     require_operator(&peer)?;
     let fleet = app
         .shared
@@ -824,29 +856,13 @@ async fn list_hosts(
     ))
 }
 
-#[derive(Serialize)]
-struct HostDetail {
-    #[serde(flatten)]
-    host: HostView,
-    events: Vec<EventView>,
-}
-
-#[derive(Serialize)]
-struct EventView {
-    rollout_id: String,
-    hostname: Option<String>,
-    kind: String,
-    detail: serde_json::Value,
-    at: String,
-}
-
-fn event_view(e: crate::db::Event) -> EventView {
-    EventView {
+fn event_view(e: crate::db::Event) -> RolloutEventRecord {
+    RolloutEventRecord {
         detail: serde_json::from_str(&e.reason).unwrap_or(serde_json::Value::String(e.reason)),
         rollout_id: e.rollout_id,
         hostname: e.hostname,
         kind: e.kind,
-        at: rfc3339(e.at),
+        at: e.at,
     }
 }
 
@@ -876,20 +892,10 @@ async fn host(
     Ok(Json(HostDetail { host, events }))
 }
 
-#[derive(Serialize)]
-struct RolloutView {
-    rollout_id: String,
-    channel: String,
-    display_name: Option<String>,
-    state: serde_json::Value,
-    opened_at: String,
-    hosts: std::collections::BTreeMap<String, serde_json::Value>,
-}
-
 async fn list_rollouts(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
-) -> ApiResult<Json<Vec<RolloutView>>> {
+) -> ApiResult<Json<Vec<RolloutStatus>>> {
     require_operator(&peer)?;
     let fleet = app.shared.fleet();
     let stored = app.shared.stored();
@@ -897,7 +903,7 @@ async fn list_rollouts(
         stored
             .rollouts
             .iter()
-            .map(|(id, r)| RolloutView {
+            .map(|(id, r)| RolloutStatus {
                 rollout_id: id.clone(),
                 channel: r.channel.clone(),
                 display_name: fleet
@@ -905,7 +911,7 @@ async fn list_rollouts(
                     .and_then(|f| f.manifests.get(id))
                     .map(|m| m.value.display_name.clone()),
                 state: serde_json::to_value(&r.state).unwrap_or_default(),
-                opened_at: rfc3339(r.opened_at),
+                opened_at: r.opened_at,
                 hosts: r
                     .hosts
                     .iter()
@@ -925,7 +931,7 @@ async fn rollout_trace(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Vec<EventView>>> {
+) -> ApiResult<Json<Vec<RolloutEventRecord>>> {
     require_operator(&peer)?;
     let events = app
         .db

@@ -153,4 +153,18 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests, seconds.
     #[arg(long, env = "NIXFLEET_CP_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,
+
+    /// Command run (through `/bin/sh -c`) for rollout events (halted, converged, host failed),
+    /// with the event as one JSON object on stdin. Runs in the background, one event at a
+    /// time; failures are logged.
+    #[arg(long, env = "NIXFLEET_CP_EVENT_HOOK")]
+    pub event_hook: Option<String>,
+
+    /// How long one run of --event-hook may take before it is killed, seconds.
+    #[arg(
+        long,
+        env = "NIXFLEET_CP_EVENT_HOOK_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    pub event_hook_timeout_secs: u64,
 }

@@ -7,6 +7,7 @@ mod clock;
 mod config;
 mod db;
 mod fetch;
+mod hook;
 mod metrics;
 mod poll;
 mod server;
@@ -168,10 +169,24 @@ async fn run(config: Config) -> Result<(), String> {
         confirm_window_secs: config.confirm_deadline_secs,
         offline_after_secs: u64::from(config.checkin_interval_secs) * 3,
     };
+    let event_hook = config.event_hook.clone().map(|command| {
+        tracing::info!(command = %command, "event hook configured");
+        let (hook, task) = hook::EventHook::start(
+            command,
+            Duration::from_secs(config.event_hook_timeout_secs.max(1)),
+            metrics.clone(),
+            stopped.clone(),
+        );
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
+        hook
+    });
     tasks.spawn(tick_loop(
         shared.clone(),
         db.clone(),
         tick_config,
+        event_hook,
         Duration::from_secs(config.tick_interval_secs.max(1)),
         stopped.clone(),
     ));
@@ -194,11 +209,12 @@ async fn tick_loop(
     shared: Arc<Shared>,
     db: Arc<Db>,
     config: tick::TickConfig,
+    event_hook: Option<hook::EventHook>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        match tick::run_tick(&shared, &db, config).await {
+        match tick::run_tick(&shared, &db, config, event_hook.as_ref()).await {
             Ok(_) => {}
             Err(e) => tracing::error!("reconcile tick failed: {e}"),
         }

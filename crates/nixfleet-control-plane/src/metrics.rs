@@ -27,6 +27,9 @@ pub struct Metrics {
     pub revocations_ok: AtomicU64,
     pub revocations_failed: AtomicU64,
     pub revocations_last_success: AtomicU64,
+    pub hook_ok: AtomicU64,
+    pub hook_failed: AtomicU64,
+    pub hook_dropped: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -125,6 +128,15 @@ impl Metrics {
                 ),
             ],
         );
+        counter(
+            "nixfleet_event_hook_runs_total",
+            "Runs of --event-hook by result (dropped: the hook fell too far behind).",
+            &[
+                ("{result=\"ok\"}", &self.hook_ok),
+                ("{result=\"failed\"}", &self.hook_failed),
+                ("{result=\"dropped\"}", &self.hook_dropped),
+            ],
+        );
         let _ = writeln!(out, "# HELP nixfleet_poll_last_success_timestamp_seconds Last successful poll.\n# TYPE nixfleet_poll_last_success_timestamp_seconds gauge");
         let _ = writeln!(
             out,
@@ -164,5 +176,32 @@ impl Metrics {
         );
         let _ = writeln!(out, "nixfleet_request_duration_seconds_count {count}");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_in_the_metrics_reference() {
+        let text = Metrics::default().render(None, 0, 0);
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/metrics.md"
+        ))
+        .unwrap();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(names.len() > 10, "{text}");
+        for name in names {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is missing from docs/metrics.md"
+            );
+        }
     }
 }

@@ -13,6 +13,7 @@ use nixfleet_reconciler::{
 use time::OffsetDateTime;
 
 use crate::db::{Db, Event, TickWrites};
+use crate::hook::EventHook;
 use crate::state::{replace, Directives, Shared};
 
 /// Settings of the tick that come from flags.
@@ -30,6 +31,7 @@ pub async fn run_tick(
     shared: &Shared,
     db: &Db,
     config: TickConfig,
+    hook: Option<&EventHook>,
 ) -> Result<bool, crate::db::DbError> {
     let now = OffsetDateTime::now_utc();
     let Some(snapshot) = shared.fleet() else {
@@ -70,6 +72,10 @@ pub async fn run_tick(
     }
     if changed || !writes.events.is_empty() {
         db.write_tick(writes, now).await?;
+    }
+    // Only after the events are durable: the hook never announces what a crash could undo.
+    if let Some(hook) = hook {
+        hook.send(crate::hook::events_of(&plan.actions, &new, now));
     }
     let directives = directives(&new, &snapshot.manifests, &plan, config.confirm_window_secs);
     replace(&shared.stored, Arc::new(new));

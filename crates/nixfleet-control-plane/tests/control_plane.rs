@@ -87,44 +87,6 @@ fn sh(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Checks in until the answer carries a target (or `timeout`).
-async fn until_target(client: &Client, host: &str, current: &str) -> Value {
-    let mut last = Value::Null;
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        let r = client
-            .post(
-                "/v1/agent/checkin",
-                &checkin_body(host, current, None, json!([])),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        last = r.json();
-        if !last["target"].is_null() {
-            return last["target"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{host} never got a target; last answer {last}");
-}
-
-/// What an agent does after activating: confirm, then report the new closure.
-async fn activate(client: &Client, host: &str, target: &Value) -> u16 {
-    let closure = target["closureHash"].as_str().unwrap();
-    let r = client
-        .post(
-            "/v1/agent/confirm",
-            &confirm_body(
-                host,
-                target["rolloutId"].as_str().unwrap(),
-                target["waveIndex"].as_u64().unwrap() as u32,
-                closure,
-            ),
-        )
-        .await;
-    r.status
-}
-
 async fn rollout_state(op: &Client, rollout: &str) -> Value {
     let list = op.get("/v1/rollouts").await.json();
     list.as_array()

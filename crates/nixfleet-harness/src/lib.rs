@@ -769,6 +769,45 @@ pub fn confirm_body(host: &str, rollout: &str, wave: u32, closure: &str) -> Valu
            "generation": {"closureHash": closure, "bootId": "boot-1"}})
 }
 
+/// Checks in as `host` (running `current`) until the answer carries a target; panics
+/// after 20 s.
+pub async fn until_target(client: &Client, host: &str, current: &str) -> Value {
+    let mut last = Value::Null;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let r = client
+            .post(
+                "/v1/agent/checkin",
+                &checkin_body(host, current, None, json!([])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        last = r.json();
+        if !last["target"].is_null() {
+            return last["target"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{host} never got a target; last answer {last}");
+}
+
+/// What an agent does after activating: confirm, then report the new closure.
+pub async fn activate(client: &Client, host: &str, target: &Value) -> u16 {
+    let closure = target["closureHash"].as_str().unwrap();
+    let r = client
+        .post(
+            "/v1/agent/confirm",
+            &confirm_body(
+                host,
+                target["rolloutId"].as_str().unwrap(),
+                target["waveIndex"].as_u64().unwrap() as u32,
+                closure,
+            ),
+        )
+        .await;
+    r.status
+}
+
 pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }

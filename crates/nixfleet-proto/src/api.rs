@@ -33,3 +33,112 @@ pub struct ChannelStatus {
     #[serde(default)]
     pub waiting: Option<String>,
 }
+
+/// One host as operators see it: an entry of `GET /v1/hosts`, and the head of
+/// `GET /v1/hosts/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub name: String,
+    pub channel: String,
+    /// The closure the verified fleet declares for the host.
+    pub declared_closure: Option<String>,
+    /// The closure the host last said it runs.
+    pub current_closure: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_checkin: Option<OffsetDateTime>,
+    pub online: bool,
+    /// The host runs its declared closure.
+    #[serde(default)]
+    pub converged: bool,
+    /// The newest rollout of the host's channel.
+    pub rollout: Option<String>,
+    /// The host's state in that rollout (`queued`, `dispatched`, `confirmWindow`,
+    /// `healthy`, `soaked`, `converged`, `failed`, `rollingBack`, `reverted`).
+    pub rollout_state: Option<String>,
+    /// Why the host is where it is; set for every host that is not converged.
+    pub waiting: Option<String>,
+}
+
+/// `GET /v1/hosts/{name}`: the host and its most recent events, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDetail {
+    #[serde(flatten)]
+    pub host: HostStatus,
+    pub events: Vec<RolloutEventRecord>,
+}
+
+/// One entry of a rollout's event trail: a decision of the reconciler, with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutEventRecord {
+    pub rollout_id: String,
+    pub hostname: Option<String>,
+    /// The decision (`open`, `start`, `dispatch`, `deliver`, `confirm`, `fail`, `halt`, …).
+    pub kind: String,
+    /// The decision as the reconciler recorded it (`reason`, `wave`, `deadline`, …).
+    pub detail: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// An entry of `GET /v1/rollouts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub rollout_id: String,
+    pub channel: String,
+    /// `<channel>@<short commit>`, from the signed manifest.
+    pub display_name: Option<String>,
+    /// The rollout state as the reconciler stores it: a name (`"converged"`) or an
+    /// object naming it (`{"executing": {"wave": 1, "phase": "active"}}`).
+    pub state: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub opened_at: OffsetDateTime,
+    /// Hostname → the host's state in this rollout, in the same form as `state`.
+    pub hosts: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// The name of a state stored as `"name"` or `{"name": {…}}`.
+pub fn state_name(state: &serde_json::Value) -> String {
+    match state {
+        serde_json::Value::String(name) => name.clone(),
+        serde_json::Value::Object(map) => map.keys().next().cloned().unwrap_or_default(),
+        other => other.to_string(),
+    }
+}
+
+/// What `--event-hook` receives on stdin, one JSON object per run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookEvent {
+    /// `rollout_halted`, `rollout_converged` or `host_failed`.
+    pub event: String,
+    pub rollout_id: String,
+    pub channel: Option<String>,
+    pub hostname: Option<String>,
+    /// The reason the reconciler gave, when it gave one.
+    pub reason: Option<String>,
+    /// The reconciler's decision, as in the rollout trail.
+    pub detail: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// `nixfleet status --json`: the fleet as one control plane sees it. Fields are only
+/// ever added, never renamed or removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The control plane's URL.
+    pub control_plane: String,
+    /// When the CLI asked.
+    #[serde(with = "time::serde::rfc3339")]
+    pub generated_at: OffsetDateTime,
+    /// The control plane's version, from `/healthz`.
+    pub version: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub fleet_signed_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_tick_at: Option<OffsetDateTime>,
+    /// The newest rollout of each channel, by channel.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutStatus>,
+    /// Every host of the verified fleet, by name.
+    pub hosts: Vec<HostStatus>,
+}

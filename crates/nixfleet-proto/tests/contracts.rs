@@ -124,3 +124,30 @@ fn manifest_membership_uses_the_sorted_host_set() {
     assert!(!m.contains("b", 1, "c1"), "wrong closure");
     assert!(!m.contains("c", 0, "c1"), "not in the rollout");
 }
+
+#[test]
+fn operator_host_detail_is_the_host_plus_its_events_in_snake_case() {
+    use nixfleet_proto::api::{state_name, HostDetail};
+    let text = r#"{"name": "web-03", "channel": "stable",
+        "declared_closure": "a-x", "current_closure": null, "last_checkin": null,
+        "online": false, "converged": false, "rollout": null, "rollout_state": null,
+        "waiting": "waiting: not seen since 2026-11-27T10:00:00Z",
+        "events": [{"rollout_id": "r", "hostname": "web-03", "kind": "dispatch",
+                    "detail": {"action": "dispatch", "wave": 1}, "at": "2026-11-27T10:00:01Z"}],
+        "added_later": 1}"#;
+    let detail: HostDetail = serde_json::from_str(text).unwrap();
+    assert_eq!(detail.host.name, "web-03");
+    assert_eq!(detail.events[0].kind, "dispatch");
+    let back = serde_json::to_value(&detail).unwrap();
+    assert!(back.get("host").is_none(), "flattened: {back}");
+    assert_eq!(
+        back["waiting"],
+        detail.host.waiting.clone().unwrap().as_str()
+    );
+    assert_eq!(back["last_checkin"], serde_json::Value::Null);
+    assert_eq!(
+        state_name(&serde_json::json!({"halted": {"wave": 0}})),
+        "halted"
+    );
+    assert_eq!(state_name(&serde_json::json!("converged")), "converged");
+}
