@@ -65,6 +65,7 @@ impl Attestations {
                         last_confirmed_at: req.last_confirmed_at,
                         failed_targets: req.failed_targets.clone(),
                         failed_units: req.health.failed_units,
+                        health_at: Some(now),
                         delivered: None,
                     },
                 );
@@ -76,7 +77,9 @@ impl Attestations {
                     || a.failed_targets != req.failed_targets
                     || a.failed_units != req.health.failed_units
                     || (req.last_confirmed_at.is_some()
-                        && a.last_confirmed_at != req.last_confirmed_at);
+                        && a.last_confirmed_at != req.last_confirmed_at)
+                    // The first health report since a confirm can let the host soak.
+                    || a.health_at < a.last_confirmed_at;
                 a.last_seen = now;
                 a.current_closure = Some(req.current_generation.closure_hash.clone());
                 // The CP's own confirm record is at least as recent as the agent's word.
@@ -85,6 +88,7 @@ impl Attestations {
                 }
                 a.failed_targets = req.failed_targets.clone();
                 a.failed_units = req.health.failed_units;
+                a.health_at = Some(now);
                 if changed {
                     Change::Changed
                 } else {
@@ -127,6 +131,7 @@ impl Attestations {
                     last_confirmed_at: None,
                     failed_targets: Vec::new(),
                     failed_units: 0,
+                    health_at: None,
                     delivered: None,
                 });
             a.last_seen = now;

@@ -805,6 +805,21 @@ pub async fn activate(client: &Client, host: &str, target: &Value) -> u16 {
             ),
         )
         .await;
+    if r.status == 204 {
+        // The check-in that follows a confirm carries the health of the new closure.
+        let after = client
+            .post(
+                "/v1/agent/checkin",
+                &checkin_body(host, closure, None, json!([])),
+            )
+            .await;
+        assert_eq!(
+            after.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&after.body)
+        );
+    }
     r.status
 }
 

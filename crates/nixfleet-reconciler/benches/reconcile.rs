@@ -170,11 +170,13 @@ fn input() -> Input {
                 last_confirmed_at: Some(NOW - Duration::days(3)),
                 failed_targets: vec![],
                 failed_units: 0,
+                health_at: None,
                 delivered: None,
             };
             if k % 200 == 7 {
                 att.last_seen = NOW - Duration::hours(1);
             }
+            att.health_at = Some(att.last_seen);
             let record = |state: HostState, confirmed: Option<OffsetDateTime>| HostRecord {
                 state,
                 since: NOW - Duration::minutes(5),

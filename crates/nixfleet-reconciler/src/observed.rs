@@ -48,6 +48,10 @@ pub struct Attestation {
     /// `health.failedUnits` of the last check-in (for `current_closure`).
     #[serde(default)]
     pub failed_units: u32,
+    /// When `failed_units` was reported. A confirm carries no health, so a host that has
+    /// just confirmed has no health report for its new closure until it checks in again.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub health_at: Option<OffsetDateTime>,
     /// The last check-in answer that carried a target. Control-plane memory, not the
     /// agent's word: lost on a wipe, which only means the host is dispatched again.
     #[serde(default)]

@@ -958,8 +958,17 @@ fn next_event(
             None => None,
         },
         HostState::Healthy => {
+            let start = slot.confirmed_at.unwrap_or(slot.since);
             let gate = manifest.health_gate.systemd_failed_units.as_ref();
-            if let (Some(gate), Some(obs)) = (gate, slot.obs) {
+            // Only a report made since the confirm speaks for the new closure: the one
+            // before it may describe the old system, or a switch still under way.
+            let reported = slot
+                .obs
+                .filter(|obs| obs.health_at.is_some_and(|at| at >= start));
+            if let Some(gate) = gate {
+                let Some(obs) = reported else {
+                    return None;
+                };
                 if on_target && obs.failed_units > gate.max {
                     return Some(HostEvent::Fail {
                         reason: format!(
@@ -972,7 +981,6 @@ fn next_event(
                     });
                 }
             }
-            let start = slot.confirmed_at.unwrap_or(slot.since);
             (ctx.now - start >= soak).then_some(HostEvent::Soak)
         }
         HostState::Soaked => (mode == Mode::Converged).then_some(HostEvent::Complete),
@@ -1062,10 +1070,15 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
         HostState::Healthy => {
             let start = slot.confirmed_at.unwrap_or(slot.since);
             let soak = view.soak(slot.wave);
-            reason::soaking(
-                (ctx.now - start).whole_minutes().max(0),
-                u32::try_from(soak.whole_minutes()).unwrap_or(u32::MAX),
-            )
+            if ctx.now - start >= soak {
+                // Soaked long enough, so only the health gate holds it.
+                "soaking: waiting for a health report since the confirm".to_owned()
+            } else {
+                reason::soaking(
+                    (ctx.now - start).whole_minutes().max(0),
+                    u32::try_from(soak.whole_minutes()).unwrap_or(u32::MAX),
+                )
+            }
         }
         HostState::Soaked => match view.state {
             RolloutState::Executing { wave, .. } if wave == slot.wave => {

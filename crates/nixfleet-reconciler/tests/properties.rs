@@ -49,10 +49,12 @@ fn scramble(world: &mut World, seed: u64, share: f64) {
                 last_confirmed_at: None,
                 failed_targets: vec![],
                 failed_units: 0,
+                health_at: None,
                 delivered: None,
             }
         });
         att.last_seen = now - Duration::seconds(rng.below(900) as i64);
+        att.health_at = rng.chance(0.9).then_some(att.last_seen);
         att.current_closure = match rng.below(3) {
             0 => target.clone(),
             1 => Some(format!("old-{name}")),

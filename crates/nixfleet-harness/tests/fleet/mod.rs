@@ -92,7 +92,27 @@ impl Drop for Fleet {
             }
         }
         if let Some(cp) = &self.cp {
-            eprintln!("---- control plane ----\n{}", tail(&cp.log_text(), 80));
+            let text = cp.log_text();
+            let log: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains(" poll: ") && !l.contains("checkin received"))
+                .map(|l| l.get(..400).unwrap_or(l))
+                .collect();
+            eprintln!("---- control plane ----\n{}", tail(&log.join("\n"), 80));
+            let client = Client::operator(&self.pki, self.cp_port);
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let reply =
+                    rt.block_on(client.try_request(hyper::Method::GET, "/v1/rollouts", None, &[]));
+                if let Ok(reply) = reply {
+                    eprintln!(
+                        "---- /v1/rollouts ----\n{}",
+                        String::from_utf8_lossy(&reply.body)
+                    );
+                }
+            }
         }
     }
 }

@@ -629,6 +629,7 @@ fn attestation(agent: &Agent, seen: OffsetDateTime) -> Attestation {
         last_confirmed_at: agent.confirmed_at,
         failed_targets: agent.failed_targets.clone(),
         failed_units: if on_new { agent.bad_units } else { 0 },
+        health_at: Some(seen),
         delivered: agent.delivered.clone(),
     }
 }
