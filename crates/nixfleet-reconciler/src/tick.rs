@@ -966,9 +966,7 @@ fn next_event(
                 .obs
                 .filter(|obs| obs.health_at.is_some_and(|at| at >= start));
             if let Some(gate) = gate {
-                let Some(obs) = reported else {
-                    return None;
-                };
+                let obs = reported?;
                 if on_target && obs.failed_units > gate.max {
                     return Some(HostEvent::Fail {
                         reason: format!(
