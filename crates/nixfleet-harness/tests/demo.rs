@@ -7,25 +7,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nixfleet_harness::bin;
+use nixfleet_harness::terminal::{assert_columns, Tmux};
+
+/// The CLI; the demo finds the control plane and the agent beside it.
 fn nixfleet() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_nixfleet"));
-    for name in ["nixfleet-control-plane", "nixfleet-agent"] {
-        let beside = exe.with_file_name(name);
-        assert!(
-            beside.exists(),
-            "{} is missing; build the workspace first (cargo build --workspace --bins)",
-            beside.display()
-        );
-    }
-    exe
+    bin("nixfleet-control-plane");
+    bin("nixfleet-agent");
+    bin("nixfleet")
 }
 
 fn require_nix() {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(ok, "the demo tests need Nix (apt-get install -y nix-bin)");
+    assert!(
+        nixfleet_harness::nix::nix_available(),
+        "the demo tests need Nix (apt-get install -y nix-bin)"
+    );
 }
 
 /// Runs the demo to its exit, killing it after `timeout`.
@@ -290,101 +286,18 @@ fn walk(dir: &Path) -> Vec<String> {
     out
 }
 
-/// A tmux server on its own socket, killed on drop.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("tmux");
-        cmd.args(["-L", &self.socket, "-f", "/dev/null"]);
-        cmd
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.cmd().arg("kill-server").status();
-    }
-}
-
-/// Column starts of `header`: each is preceded by two spaces in every row.
-fn assert_aligned(screen: &[&str], header: &str, rows: &[&str]) {
-    let starts: Vec<usize> = header
-        .char_indices()
-        .filter(|&(i, c)| c != ' ' && i >= 2 && &header[i - 2..i] == "  ")
-        .map(|(i, _)| i)
-        .collect();
-    assert!(!starts.is_empty(), "{header}");
-    for row in rows {
-        let chars: Vec<char> = row.chars().collect();
-        for &s in &starts {
-            assert!(
-                chars.get(s).is_some_and(|c| *c != ' ')
-                    && chars[s - 1] == ' '
-                    && chars[s - 2] == ' ',
-                "column at {s} misaligned in {row:?} under {header:?}:\n{}",
-                screen.join("\n")
-            );
-        }
-    }
-}
-
 #[test]
 fn demo_on_a_terminal_is_aligned_and_fits_100_columns() {
     require_nix();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let tmux = Tmux {
-        socket: format!("nixfleet-demo-test-{}", std::process::id()),
-    };
+    let tmux = Tmux::new();
     let script = format!(
-        "{} demo --yes --fast --dir {}; echo __done__ $?; sleep 120",
+        "{} demo --yes --fast --dir {}",
         nixfleet().display(),
         dir.display()
     );
-    let status = tmux
-        .cmd()
-        .args(["new-session", "-d", "-x", "100", "-y", "50", "-s", "demo"])
-        .env_remove("NO_COLOR")
-        .env("TERM", "xterm-256color")
-        .arg(script)
-        .status()
-        .unwrap();
-    assert!(status.success(), "tmux new-session");
-    let capture = |extra: &[&str]| {
-        let out = tmux
-            .cmd()
-            .args([
-                "capture-pane",
-                "-p",
-                "-J",
-                "-S",
-                "-",
-                "-E",
-                "-",
-                "-t",
-                "demo",
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let start = Instant::now();
-    let plain = loop {
-        let plain = capture(&[]);
-        if plain.lines().any(|l| l.starts_with("__done__")) {
-            break plain;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(150),
-            "the demo did not finish:\n{plain}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let coloured = capture(&["-e"]);
+    let (plain, coloured) = tmux.run_sized("demo", &script, &[], 100, Duration::from_secs(150));
     assert!(plain.contains("__done__ 0"), "{plain}");
     assert!(coloured.contains("\x1b["), "no colour on a terminal");
     let lines: Vec<&str> = plain.lines().collect();
@@ -409,7 +322,7 @@ fn demo_on_a_terminal_is_aligned_and_fits_100_columns() {
             .copied()
             .collect();
         assert!(rows.len() >= 5, "{header}: {rows:?}");
-        assert_aligned(&lines, header, &rows);
+        assert_columns(&plain, header, &rows);
     }
     assert_eq!(tables, 4, "{plain}");
     assert!(plain.contains("recovery time"), "{plain}");
