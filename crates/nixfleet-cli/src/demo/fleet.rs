@@ -395,11 +395,13 @@ impl Demo {
         self.screen.done_waiting();
         let deleted = nix::delete(&later_refs);
         self.screen.say(&format!(
-            "  built 18 closures in {:.1} s; each host runs its first one (hosts/<host>/current-system)\n  \
-             releases 1 and 2 are signed with the cache key into forge/cache{}",
+            "  built 18 closures in {:.1} s; each host runs its first one:\n  \
+             hosts/<host>/current-system links to it\n  \
+             the closures of releases 1 and 2 are signed into forge/cache{}",
             t.elapsed().as_secs_f64(),
             if deleted {
-                " and removed from the local store:\n  the agents must fetch them from the cache and check the signature"
+                ",\n  and removed from the local store: the agents fetch them from the cache and\n  \
+                 check the signature"
             } else {
                 " (the local store keeps them too)"
             }
@@ -627,7 +629,7 @@ impl Demo {
         let forge = crate::serve::StaticServer::start(&forge_dir)
             .map_err(|e| DemoError::io("serve", &forge_dir, e))?;
         self.screen.say(&format!(
-            "  forge/ served on {} (signed artifacts and the binary cache)",
+            "  forge/ on {}: signed artifacts and the binary cache",
             forge.url("")
         ));
         self.forge = Some(forge);
@@ -657,7 +659,7 @@ impl Demo {
         self.wait_cp_ready()?;
         self.screen.done_waiting();
         self.screen.say(&format!(
-            "  control plane on {} (SQLite in cp/state.db, log cp/cp.log)",
+            "  control plane on {}, state in cp/state.db, log cp/cp.log",
             conn.url
         ));
         Ok(())
@@ -794,18 +796,15 @@ impl Demo {
                     lines.push(format!("  {name:<15} {text}"));
                     states.insert(name.clone(), text.clone());
                 }
+                let channel = name.split('@').next().unwrap_or(name);
                 if text.contains("soaking") {
                     let since = *soaks
                         .entry(format!("{name} {text}"))
                         .or_insert_with(Instant::now);
                     let left = soak.saturating_sub(since.elapsed()).as_secs();
-                    spinner.push(format!(
-                        "{name}: {text}, {}:{:02} left",
-                        left / 60,
-                        left % 60
-                    ));
+                    spinner.push(format!("{channel} {text} {}:{:02}", left / 60, left % 60));
                 } else {
-                    spinner.push(format!("{name}: {text}"));
+                    spinner.push(format!("{channel} {text}"));
                 }
                 if state_name(&r.state) != "converged" {
                     all_converged = false;
@@ -834,7 +833,7 @@ impl Demo {
                 self.screen.say(&lines.join("\n"));
             }
             self.screen.wait(&format!(
-                "{} · {on_release}/{expected} hosts on release {n}",
+                "{} · {on_release}/{expected} on release {n}",
                 spinner.join(" · ")
             ));
             if all_converged && on_release == expected && expected > 0 {
@@ -883,7 +882,8 @@ impl Demo {
         let mark = self.agent_log(REVOKED).len();
         self.sign_revocations(&[REVOKED])?;
         self.screen.say(&format!(
-            "  revocations.json: every certificate of {REVOKED} issued before tomorrow is refused"
+            "  revocations.json: every certificate of {REVOKED} issued before tomorrow\n  \
+             is refused"
         ));
         self.screen.wait(&format!(
             "waiting for the control plane to refuse {REVOKED}"
@@ -928,7 +928,7 @@ impl Demo {
             )));
         }
         self.screen.say(&format!(
-            "  2. rm -rf {0}/state.db {0}/state.db-wal {0}/state.db-shm",
+            "  2. cd {} && rm -rf state.db state.db-wal state.db-shm",
             state.display()
         ));
         for file in ["state.db", "state.db-wal", "state.db-shm"] {
@@ -997,7 +997,8 @@ impl Demo {
         self.wait_refused(REVOKED, revoked_mark)?;
         self.screen.done_waiting();
         self.screen.say(&format!(
-            "  {REVOKED} is still refused: the signed revocation list was replayed before any agent was served"
+            "  {REVOKED} is still refused: the signed revocation list was applied again\n  \
+             before the control plane served any agent"
         ));
         // The fresh database reopens each channel's rollout; every host already runs its
         // closure, so it converges without a single activation.
@@ -1029,8 +1030,8 @@ impl Demo {
             ));
         }
         self.screen.say(
-            "  nothing was lost: the rollouts were rebuilt from signed manifests and check-ins,\n  \
-             and no host was told to activate anything again\n",
+            "  nothing was lost: the rollouts were rebuilt from the signed manifests and\n  \
+             the check-ins, and no host was told to activate anything again\n",
         );
         self.screen.say(&render::fleet(&report, &self.screen.style));
         Ok((ready, recovery))
