@@ -48,6 +48,12 @@ impl Tmux {
         columns: u16,
         timeout: Duration,
     ) -> (String, String) {
+        self.start(session, script, env, columns);
+        self.wait_done(session, timeout)
+    }
+
+    /// Starts `script` in a new terminal `columns` wide, without waiting.
+    pub fn start(&self, session: &str, script: &str, env: &[(&str, &Path)], columns: u16) {
         let mut cmd = self.cmd();
         cmd.args(["new-session", "-d", "-x", &columns.to_string(), "-y", "50"])
             .args(["-s", session])
@@ -61,37 +67,66 @@ impl Tmux {
             .status()
             .expect("run tmux");
         assert!(status.success(), "tmux new-session");
-        let capture = |extra: &[&str]| {
-            let out = self
-                .cmd()
-                .args([
-                    "capture-pane",
-                    "-p",
-                    "-J",
-                    "-S",
-                    "-",
-                    "-E",
-                    "-",
-                    "-t",
-                    session,
-                ])
-                .args(extra)
-                .output()
-                .expect("tmux capture-pane");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
+    }
+
+    /// Everything the terminal shows and showed, plain (`colour`: with escapes).
+    pub fn capture(&self, session: &str, colour: bool) -> String {
+        let mut cmd = self.cmd();
+        cmd.args([
+            "capture-pane",
+            "-p",
+            "-J",
+            "-S",
+            "-",
+            "-E",
+            "-",
+            "-t",
+            session,
+        ]);
+        if colour {
+            cmd.arg("-e");
+        }
+        let out = cmd.output().expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the terminal shows `needle`; returns the plain text.
+    pub fn wait_for(&self, session: &str, needle: &str, timeout: Duration) -> String {
+        self.wait_until(session, timeout, |plain| plain.contains(needle))
+    }
+
+    fn wait_until(&self, session: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
         let start = Instant::now();
         loop {
-            let plain = capture(&[]);
-            if plain.lines().any(|l| l.starts_with("__done__")) {
-                return (plain, capture(&["-e"]));
+            let plain = self.capture(session, false);
+            if done(&plain) {
+                return plain;
             }
             assert!(
                 start.elapsed() < timeout,
-                "{script} did not finish:\n{plain}"
+                "{session}: not done within {timeout:?}:\n{plain}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Types `keys` (tmux key names, e.g. `Enter`).
+    pub fn send_keys(&self, session: &str, keys: &[&str]) {
+        let status = self
+            .cmd()
+            .args(["send-keys", "-t", session])
+            .args(keys)
+            .status()
+            .expect("tmux send-keys");
+        assert!(status.success(), "tmux send-keys");
+    }
+
+    /// Waits until the script of [`Tmux::start`] is done; see [`Tmux::run_sized`].
+    pub fn wait_done(&self, session: &str, timeout: Duration) -> (String, String) {
+        let plain = self.wait_until(session, timeout, |plain| {
+            plain.lines().any(|l| l.starts_with("__done__ "))
+        });
+        (plain, self.capture(session, true))
     }
 }
 

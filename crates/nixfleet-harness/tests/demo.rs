@@ -287,7 +287,7 @@ fn walk(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn demo_on_a_terminal_is_aligned_and_fits_100_columns() {
+fn demo_on_a_terminal_is_aligned_fits_100_columns_and_asks_before_reusing() {
     require_nix();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
@@ -326,6 +326,19 @@ fn demo_on_a_terminal_is_aligned_and_fits_100_columns() {
     }
     assert_eq!(tables, 4, "{plain}");
     assert!(plain.contains("recovery time"), "{plain}");
+    // A second run on a terminal asks; reusing keeps the keys and runs again.
+    let key = std::fs::read(dir.join("keys/ci-release.pem")).unwrap();
+    tmux.start("again", &script.replace(" --yes", ""), &[], 100);
+    tmux.wait_for(
+        "again",
+        "[r]euse its keys, [c]lean it, or [q]uit?",
+        Duration::from_secs(30),
+    );
+    tmux.send_keys("again", &["r", "Enter"]);
+    let (again, _) = tmux.wait_done("again", Duration::from_secs(150));
+    assert!(again.contains("__done__ 0"), "{again}");
+    assert_eq!(std::fs::read(dir.join("keys/ci-release.pem")).unwrap(), key);
+
     // The terminal's own shell names the directory too; nothing else may.
     let left: Vec<String> = processes_under(&dir)
         .into_iter()

@@ -821,12 +821,7 @@ impl Demo {
             let on_release = report
                 .hosts
                 .iter()
-                .filter(|h| {
-                    h.converged
-                        && h.current_closure
-                            .as_deref()
-                            .is_some_and(|c| c.ends_with(&format!("-{n}")))
-                })
+                .filter(|h| h.converged && on_closure(h.current_closure.as_deref(), n))
                 .count();
             let expected = report.hosts.len();
             if !lines.is_empty() {
@@ -845,11 +840,25 @@ impl Demo {
             if start.elapsed() > timeout {
                 self.screen.done_waiting();
                 self.screen.say(&render::fleet(&report, &self.screen.style));
-                return Err(DemoError::Timeout {
-                    what: format!("release {n} to converge"),
-                    secs: timeout.as_secs(),
-                    log: Some(self.path("cp/cp.log")),
-                });
+                // The first host that is behind usually says why in its agent log.
+                let behind = report
+                    .hosts
+                    .iter()
+                    .find(|h| !h.converged || !on_closure(h.current_closure.as_deref(), n));
+                let Some(host) = behind else {
+                    return Err(DemoError::Timeout {
+                        what: format!("release {n} to converge"),
+                        secs: timeout.as_secs(),
+                        log: Some(self.path("cp/cp.log")),
+                    });
+                };
+                return Err(DemoError::Failed(format!(
+                    "release {n} did not converge within {} s; {} is behind, the last lines of {}:\n{}",
+                    timeout.as_secs(),
+                    host.name,
+                    self.machine(&host.name).join("agent.log").display(),
+                    tail(&self.agent_log(&host.name), 12)
+                )));
             }
             std::thread::sleep(POLL);
         }
@@ -1146,6 +1155,11 @@ impl Demo {
     }
 }
 
+/// Whether `closure` is a system of release `n` (`…-nixos-system-<host>-<n>`).
+fn on_closure(closure: Option<&str>, n: u32) -> bool {
+    closure.is_some_and(|c| c.ends_with(&format!("-{n}")))
+}
+
 /// Copies `from` to `to` through a temporary file and a rename: a reader of `to` sees
 /// the old file or the new one, never half of one.
 fn copy_atomic(from: &Path, to: &Path) -> Result<(), DemoError> {
@@ -1214,13 +1228,23 @@ fn shorten_hashes(line: &str) -> String {
     out
 }
 
+/// A free loopback port for the control plane, below Linux's ephemeral range
+/// (32768-60999): an outgoing connection never takes it, so the restarted control plane
+/// gets it back after the wipe.
 fn free_port() -> Result<u16, DemoError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| DemoError::io("bind", Path::new("127.0.0.1:0"), e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| DemoError::io("bind", Path::new("127.0.0.1:0"), e))
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for i in 0..2000 {
+        let port = 20_000 + ((seed.wrapping_add(i * 7)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(DemoError::Failed(
+        "no free port between 20000 and 32000 on 127.0.0.1 for the control plane".into(),
+    ))
 }
 
 /// A timeout error also says which log tells more, with its last lines.
