@@ -140,11 +140,12 @@ fn demo_runs_to_the_end_without_interaction() {
     // The way to look at it, and nothing left running.
     assert!(
         stdout.contains(&format!(
-            "NIXFLEET_CONFIG={}/nixfleet.toml nixfleet status",
+            "export NIXFLEET_CONFIG={}/nixfleet.toml\n",
             dir.display()
         )),
         "{stdout}"
     );
+    assert!(stdout.contains(" rollout trace stable@"), "{stdout}");
     assert!(dir.join("nixfleet.toml").exists());
     assert_eq!(processes_under(&dir), Vec::<String>::new());
 }
@@ -292,12 +293,19 @@ fn demo_on_a_terminal_is_aligned_fits_100_columns_and_asks_before_reusing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
     let tmux = Tmux::new();
+    // As a user who put the binaries on PATH runs it, from the directory it works in.
+    let bin_dir = nixfleet().parent().unwrap().to_path_buf();
+    let path = PathBuf::from(format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    ));
+    let env = [("PATH", path.as_path())];
     let script = format!(
-        "{} demo --yes --fast --dir {}",
-        nixfleet().display(),
-        dir.display()
+        "cd {} && nixfleet demo --yes --fast --dir demo",
+        tmp.path().display()
     );
-    let (plain, coloured) = tmux.run_sized("demo", &script, &[], 100, Duration::from_secs(150));
+    let (plain, coloured) = tmux.run_sized("demo", &script, &env, 100, Duration::from_secs(150));
     assert!(plain.contains("__done__ 0"), "{plain}");
     assert!(coloured.contains("\x1b["), "no colour on a terminal");
     let lines: Vec<&str> = plain.lines().collect();
@@ -326,9 +334,13 @@ fn demo_on_a_terminal_is_aligned_fits_100_columns_and_asks_before_reusing() {
     }
     assert_eq!(tables, 4, "{plain}");
     assert!(plain.contains("recovery time"), "{plain}");
+    assert!(
+        plain.contains("\n  nixfleet status --host web-01\n"),
+        "{plain}"
+    );
     // A second run on a terminal asks; reusing keeps the keys and runs again.
     let key = std::fs::read(dir.join("keys/ci-release.pem")).unwrap();
-    tmux.start("again", &script.replace(" --yes", ""), &[], 100);
+    tmux.start("again", &script.replace(" --yes", ""), &env, 100);
     tmux.wait_for(
         "again",
         "[r]euse its keys, [c]lean it, or [q]uit?",

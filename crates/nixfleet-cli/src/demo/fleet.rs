@@ -58,6 +58,8 @@ struct Demo {
     runtime: tokio::runtime::Runtime,
     screen: Screen,
     dir: PathBuf,
+    /// `dir` as the user gave it.
+    shown_dir: PathBuf,
     fast: bool,
     cp_bin: PathBuf,
     agent_bin: PathBuf,
@@ -111,6 +113,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         runtime,
         screen,
         dir,
+        shown_dir: args.dir.clone(),
         fast: args.fast,
         cp_bin,
         agent_bin,
@@ -1101,31 +1104,30 @@ impl Demo {
             secs(t.recovery),
             secs(total)
         ));
-        let config = self.path("nixfleet.toml");
-        let prefix = format!("NIXFLEET_CONFIG={}", config.display());
-        let commands = [
-            format!("{prefix} nixfleet status"),
-            format!("{prefix} nixfleet status --host web-01"),
-            format!("{prefix} nixfleet rollout list"),
-            format!(
-                "{prefix} nixfleet rollout trace stable@{}",
-                &COMMITS[1][..7]
-            ),
-        ];
+        let nixfleet = nixfleet_command();
         if keep_running {
             self.screen.say(
                 "\nThe fleet keeps running until Ctrl-C. In another terminal, explore it with:",
             );
         } else {
             self.screen.say(&format!(
-                "\nThe fleet is stopped now. To explore it live, run `nixfleet demo --yes \
+                "\nThe fleet is stopped now. To explore it live, run `{nixfleet} demo --yes \
                  --keep-running --dir {}`, and in another terminal:",
-                self.dir.display()
+                self.shown_dir.display()
             ));
         }
-        for c in commands {
-            // Paths can be long: the command stays whole so that it can be copied.
-            println!("  {c}");
+        // Absolute, for a terminal in another directory; whole, so that it can be copied.
+        println!(
+            "  export NIXFLEET_CONFIG={}",
+            self.path("nixfleet.toml").display()
+        );
+        for args in [
+            "status".to_owned(),
+            "status --host web-01".to_owned(),
+            "rollout list".to_owned(),
+            format!("rollout trace stable@{}", &COMMITS[1][..7]),
+        ] {
+            self.screen.say(&format!("  {nixfleet} {args}"));
         }
         self.screen.say(
             "Logs: cp/cp.log, hosts/<host>/agent.log; everything is under the demo directory.",
@@ -1152,6 +1154,29 @@ impl Demo {
             let _ = cp.terminate(Duration::from_secs(15));
         }
         self.forge = None;
+    }
+}
+
+/// How to run this `nixfleet`: its name when PATH finds this very binary, else its path
+/// (relative to the current directory when under it, e.g. `target/release/nixfleet`).
+fn nixfleet_command() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(std::fs::canonicalize) else {
+        return "nixfleet".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .any(|d| std::fs::canonicalize(d.join("nixfleet")).is_ok_and(|found| found == exe))
+    });
+    if on_path {
+        return "nixfleet".into();
+    }
+    let cwd = std::env::current_dir().and_then(std::fs::canonicalize);
+    match cwd
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(Path::to_path_buf))
+    {
+        Some(relative) => relative.display().to_string(),
+        None => exe.display().to_string(),
     }
 }
 
