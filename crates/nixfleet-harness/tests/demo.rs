@@ -202,6 +202,45 @@ fn demo_is_stopped_cleanly_by_ctrl_c() {
 }
 
 #[test]
+fn a_killed_demo_leaves_no_process_behind() {
+    require_nix();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let log = tmp.path().join("out");
+    let mut child = Command::new(nixfleet())
+        .args(["demo", "--yes", "--dir", dir.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("agents enrolled")
+    {
+        assert!(child.try_wait().unwrap().is_none(), "demo ended early");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "agents never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SIGKILL: no chance to clean up; the children go with it.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let start = Instant::now();
+    while !processes_under(&dir).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "left behind: {:?}",
+            processes_under(&dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn demo_without_nix_says_so_and_shows_how_to_install_it() {
     let tmp = tempfile::tempdir().unwrap();
     let empty_path = tmp.path().join("bin");

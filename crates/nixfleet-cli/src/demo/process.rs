@@ -38,6 +38,14 @@ impl Proc {
         let err = file
             .try_clone()
             .map_err(|e| DemoError::io("open", log, e))?;
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent. It
+        // kills the child if the demo itself dies without a chance to clean up (SIGKILL).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = cmd
             .process_group(0)
             .stdin(Stdio::null())
