@@ -150,22 +150,17 @@ fn demo_runs_to_the_end_without_interaction() {
     assert_eq!(processes_under(&dir), Vec::<String>::new());
 }
 
-#[test]
-fn demo_is_stopped_cleanly_by_ctrl_c() {
-    require_nix();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("demo");
-    let log = tmp.path().join("out");
+/// Starts the demo (stdout to `log`) and returns once its agents run.
+fn demo_with_agents_running(dir: &Path, log: &Path) -> std::process::Child {
     let mut child = Command::new(nixfleet())
         .args(["demo", "--yes", "--dir", dir.to_str().unwrap()])
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
+        .stdout(std::fs::File::create(log).unwrap())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Interrupted while the first release rolls out (the canary soaks for a minute).
     let start = Instant::now();
-    while !std::fs::read_to_string(&log)
+    while !std::fs::read_to_string(log)
         .unwrap_or_default()
         .contains("agents enrolled")
     {
@@ -176,6 +171,16 @@ fn demo_is_stopped_cleanly_by_ctrl_c() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    child
+}
+
+#[test]
+fn demo_is_stopped_cleanly_by_ctrl_c() {
+    require_nix();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    // Interrupted while the first release rolls out (the canary soaks for a minute).
+    let mut child = demo_with_agents_running(&dir, &tmp.path().join("out"));
     assert!(!processes_under(&dir).is_empty());
     let pid = child.id().to_string();
     assert!(Command::new("kill")
@@ -206,26 +211,7 @@ fn a_killed_demo_leaves_no_process_behind() {
     require_nix();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let log = tmp.path().join("out");
-    let mut child = Command::new(nixfleet())
-        .args(["demo", "--yes", "--dir", dir.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("agents enrolled")
-    {
-        assert!(child.try_wait().unwrap().is_none(), "demo ended early");
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "agents never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = demo_with_agents_running(&dir, &tmp.path().join("out"));
     // SIGKILL: no chance to clean up; the children go with it.
     child.kill().unwrap();
     child.wait().unwrap();
