@@ -64,10 +64,13 @@ enum Command {
     /// Rollouts: list them, or trace one's events with the reconciler's reasons.
     #[command(subcommand)]
     Rollout(RolloutCommand),
-    /// Run a complete local fleet: trust roots, a forge and a signed Nix binary cache on
-    /// loopback, a control plane and six agents activating real Nix closures, two
-    /// releases in canary and main waves, a revoked host, and the disaster-recovery
-    /// runbook. Needs Nix; nothing outside --dir is touched.
+    /// Run a local fleet under --dir, roll two signed releases out to it, wipe its control
+    /// plane.
+    ///
+    /// Trust roots, a forge and a signed Nix binary cache on loopback, the control plane
+    /// and six agents activating real Nix closures in canary and main waves, a revoked
+    /// host, and the disaster-recovery runbook with its recovery time. Needs Nix; besides
+    /// the Nix store, nothing outside --dir changes.
     Demo(DemoArgs),
 }
 

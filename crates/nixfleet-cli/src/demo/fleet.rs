@@ -919,18 +919,14 @@ impl Demo {
         let before: Vec<usize> = hosts.iter().map(|h| self.activations(h)).collect();
         let revoked_mark = self.agent_log(REVOKED).len();
         let state = self.path("cp");
-        let pid = self
-            .cp
-            .as_ref()
-            .map(|_| "the control plane".to_owned())
-            .unwrap_or_default();
-        self.screen.say(&format!(
-            "  1. stop the service (SIGTERM to {pid}, as systemctl stop sends)"
-        ));
         let cp = self
             .cp
             .as_mut()
             .ok_or_else(|| DemoError::Failed("the control plane is not running".into()))?;
+        self.screen.say(&format!(
+            "  1. kill -TERM {}   (what systemctl stop does)",
+            cp.pid().unwrap_or_default()
+        ));
         let status = cp.terminate(Duration::from_secs(30))?;
         self.cp = None;
         if !status.success() {
@@ -940,7 +936,7 @@ impl Demo {
             )));
         }
         self.screen.say(&format!(
-            "  2. cd {} && rm -rf state.db state.db-wal state.db-shm",
+            "  2. cd {} && rm -rf state.db state.db-wal state.db-shm   (audit.log stays)",
             state.display()
         ));
         for file in ["state.db", "state.db-wal", "state.db-shm"] {
@@ -951,7 +947,8 @@ impl Demo {
                 _ => {}
             }
         }
-        self.screen.say("  3. start the service again");
+        self.screen
+            .say("  3. nixfleet-control-plane with the same flags   (systemctl start)");
         let restarted = Instant::now();
         self.spawn_cp()?;
         self.screen
