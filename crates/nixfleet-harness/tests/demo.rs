@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod fleet;
+
 use nixfleet_harness::bin;
 use nixfleet_harness::terminal::{assert_columns, Tmux};
 
@@ -80,6 +82,7 @@ fn running(link: &Path) -> String {
 #[test]
 fn demo_runs_to_the_end_without_interaction() {
     require_nix();
+    let mut summary = fleet::Summary::begin("12 nixfleet demo --fast");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
     let start = Instant::now();
@@ -90,7 +93,7 @@ fn demo_runs_to_the_end_without_interaction() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    eprintln!("demo took {:.1} s", start.elapsed().as_secs_f64());
+    summary.timing("whole demo", start.elapsed());
 
     // Both releases converged on every host that is not revoked; the revoked one stayed
     // on the first release.
@@ -135,7 +138,7 @@ fn demo_runs_to_the_end_without_interaction() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{recovery}"));
     assert!(secs > 0.0 && secs < 120.0, "{recovery}");
-    eprintln!("{recovery}");
+    summary.timing("recovery", Duration::from_secs_f64(secs));
 
     // The way to look at it, and nothing left running.
     assert!(
