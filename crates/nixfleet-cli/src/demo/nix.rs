@@ -16,17 +16,35 @@ const NIX_TIMEOUT: Duration = Duration::from_secs(120);
 /// user has, plus `nix-command`; as root, also no sandbox and no build users, so that Nix
 /// works without a daemon (Debian's nix-bin).
 pub fn nix_config() -> String {
-    use std::os::unix::fs::MetadataExt;
     let mut config = std::env::var("NIX_CONFIG").unwrap_or_default();
     if !config.is_empty() {
         config.push('\n');
     }
     config.push_str("experimental-features = nix-command");
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    if root {
+    if is_root() {
         config.push_str("\nsandbox = false\nbuild-users-group =");
     }
     config
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Signing store paths and using a binary cache of one's own are privileged in Nix: a
+/// failure as a normal user most likely means that Nix does not trust the user.
+fn trust_hint(e: DemoError) -> DemoError {
+    match e {
+        DemoError::Command { what, detail } if !is_root() => DemoError::Command {
+            what,
+            detail: format!(
+                "{detail}\n(as a normal user, Nix must trust you for this: add your user to \
+                 trusted-users in /etc/nix/nix.conf and restart nix-daemon, or run the demo as root)"
+            ),
+        },
+        other => other,
+    }
 }
 
 fn nix(program: &str) -> Command {
@@ -164,14 +182,16 @@ impl Cache {
                 .args(&paths),
             "nix store sign",
             NIX_TIMEOUT,
-        )?;
+        )
+        .map_err(trust_hint)?;
         run(
             nix("nix")
                 .args(["copy", "--to", &format!("file://{}", self.dir.display())])
                 .args(&paths),
             "nix copy to the demo cache",
             NIX_TIMEOUT,
-        )?;
+        )
+        .map_err(trust_hint)?;
         Ok(())
     }
 }
