@@ -44,11 +44,12 @@ nixfleet demo needs Nix: its agents fetch real closures from a signed binary cac
 activate them. Install it with one of:
 
   Debian or Ubuntu:     sudo apt-get install nix-bin
-                        (as root it runs without a daemon; as a user, add yourself
-                        to the nix-users group and log in again)
   Any Linux (official): sh <(curl -L https://nixos.org/nix/install) --daemon
 
-Then check with `nix-store --version` and run `nixfleet demo` again.
+Then check with `nix-store --version` and run `nixfleet demo` again. As root, Nix
+runs without a daemon. As a normal user, the demo signs store paths and uses a binary
+cache of its own, which Nix allows only to users it trusts: add your user to
+`trusted-users` in /etc/nix/nix.conf and restart nix-daemon.
 ";
 
 /// Every way the demo stops early, each with what to do about it.
