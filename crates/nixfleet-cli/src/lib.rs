@@ -3,10 +3,12 @@
 //! here so that it can be tested without spawning the binary.
 
 pub mod commands;
+pub mod demo;
 pub mod files;
 pub mod operator;
 pub mod pki;
 pub mod release;
+pub mod serve;
 pub mod signer;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +49,8 @@ pub enum CliError {
     Usage(String),
     #[error(transparent)]
     Operator(#[from] operator::OperatorError),
+    #[error(transparent)]
+    Demo(#[from] demo::DemoError),
     #[error("{context}: {source}")]
     Pki {
         context: String,

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use nixfleet_cli::commands::{self, MintToken, TokenKey, TrustInit, VerifyTarget};
 use nixfleet_cli::signer::Signer;
 use nixfleet_cli::CliError;
-use nixfleet_cli::{operator, pki};
+use nixfleet_cli::{demo, operator, pki};
 use nixfleet_proto::Algorithm;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -64,6 +64,33 @@ enum Command {
     /// Rollouts: list them, or trace one's events with the reconciler's reasons.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Run a local fleet under --dir, roll two signed releases out to it, wipe its control
+    /// plane.
+    ///
+    /// Trust roots, a forge and a signed Nix binary cache on loopback, the control plane
+    /// and six agents activating real Nix closures in canary and main waves, a revoked
+    /// host, and the disaster-recovery runbook with its recovery time. Needs Nix; besides
+    /// the Nix store, nothing outside --dir changes.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where the demo fleet lives.
+    #[arg(long, default_value = "nixfleet-demo")]
+    dir: PathBuf,
+    /// Clean an existing demo directory without asking.
+    #[arg(long)]
+    yes: bool,
+    /// Make every wait as short as possible (no soak), e.g. for CI.
+    #[arg(long)]
+    fast: bool,
+    /// Keep the fleet running after the demo, until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
+    /// Print how to install Nix, and exit.
+    #[arg(long)]
+    install_hint: bool,
 }
 
 /// Where the control plane and the operator certificate are. Each flag falls back to its
@@ -549,6 +576,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rollout(RolloutCommand::Trace { id, connection }) => {
             print_text(&connection.run(operator::Query::Trace(id))?)?
         }
+        Command::Demo(args) if args.install_hint => print_text(demo::INSTALL_HINT)?,
+        Command::Demo(args) => demo::run(&demo::DemoArgs {
+            dir: args.dir,
+            yes: args.yes,
+            fast: args.fast,
+            keep_running: args.keep_running,
+        })?,
     }
     Ok(())
 }
@@ -570,6 +604,10 @@ fn print_text(text: &str) -> Result<(), CliError> {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Demo(demo::DemoError::Interrupted)) => {
+            eprintln!("nixfleet demo: interrupted; every process it started was stopped");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

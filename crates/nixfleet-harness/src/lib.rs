@@ -6,12 +6,12 @@
 pub mod agent;
 pub mod compromised;
 pub mod nix;
+pub mod terminal;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,102 +83,21 @@ where
     }
 }
 
-/// A static HTTP server over a directory, with ETags, that can be taken down.
-pub struct Forge {
-    pub port: u16,
-    pub root: PathBuf,
-    down: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-}
+/// The forge: the CLI's static server over a directory (ETags, timeouts, no path outside
+/// it), which a test can take down.
+pub struct Forge(nixfleet_cli::serve::StaticServer);
 
 impl Forge {
     pub fn start(root: &Path) -> Forge {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        listener.set_nonblocking(true).unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (root2, down2, stop2) = (root.to_path_buf(), down.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (root, down) = (root2.clone(), down2.clone());
-                        std::thread::spawn(move || serve_one(stream, &root, &down));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        Forge {
-            port,
-            root: root.to_path_buf(),
-            down,
-            stop,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/{path}", self.port)
-    }
-
-    pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::Relaxed);
+        Forge(nixfleet_cli::serve::StaticServer::start(root).expect("start the forge"))
     }
 }
 
-impl Drop for Forge {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
+impl std::ops::Deref for Forge {
+    type Target = nixfleet_cli::serve::StaticServer;
 
-fn serve_one(mut stream: TcpStream, root: &Path, down: &AtomicBool) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
-    }
-    let mut if_none_match = None;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).is_err() || line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("if-none-match:") {
-            if_none_match = Some(v.trim().to_owned());
-        }
-    }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
-    let reply = |stream: &mut TcpStream, status: &str, headers: &str, body: &[u8]| {
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
-            body.len()
-        );
-        let _ = stream.write_all(body);
-    };
-    if down.load(Ordering::Relaxed) {
-        return reply(&mut stream, "503 Service Unavailable", "", b"down");
-    }
-    let file = root.join(path.trim_start_matches('/'));
-    match std::fs::read(&file) {
-        Ok(body) => {
-            let etag = format!("\"{}\"", jcs::sha256_hex(&body));
-            if if_none_match.as_deref() == Some(etag.as_str()) {
-                reply(
-                    &mut stream,
-                    "304 Not Modified",
-                    &format!("ETag: {etag}\r\n"),
-                    b"",
-                );
-            } else {
-                reply(&mut stream, "200 OK", &format!("ETag: {etag}\r\n"), &body);
-            }
-        }
-        Err(_) => reply(&mut stream, "404 Not Found", "", b"not found"),
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 

@@ -232,3 +232,16 @@ fn every_operator_flag_is_documented() {
     }
     assert!(checked >= 10, "too few flags found in --help");
 }
+
+#[test]
+fn every_demo_flag_is_documented() {
+    let doc = std::fs::read_to_string(repo().join("docs/quickstart.md")).unwrap();
+    let flags = help_flags(&["nixfleet", "demo"]);
+    assert!(flags.len() >= 5, "{flags:?}");
+    for flag in flags {
+        assert!(
+            doc.contains(&format!("`{flag}")),
+            "nixfleet demo {flag} is not in docs/quickstart.md"
+        );
+    }
+}

@@ -3,10 +3,11 @@
 //! over mTLS, and the control plane's `--event-hook`. No Nix needed.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use nixfleet_harness::terminal::{assert_aligned, Tmux};
 use nixfleet_harness::*;
 use nixfleet_trust::jcs;
 use serde_json::{json, Value};
@@ -527,99 +528,6 @@ async fn status_json_has_the_documented_shape() {
     assert!(!trace.as_array().unwrap().is_empty());
     for e in trace.as_array().unwrap() {
         check_event(e);
-    }
-}
-
-/// A tmux server on its own socket, killed on drop.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn new() -> Tmux {
-        Tmux {
-            socket: format!("nixfleet-test-{}-{}", std::process::id(), free_port()),
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("tmux");
-        cmd.args(["-L", &self.socket, "-f", "/dev/null"]);
-        cmd
-    }
-
-    /// Runs `script` in an 80×50 terminal and returns the screen once it printed
-    /// `__done__`: (plain text with wrapped lines joined, text with colour escapes).
-    fn run(&self, session: &str, script: &str, env: &[(&str, &Path)]) -> (String, String) {
-        let mut cmd = self.cmd();
-        cmd.args(["new-session", "-d", "-x", "80", "-y", "50", "-s", session])
-            .env_remove("NO_COLOR")
-            .env("TERM", "xterm-256color");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let status = cmd
-            .arg(format!("{script}; echo __done__; sleep 60"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "tmux new-session");
-        let capture = |extra: &[&str]| {
-            let out = self
-                .cmd()
-                .args(["capture-pane", "-p", "-J", "-t", session])
-                .args(extra)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        let start = Instant::now();
-        loop {
-            let plain = capture(&[]);
-            if plain.lines().any(|l| l.trim() == "__done__") {
-                return (plain, capture(&["-e"]));
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{script} did not finish:\n{plain}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.cmd().arg("kill-server").status();
-    }
-}
-
-/// Column starts of the header line: each is preceded by two spaces in every row.
-fn assert_aligned(screen: &str, header_start: &str, rows: &[&str]) {
-    let lines: Vec<&str> = screen.lines().collect();
-    let header = lines
-        .iter()
-        .find(|l| l.starts_with(header_start))
-        .unwrap_or_else(|| panic!("no header {header_start:?}:\n{screen}"));
-    let starts: Vec<usize> = header
-        .char_indices()
-        .filter(|&(i, c)| c != ' ' && i >= 2 && &header[i - 2..i] == "  ")
-        .map(|(i, _)| i)
-        .collect();
-    assert!(!starts.is_empty(), "{header}");
-    for row_start in rows {
-        let row = lines
-            .iter()
-            .find(|l| l.starts_with(row_start))
-            .unwrap_or_else(|| panic!("no row {row_start:?}:\n{screen}"));
-        let chars: Vec<char> = row.chars().collect();
-        for &s in &starts {
-            assert!(
-                chars.get(s).is_some_and(|c| *c != ' ')
-                    && chars[s - 1] == ' '
-                    && chars[s - 2] == ' ',
-                "column at {s} misaligned in {row:?} under {header:?}:\n{screen}"
-            );
-        }
     }
 }
 

@@ -207,7 +207,8 @@ async fn answer(
     }
 }
 
-async fn fleet_report(
+/// Everything `nixfleet status` shows, fetched from the control plane.
+pub async fn fleet_report(
     conn: &Connection,
     client: &OperatorClient,
 ) -> Result<StatusReport, OperatorError> {

@@ -300,6 +300,28 @@ impl Table {
     }
 }
 
+/// A plain aligned table (headers in bold); `flexible` columns give way when too wide.
+pub fn table(
+    headers: &[&'static str],
+    flexible: &[usize],
+    rows: &[Vec<String>],
+    style: &Style,
+) -> Vec<String> {
+    let mut table = Table::new(headers, flexible);
+    for row in rows {
+        table.row(
+            row.iter().map(|t| cell(t.clone(), Tone::Plain)).collect(),
+            Vec::new(),
+        );
+    }
+    table.render(style)
+}
+
+/// `text` in bold when the style has colour (section titles).
+pub fn bold(text: &str, style: &Style) -> String {
+    style.paint(Tone::Bold, text)
+}
+
 fn host_state_tone(state: &str) -> Tone {
     match state {
         "converged" | "soaked" | "healthy" => Tone::Good,
