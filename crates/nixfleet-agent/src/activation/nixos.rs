@@ -65,6 +65,13 @@ fn systemd_is_pid1() -> bool {
     Path::new("/run/systemd/system").exists()
 }
 
+/// Only root may start a system unit; an agent run as a user (a local trial) detaches
+/// the switch itself instead.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 impl Nixos {
     /// The store basename the current-system link points at.
     pub fn current_closure(&self) -> Option<String> {
@@ -199,7 +206,7 @@ impl Nixos {
         }
         let program = store_path(closure).join("bin/switch-to-configuration");
         let dir = self.run_dir(run_id);
-        let mut cmd = if systemd_is_pid1() {
+        let mut cmd = if systemd_is_pid1() && is_root() {
             let mut cmd = tokio::process::Command::new("systemd-run");
             let unit: String = run_id.chars().take(40).collect();
             cmd.arg(format!("--unit=nixfleet-switch-{unit}")).args([
@@ -303,5 +310,12 @@ mod tests {
     fn this_process_is_alive_and_a_bogus_pid_is_not() {
         assert!(process_alive(std::process::id()));
         assert!(!process_alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn is_root_agrees_with_id() {
+        let out = std::process::Command::new("id").arg("-u").output().unwrap();
+        let uid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(is_root(), uid == "0");
     }
 }
