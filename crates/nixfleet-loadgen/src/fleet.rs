@@ -36,7 +36,8 @@ pub fn host_key(seed: &str, hostname: &str) -> PrivateKey {
 #[derive(Debug, Clone)]
 pub struct Shape {
     pub hosts: usize,
-    /// Hosts go to channels round-robin.
+    /// Hosts go to channels in contiguous blocks (`ch-00` holds the first hosts), so a
+    /// channel is a range of host indices for `run --first-host`.
     pub channels: usize,
     pub seed: String,
     /// Minutes each wave soaks.
@@ -60,7 +61,8 @@ impl Shape {
     }
 
     pub fn channel_of(&self, index: usize) -> String {
-        channel_name(index % self.channels.max(1))
+        let per_channel = self.hosts.div_ceil(self.channels.max(1)).max(1);
+        channel_name(index / per_channel)
     }
 }
 
@@ -163,7 +165,8 @@ mod tests {
         shape.channels = 2;
         let fleet = fleet_json(&shape).unwrap();
         assert_eq!(fleet["hosts"].as_object().unwrap().len(), 250);
-        assert_eq!(fleet["hosts"]["host-000001"]["channel"], "ch-01");
+        assert_eq!(fleet["hosts"]["host-000124"]["channel"], "ch-00");
+        assert_eq!(fleet["hosts"]["host-000125"]["channel"], "ch-01");
         assert_eq!(
             fleet["rolloutPolicies"]["waves3"]["waves"]
                 .as_array()
@@ -173,6 +176,6 @@ mod tests {
         );
         let closures = closures_json(&shape, 2, 1, &["ch-00".to_owned()]);
         assert_eq!(closures["host-000000"], closure("host-000000", 2));
-        assert_eq!(closures["host-000001"], closure("host-000001", 1));
+        assert_eq!(closures["host-000200"], closure("host-000200", 1));
     }
 }
