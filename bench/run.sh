@@ -26,7 +26,11 @@ ENROLL_HOSTS=${BENCH_ENROLL_HOSTS:-3000}
 ENROLL_CONCURRENCY=${BENCH_ENROLL_CONCURRENCY:-32}
 DR_SECS=${BENCH_DR_SECS:-200}
 DR_STOP_AFTER=${BENCH_DR_STOP_AFTER:-30}
-SCENARIOS=${BENCH_SCENARIOS:-"7 2 3 1 6 4"}
+ROLLOUT_HOSTS=${BENCH_ROLLOUT_HOSTS:-10000}
+ROLLOUT_BUDGET=${BENCH_ROLLOUT_BUDGET:-500}
+ROLLOUT_INTERVAL=${BENCH_ROLLOUT_INTERVAL:-20}
+ROLLOUT_SECS=${BENCH_ROLLOUT_SECS:-420}
+SCENARIOS=${BENCH_SCENARIOS:-"7 2 3 1 6 4 5"}
 WORK=${BENCH_DIR:-$root/target/bench}
 DOC=${BENCH_DOC:-$root/docs/benchmarks.md}
 PORT=${BENCH_PORT:-18443}
@@ -54,8 +58,14 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 # utime + stime of a process, seconds.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13) / hz }' "/proc/$1/stat"; }
-# Peak resident set of a process, MiB.
-rss_peak_of() { awk '/^VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+# Peak resident set of a process, MiB (null once it is gone).
+rss_peak_of() { awk '/^VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo null; }
+# Connections the kernel dropped because a listen queue was full (whole machine): a
+# client whose SYN is dropped retries after 1 s, which shows as a 1 s check-in.
+listen_overflows() {
+  awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) name[i] = $i; h = 1 }
+                    else { for (i = 1; i <= NF; i++) if (name[i] == "ListenOverflows") print $i } }' /proc/net/netstat
+}
 
 log "keys, trust roots, fleet CA, server certificate"
 mkdir -p "$etc"
@@ -66,7 +76,9 @@ org=$("$nixfleet" keygen --out org.pem)
 "$nixfleet" cert server --ca-dir "$etc" --san localhost --san 127.0.0.1 --out "$etc" >/dev/null
 
 log "fleet of $HOSTS hosts in $CHANNELS channels"
-"$loadgen" fleet --hosts "$HOSTS" --channels "$CHANNELS" --out fleet >&2
+# Every scenario runs the same fleet: a fleet-wide disruption budget (scenario 5), three
+# waves per channel; release 1 puts every host on generation 1.
+"$loadgen" fleet --hosts "$HOSTS" --channels "$CHANNELS" --budget "$ROLLOUT_BUDGET" --out fleet >&2
 
 log "scenario 7: nixfleet release and nixfleet verify of the whole fleet"
 t0=$(now)
@@ -87,6 +99,8 @@ jq -n --arg h "$revoked" '{schemaVersion: 1, freshnessWindow: null,
 "$nixfleet" revocations sign --in revocations-in.json --key ci.pem --out release >/dev/null
 
 CP_PID=
+REL=release
+CP_INTERVAL=$INTERVAL
 start_cp() {
   mkdir -p state
   NIXFLEET_LOG=info "$bin/nixfleet-control-plane" --listen "127.0.0.1:$PORT" \
@@ -95,9 +109,9 @@ start_cp() {
     --trust-file "$etc/trust.json" \
     --tls-cert "$etc/server-cert.pem" --tls-key "$etc/server-key.pem" --client-ca "$etc/ca.pem" \
     --fleet-ca-cert "$etc/fleet-ca-cert.pem" --fleet-ca-key "$etc/fleet-ca-key.pem" \
-    --artifact release/fleet.resolved.json --signature release/fleet.resolved.json.sig \
+    --artifact "$REL/fleet.resolved.json" --signature "$REL/fleet.resolved.json.sig" \
     --revocations-artifact release/revocations.json --revocations-signature release/revocations.json.sig \
-    --rollouts-dir release/rollouts --checkin-interval-secs "$INTERVAL" \
+    --rollouts-dir "$REL/rollouts" --checkin-interval-secs "$CP_INTERVAL" \
     >> "$WORK/cp.log" 2>&1 &
   CP_PID=$!
   for _ in $(seq 1 600); do
@@ -125,15 +139,17 @@ run_args=("${common[@]}" --ca-key "$etc/fleet-ca-key.pem")
 measure() {
   local name=$1; shift
   fresh_cp
-  local cpu0 t0 t1
+  local cpu0 t0 t1 drops0
   cpu0=$(cpu_of "$CP_PID")
+  drops0=$(listen_overflows)
   t0=$(now)
   "$loadgen" "$@" --json "$res/$name.json" >&2
   t1=$(now)
+  curl -s --max-time 5 "http://127.0.0.1:$MPORT/metrics" > "$res/$name-metrics.txt" || true
   jq -n --argjson cpu "$(awk -v a="$cpu0" -v b="$(cpu_of "$CP_PID")" 'BEGIN { print b - a }')" \
     --argjson wall "$(elapsed "$t0" "$t1")" --argjson rss "$(rss_peak_of "$CP_PID")" \
-    --argjson seen "$(metric nixfleet_hosts_seen)" \
-    '{cp_cpu_secs: $cpu, wall_secs: $wall, cp_rss_peak_mib: $rss, cp_hosts_seen: $seen}' > "$res/$name-cp.json"
+    --argjson seen "$(metric nixfleet_hosts_seen)" --argjson drops "$(($(listen_overflows) - drops0))" \
+    '{cp_cpu_secs: $cpu, wall_secs: $wall, cp_rss_peak_mib: $rss, cp_hosts_seen: $seen, listen_overflows: $drops}' > "$res/$name-cp.json"
   stop_cp
 }
 
@@ -173,10 +189,48 @@ for s in $SCENARIOS; do
          sleep 0.2
        done
        wait "$load_pid" || true
+       rss=$(rss_peak_of "$CP_PID")
        "$loadgen" run "${run_args[@]}" --first-host "$HOSTS" --hosts 1 --interval 1 --start-spread 0 \
          --duration 3 --json "$res/s4-revoked.json" >&2 || true
-       jq -n --argjson ready "$ready" --argjson visible "$visible" --argjson rss "$(rss_peak_of "$CP_PID")" \
+       jq -n --argjson ready "$ready" --argjson visible "$visible" --argjson rss "$rss" \
          '{restart_to_ready_secs: $ready, restart_to_all_visible_secs: $visible, cp_rss_peak_mib: $rss}' > "$res/s4.json"
+       stop_cp ;;
+    5) log "scenario 5: rollout of channel ch-00 ($ROLLOUT_HOSTS hosts), budget $ROLLOUT_BUDGET in flight"
+       # Release 2 moves ch-00 (hosts 0 .. ROLLOUT_HOSTS-1 with the default 10 channels) to
+       # generation 2; its hosts run generation 1 and follow the CP's nextCheckinSecs.
+       "$loadgen" fleet --hosts "$HOSTS" --channels "$CHANNELS" --budget "$ROLLOUT_BUDGET" \
+         --generation 2 --channel ch-00 --out fleet2 >&2
+       "$nixfleet" release --fleet fleet2/fleet.json --closures fleet2/closures.json \
+         --ci-commit 2222222222222222222222222222222222222222 --key ci.pem --out release2 >/dev/null
+       "$nixfleet" cert operator --ca-dir "$etc" --name bench --out operator >/dev/null
+       op=(--cacert "$etc/ca.pem" --cert operator/operator-cert.pem --key operator/operator-key.pem)
+       rm -rf state
+       REL=release2 CP_INTERVAL=$ROLLOUT_INTERVAL start_cp
+       "$loadgen" run "${run_args[@]}" --hosts "$ROLLOUT_HOSTS" --mode resume --start-spread "$ROLLOUT_INTERVAL" \
+         --activate-delay 2 --duration "$ROLLOUT_SECS" --json "$res/s5-load.json" > "$WORK/s5-load.out" 2>&1 &
+       load_pid=$!
+       t0=$(now)
+       converged=null
+       while kill -0 "$load_pid" 2>/dev/null; do
+         n=$(curl -s --max-time 5 "${op[@]}" "https://127.0.0.1:$PORT/v1/channels/ch-00" | jq -r '.hosts_converged // 0')
+         if [ "$n" = "$ROLLOUT_HOSTS" ] && [ "$converged" = null ]; then converged=$(elapsed "$t0" "$(now)"); fi
+         sleep 2
+       done
+       wait "$load_pid" || true
+       state=$(curl -s --max-time 30 "${op[@]}" "https://127.0.0.1:$PORT/v1/rollouts" \
+         | jq -r '[.[] | select(.channel == "ch-00")] | max_by(.opened_at) | .state | if type == "string" then . else tojson end')
+       curl -s --max-time 5 "http://127.0.0.1:$MPORT/metrics" > "$WORK/s5-metrics.txt"
+       # p99 of the tick as the upper bound of its histogram bucket.
+       p99=$(awk -F'[{}"= ]+' '/^nixfleet_reconcile_tick_duration_seconds_bucket/ { le[++n] = $3; c[n] = $NF }
+         END { for (i = 1; i <= n; i++) if (c[i] >= 0.99 * c[n]) { print le[i]; exit } }' "$WORK/s5-metrics.txt")
+       jq -n --argjson converged "$converged" --arg state "$state" --arg p99 "$p99" \
+         --argjson ticks "$(awk '$1 == "nixfleet_reconcile_tick_duration_seconds_count" { print $2 }' "$WORK/s5-metrics.txt")" \
+         --argjson tick_sum "$(awk '$1 == "nixfleet_reconcile_tick_duration_seconds_sum" { print $2 }' "$WORK/s5-metrics.txt")" \
+         --argjson in_flight_max "$(awk '$1 == "nixfleet_hosts_in_flight_max" { print $2 }' "$WORK/s5-metrics.txt")" \
+         --argjson budget "$ROLLOUT_BUDGET" --argjson hosts "$ROLLOUT_HOSTS" --argjson rss "$(rss_peak_of "$CP_PID")" \
+         '{hosts: $hosts, budget: $budget, converged_secs: $converged, rollout_state: $state, tick_p99_le: $p99,
+           ticks: $ticks, tick_mean_secs: (if $ticks > 0 then $tick_sum / $ticks else null end),
+           in_flight_max: $in_flight_max, cp_rss_peak_mib: $rss}' > "$res/s5.json"
        stop_cp ;;
     7) ;; # measured above, while making the release
     *) echo "bench/run.sh: unknown scenario $s" >&2; exit 1 ;;

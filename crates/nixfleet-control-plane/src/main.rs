@@ -171,6 +171,7 @@ async fn run(config: Config) -> Result<(), String> {
     tasks.spawn(tick_loop(
         shared.clone(),
         db.clone(),
+        metrics.clone(),
         tick_config,
         Duration::from_secs(config.tick_interval_secs.max(1)),
         stopped.clone(),
@@ -193,13 +194,20 @@ async fn run(config: Config) -> Result<(), String> {
 async fn tick_loop(
     shared: Arc<Shared>,
     db: Arc<Db>,
+    metrics: Arc<metrics::Metrics>,
     config: tick::TickConfig,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        let started = std::time::Instant::now();
         match tick::run_tick(&shared, &db, config).await {
-            Ok(_) => {}
+            Ok(Some(in_flight)) => {
+                let seconds = started.elapsed().as_secs_f64();
+                metrics.observe_tick(seconds, in_flight);
+                tracing::debug!(seconds, in_flight, "reconcile tick done");
+            }
+            Ok(None) => {}
             Err(e) => tracing::error!("reconcile tick failed: {e}"),
         }
         // Confirm deadlines are watched closely while anything is mid-activation.

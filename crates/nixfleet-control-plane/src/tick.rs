@@ -12,6 +12,7 @@ use nixfleet_reconciler::{
 };
 use time::OffsetDateTime;
 
+use crate::artifacts::FleetSnapshot;
 use crate::db::{Db, Event, TickWrites};
 use crate::state::{replace, Directives, Shared};
 
@@ -25,17 +26,65 @@ pub struct TickConfig {
 /// Deadlines are checked at least this often while any host is mid-activation.
 pub const DEADLINE_CHECK: Duration = Duration::from_secs(5);
 
-/// Runs one tick. Returns false when there is no verified fleet yet (nothing to decide).
+/// Why a tick did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum TickError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("the reconcile computation stopped unexpectedly: {0}; the previous state is kept")]
+    Compute(String),
+}
+
+/// What one tick decided, before it is persisted and published.
+struct Computed {
+    new: StoredState,
+    writes: TickWrites,
+    directives: Directives,
+    in_flight: u64,
+}
+
+/// Runs one tick. Returns the hosts in flight afterwards, or `None` when there is no
+/// verified fleet yet (nothing to decide).
+///
+/// The reconcile and everything derived from it run on a blocking thread: at 100,000
+/// hosts they take a few hundred milliseconds, and on a runtime worker they would hold
+/// up the check-ins (and the accept loop) queued behind them.
 pub async fn run_tick(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     db: &Db,
     config: TickConfig,
-) -> Result<bool, crate::db::DbError> {
+) -> Result<Option<u64>, TickError> {
     let now = OffsetDateTime::now_utc();
     let Some(snapshot) = shared.fleet() else {
         replace(&shared.last_tick_at, Some(now));
-        return Ok(false);
+        return Ok(None);
     };
+    let for_compute = Arc::clone(shared);
+    let Computed {
+        new,
+        writes,
+        directives,
+        in_flight,
+    } = tokio::task::spawn_blocking(move || compute(&for_compute, &snapshot, config, now))
+        .await
+        .map_err(|e| TickError::Compute(e.to_string()))?;
+    let changed =
+        !writes.rollouts.is_empty() || !writes.hosts.is_empty() || !writes.removed_hosts.is_empty();
+    if changed || !writes.events.is_empty() {
+        db.write_tick(writes, now).await?;
+    }
+    replace(&shared.stored, Arc::new(new));
+    replace(&shared.directives, Arc::new(directives));
+    replace(&shared.last_tick_at, Some(now));
+    Ok(Some(in_flight))
+}
+
+fn compute(
+    shared: &Shared,
+    snapshot: &FleetSnapshot,
+    config: TickConfig,
+    now: OffsetDateTime,
+) -> Computed {
     let manifests: BTreeMap<String, RolloutManifest> = snapshot
         .manifests
         .iter()
@@ -63,19 +112,17 @@ pub async fn run_tick(
     reconciler::apply(&plan, &mut new, now);
 
     let writes = diff(&old, &new, &plan, now);
-    let changed =
-        !writes.rollouts.is_empty() || !writes.hosts.is_empty() || !writes.removed_hosts.is_empty();
     for action in &plan.actions {
         log_action(action);
     }
-    if changed || !writes.events.is_empty() {
-        db.write_tick(writes, now).await?;
-    }
     let directives = directives(&new, &snapshot.manifests, &plan, config.confirm_window_secs);
-    replace(&shared.stored, Arc::new(new));
-    replace(&shared.directives, Arc::new(directives));
-    replace(&shared.last_tick_at, Some(now));
-    Ok(true)
+    let in_flight = hosts_in_flight(&new);
+    Computed {
+        new,
+        writes,
+        directives,
+        in_flight,
+    }
 }
 
 fn log_action(action: &Action) {
@@ -95,6 +142,16 @@ pub fn anything_in_flight(stored: &StoredState) -> bool {
             )
         })
     })
+}
+
+/// Hosts in flight (Dispatched through Healthy) across every rollout, as budgets count them.
+pub fn hosts_in_flight(stored: &StoredState) -> u64 {
+    stored
+        .rollouts
+        .values()
+        .flat_map(|r| r.hosts.values())
+        .filter(|h| h.state.in_flight())
+        .count() as u64
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> String {

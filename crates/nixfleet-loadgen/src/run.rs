@@ -205,7 +205,9 @@ impl Agent {
             let reuse =
                 config.mode == Mode::KeepAlive && self.conn.as_ref().is_some_and(Conn::is_usable);
             if !reuse {
+                let started = std::time::Instant::now();
                 let c = conn::connect(&config.endpoint, self.tls.clone()).await?;
+                stats.connect_latency(started.elapsed());
                 Stats::inc(if c.resumed {
                     &stats.tls_resumed
                 } else {

@@ -34,6 +34,7 @@ pub struct Stats {
     checkin_latency: Mutex<Histogram<u64>>,
     checkin_latency_measured: Mutex<Histogram<u64>>,
     confirm_latency: Mutex<Histogram<u64>>,
+    connect_latency: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<ErrorKind, u64>>,
     /// Check-ins completed in each second of the run.
     per_second: Vec<AtomicU64>,
@@ -66,6 +67,7 @@ impl Stats {
             checkin_latency: Mutex::new(histogram()),
             checkin_latency_measured: Mutex::new(histogram()),
             confirm_latency: Mutex::new(histogram()),
+            connect_latency: Mutex::new(histogram()),
             errors: Mutex::new(BTreeMap::new()),
             per_second: (0..duration.as_secs() + 60)
                 .map(|_| AtomicU64::new(0))
@@ -106,6 +108,12 @@ impl Stats {
         let _ = lock(&self.confirm_latency).record(micros.max(1));
     }
 
+    /// TCP connect plus TLS handshake, when a request opened a connection.
+    pub fn connect_latency(&self, latency: Duration) {
+        let micros = latency.as_micros().min(u128::from(u64::MAX)) as u64;
+        let _ = lock(&self.connect_latency).record(micros.max(1));
+    }
+
     pub fn error(&self, kind: ErrorKind) {
         *lock(&self.errors).entry(kind).or_default() += 1;
     }
@@ -140,6 +148,7 @@ impl Stats {
             latency_ms: Percentiles::of(&steady),
             latency_ms_whole_run: Percentiles::of(&whole),
             confirm_latency_ms: Percentiles::of(&lock(&self.confirm_latency)),
+            connect_latency_ms: Percentiles::of(&lock(&self.connect_latency)),
             confirms_ok: self.confirms_ok.load(Relaxed),
             confirms_gone: self.confirms_gone.load(Relaxed),
             reports_ok: self.reports_ok.load(Relaxed),
@@ -209,6 +218,8 @@ pub struct Summary {
     pub latency_ms: Percentiles,
     pub latency_ms_whole_run: Percentiles,
     pub confirm_latency_ms: Percentiles,
+    /// TCP connect and TLS handshake alone (the part of a check-in before the request).
+    pub connect_latency_ms: Percentiles,
     pub confirms_ok: u64,
     pub confirms_gone: u64,
     pub reports_ok: u64,
@@ -232,6 +243,7 @@ impl Summary {
         let mut out = format!(
             "{} hosts, {} mode, {:.1} s: {} check-ins ok, {:.0}/s (median second {}, peak {})\n\
              check-in latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
+             connect + handshake ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
              TLS handshakes: {} full, {} resumed\n\
              targets {}  confirms {} (gone {})  activation failures {}  reports {}  rollbacks {}\n\
              hosts visible {}/{}{}\n\
@@ -248,6 +260,10 @@ impl Summary {
             l.p99,
             l.p999,
             l.max,
+            self.connect_latency_ms.p50,
+            self.connect_latency_ms.p99,
+            self.connect_latency_ms.p999,
+            self.connect_latency_ms.max,
             self.tls_handshakes_full,
             self.tls_handshakes_resumed,
             self.targets_received,

@@ -149,5 +149,11 @@ async fn two_hundred_hosts_for_twenty_seconds_agree_with_metrics() {
         keep_alive.targets_received + resume.targets_received
     );
     assert_eq!(metric(&text, "nixfleet_hosts_seen"), HOSTS as u64);
+    assert!(metric(&text, "nixfleet_reconcile_tick_duration_seconds_count") > 0);
+    let in_flight_max = metric(&text, "nixfleet_hosts_in_flight_max");
+    assert!(
+        (1..=HOSTS as u64).contains(&in_flight_max),
+        "{in_flight_max}"
+    );
     assert_eq!(cp.terminate(), Some(0));
 }
