@@ -140,9 +140,8 @@ async fn run(config: Config) -> Result<(), String> {
     });
 
     // 5. Listen, tick at once, then on the interval.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listener =
+        listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, "listening");
     let (stop, stopped) = watch::channel(false);
     let drain = Duration::from_secs(config.drain_timeout_secs);
@@ -189,6 +188,23 @@ async fn run(config: Config) -> Result<(), String> {
     db.close();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connections the kernel queues while the accept loop is busy (capped by
+/// net.core.somaxconn). Agents reconnecting in a burst, e.g. after a restart, would
+/// otherwise have SYNs dropped and retry only after a second.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted control plane can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn tick_loop(

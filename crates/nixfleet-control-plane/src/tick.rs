@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::artifacts::FleetSnapshot;
 use crate::db::{Db, Event, TickWrites};
-use crate::state::{replace, Directives, Shared};
+use crate::state::{replace, swap, Directives, Shared};
 
 /// Settings of the tick that come from flags.
 #[derive(Debug, Clone, Copy)]
@@ -73,9 +73,12 @@ pub async fn run_tick(
     if changed || !writes.events.is_empty() {
         db.write_tick(writes, now).await?;
     }
-    replace(&shared.stored, Arc::new(new));
-    replace(&shared.directives, Arc::new(directives));
+    let old_stored = swap(&shared.stored, Arc::new(new));
+    let old_directives = swap(&shared.directives, Arc::new(directives));
     replace(&shared.last_tick_at, Some(now));
+    // Freeing the previous tick's maps (100,000 entries each) is work for the blocking
+    // pool too, not for a runtime worker.
+    tokio::task::spawn_blocking(move || drop((old_stored, old_directives)));
     Ok(Some(in_flight))
 }
 
@@ -85,11 +88,6 @@ fn compute(
     config: TickConfig,
     now: OffsetDateTime,
 ) -> Computed {
-    let manifests: BTreeMap<String, RolloutManifest> = snapshot
-        .manifests
-        .iter()
-        .map(|(id, m)| (id.clone(), m.value.clone()))
-        .collect();
     let old = shared.stored();
     let observed = Observed {
         attestations_since: shared.started_at,
@@ -100,10 +98,10 @@ fn compute(
         confirm_window_secs: config.confirm_window_secs,
         offline_after_secs: config.offline_after_secs,
     };
-    let plan = reconciler::reconcile(
+    let mut plan = reconciler::reconcile(
         &snapshot.fleet.value,
         &snapshot.fleet.sha256,
-        &manifests,
+        &snapshot.manifest_values,
         &observed,
         &rc,
         now,
@@ -115,7 +113,12 @@ fn compute(
     for action in &plan.actions {
         log_action(action);
     }
-    let directives = directives(&new, &snapshot.manifests, &plan, config.confirm_window_secs);
+    let directives = directives(
+        &new,
+        &snapshot.manifests,
+        &mut plan,
+        config.confirm_window_secs,
+    );
     let in_flight = hosts_in_flight(&new);
     Computed {
         new,
@@ -225,7 +228,7 @@ fn kind_of<T: serde::Serialize>(event: &T) -> String {
 fn directives(
     stored: &StoredState,
     manifests: &BTreeMap<String, Arc<nixfleet_trust::verify::Verified<RolloutManifest>>>,
-    plan: &reconciler::Plan,
+    plan: &mut reconciler::Plan,
     confirm_window_secs: u64,
 ) -> Directives {
     let mut targets = HashMap::new();
@@ -284,7 +287,8 @@ fn directives(
         targets,
         rollbacks,
         active,
-        reasons: plan.reasons.clone().into_iter().collect(),
-        channel_reasons: plan.channels.clone(),
+        // Moved, not copied: at fleet scale there is a reason for most hosts.
+        reasons: std::mem::take(&mut plan.reasons),
+        channel_reasons: std::mem::take(&mut plan.channels),
     }
 }
