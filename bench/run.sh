@@ -8,8 +8,9 @@
 # A quick run:
 #   BENCH_HOSTS=5000 BENCH_STEADY_SECS=20 BENCH_STEADY_WARMUP=10 BENCH_INTERVAL=10 \
 #   BENCH_MAX_SECS=10 BENCH_ENROLL_HOSTS=500 BENCH_DR_SECS=40 BENCH_DR_STOP_AFTER=12 bench/run.sh
-# Scenarios to run: BENCH_SCENARIOS="7 2 3 1 6 4" (the table keeps rows it did not rerun
-# only if you keep the old results directory).
+# Scenarios to run: BENCH_SCENARIOS="7 2 3 1 6 4 5". Results of scenarios not rerun are
+# kept in target/bench/results and stay in the table; they are only comparable when the
+# sizes were the same (scenario 7 always runs: it makes the release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -48,8 +49,16 @@ bin=$root/target/release
 nixfleet=$bin/nixfleet
 loadgen=$bin/nixfleet-loadgen
 
-rm -rf "$WORK"
+# Everything is made anew except the results of scenarios this run does not repeat. The
+# marker keeps the clean-up away from a directory that is not the benchmark's.
+if [ -d "$WORK" ] && [ -n "$(ls -A "$WORK")" ] && [ ! -e "$WORK/.nixfleet-bench" ]; then
+  echo "bench/run.sh: $WORK is not empty and not a benchmark directory; set BENCH_DIR" >&2
+  exit 1
+fi
 mkdir -p "$WORK/results"
+touch "$WORK/.nixfleet-bench"
+find "$WORK" -mindepth 1 -maxdepth 1 ! -name results ! -name .nixfleet-bench -exec rm -rf {} +
+for s in 7 $SCENARIOS; do rm -f "$WORK/results/s$s.json" "$WORK/results/s$s-"*; done
 cd "$WORK"
 res=$WORK/results
 etc=$WORK/etc
