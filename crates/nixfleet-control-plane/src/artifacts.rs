@@ -45,9 +45,31 @@ pub struct FleetSnapshot {
     pub manifests: BTreeMap<String, Arc<Verified<RolloutManifest>>>,
     /// Their raw signatures, served to agents with the bytes.
     pub signatures: BTreeMap<String, Vec<u8>>,
+    /// The same manifests as the reconciler takes them, copied once here rather than on
+    /// every tick (at 100,000 hosts a copy is over a million strings).
+    pub manifest_values: BTreeMap<String, RolloutManifest>,
 }
 
 impl FleetSnapshot {
+    pub fn new(
+        fleet: Verified<FleetResolved>,
+        origin: String,
+        manifests: BTreeMap<String, Arc<Verified<RolloutManifest>>>,
+        signatures: BTreeMap<String, Vec<u8>>,
+    ) -> FleetSnapshot {
+        let manifest_values = manifests
+            .iter()
+            .map(|(id, m)| (id.clone(), m.value.clone()))
+            .collect();
+        FleetSnapshot {
+            fleet,
+            origin,
+            manifests,
+            signatures,
+            manifest_values,
+        }
+    }
+
     pub fn signed_at(&self) -> OffsetDateTime {
         self.fleet.signed_at
     }

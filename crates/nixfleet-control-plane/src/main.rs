@@ -141,9 +141,8 @@ async fn run(config: Config) -> Result<(), String> {
     });
 
     // 5. Listen, tick at once, then on the interval.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listener =
+        listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, "listening");
     let (stop, stopped) = watch::channel(false);
     let drain = Duration::from_secs(config.drain_timeout_secs);
@@ -185,6 +184,7 @@ async fn run(config: Config) -> Result<(), String> {
     tasks.spawn(tick_loop(
         shared.clone(),
         db.clone(),
+        metrics.clone(),
         tick_config,
         event_hook,
         Duration::from_secs(config.tick_interval_secs.max(1)),
@@ -205,17 +205,41 @@ async fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Connections the kernel queues while the accept loop is busy (capped by
+/// net.core.somaxconn). Agents reconnecting in a burst, e.g. after a restart, would
+/// otherwise have SYNs dropped and retry only after a second.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted control plane can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn tick_loop(
     shared: Arc<Shared>,
     db: Arc<Db>,
+    metrics: Arc<metrics::Metrics>,
     config: tick::TickConfig,
     event_hook: Option<hook::EventHook>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        let started = std::time::Instant::now();
         match tick::run_tick(&shared, &db, config, event_hook.as_ref()).await {
-            Ok(_) => {}
+            Ok(Some(in_flight)) => {
+                let seconds = started.elapsed().as_secs_f64();
+                metrics.observe_tick(seconds, in_flight);
+                tracing::debug!(seconds, in_flight, "reconcile tick done");
+            }
+            Ok(None) => {}
             Err(e) => tracing::error!("reconcile tick failed: {e}"),
         }
         // Confirm deadlines are watched closely while anything is mid-activation.

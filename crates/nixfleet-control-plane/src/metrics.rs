@@ -9,6 +9,10 @@ use crate::clock::unix;
 
 /// Request latency buckets, seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+/// Reconcile tick duration buckets, seconds (the target is a tick under 200 ms).
+const TICK_BUCKETS: [f64; 13] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.5, 1.0, 5.0,
+];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -33,6 +37,13 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    tick_buckets: [AtomicU64; TICK_BUCKETS.len()],
+    tick_count: AtomicU64,
+    tick_sum_micros: AtomicU64,
+    /// Hosts Dispatched through Healthy after the last tick, and the most seen since start:
+    /// only a tick dispatches, so the maximum over ticks is the peak in flight.
+    pub hosts_in_flight: AtomicU64,
+    pub hosts_in_flight_max: AtomicU64,
 }
 
 impl Metrics {
@@ -49,6 +60,19 @@ impl Metrics {
         self.latency_count.fetch_add(1, Relaxed);
         self.latency_sum_micros
             .fetch_add((seconds * 1e6) as u64, Relaxed);
+    }
+
+    pub fn observe_tick(&self, seconds: f64, in_flight: u64) {
+        for (i, bound) in TICK_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.tick_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.tick_count.fetch_add(1, Relaxed);
+        self.tick_sum_micros
+            .fetch_add((seconds * 1e6) as u64, Relaxed);
+        self.hosts_in_flight.store(in_flight, Relaxed);
+        self.hosts_in_flight_max.fetch_max(in_flight, Relaxed);
     }
 
     /// Prometheus text exposition; gauges that come from state are passed in.
@@ -175,6 +199,30 @@ impl Metrics {
             self.latency_sum_micros.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "nixfleet_request_duration_seconds_count {count}");
+        let _ = writeln!(out, "# HELP nixfleet_reconcile_tick_duration_seconds Reconcile tick duration, persistence included.\n# TYPE nixfleet_reconcile_tick_duration_seconds histogram");
+        for (i, bound) in TICK_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "nixfleet_reconcile_tick_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.tick_buckets[i].load(Relaxed)
+            );
+        }
+        let ticks = self.tick_count.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "nixfleet_reconcile_tick_duration_seconds_bucket{{le=\"+Inf\"}} {ticks}"
+        );
+        let _ = writeln!(
+            out,
+            "nixfleet_reconcile_tick_duration_seconds_sum {}",
+            self.tick_sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "nixfleet_reconcile_tick_duration_seconds_count {ticks}"
+        );
+        let _ = writeln!(out, "# HELP nixfleet_hosts_in_flight Hosts Dispatched through Healthy (as disruption budgets count them) after the last tick.\n# TYPE nixfleet_hosts_in_flight gauge\nnixfleet_hosts_in_flight {}", self.hosts_in_flight.load(Relaxed));
+        let _ = writeln!(out, "# HELP nixfleet_hosts_in_flight_max The most hosts in flight after any tick since start.\n# TYPE nixfleet_hosts_in_flight_max gauge\nnixfleet_hosts_in_flight_max {}", self.hosts_in_flight_max.load(Relaxed));
         out
     }
 }

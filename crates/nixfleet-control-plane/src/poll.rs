@@ -230,12 +230,7 @@ impl Poller {
                 tracing::warn!(channel = %channel, "no verified rollout manifest for this channel of the fleet yet");
             }
         }
-        FleetSnapshot {
-            fleet,
-            origin,
-            manifests,
-            signatures,
-        }
+        FleetSnapshot::new(fleet, origin, manifests, signatures)
     }
 
     /// Installs a snapshot unless it is older than the one in use.
@@ -321,12 +316,12 @@ impl Poller {
         };
         let (manifests, signatures) = self.manifests_for(&current.fleet).await;
         if manifests.len() > current.manifests.len() {
-            self.install(FleetSnapshot {
-                fleet: current.fleet.clone(),
-                origin: current.origin.clone(),
+            self.install(FleetSnapshot::new(
+                current.fleet.clone(),
+                current.origin.clone(),
                 manifests,
                 signatures,
-            });
+            ));
         }
     }
 

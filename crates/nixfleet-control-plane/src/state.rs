@@ -172,8 +172,8 @@ pub struct Directives {
     pub rollbacks: HashMap<String, RollbackSignal>,
     /// Hosts in a rollout's current wave: asked to check in sooner.
     pub active: std::collections::HashSet<String>,
-    /// Why each host stays where it is.
-    pub reasons: HashMap<String, String>,
+    /// Why each host stays where it is (the reconciler's map, moved as it is).
+    pub reasons: BTreeMap<String, String>,
     /// Why a channel's newest ref is not running.
     pub channel_reasons: BTreeMap<String, String>,
 }
@@ -222,9 +222,14 @@ fn read<T: Clone>(lock: &RwLock<T>) -> T {
 }
 
 pub fn replace<T>(lock: &RwLock<T>, value: T) {
+    drop(swap(lock, value));
+}
+
+/// Like [`replace`], and returns the old value (to drop it elsewhere).
+pub fn swap<T>(lock: &RwLock<T>, value: T) -> T {
     match lock.write() {
-        Ok(mut g) => *g = value,
-        Err(p) => *p.into_inner() = value,
+        Ok(mut g) => std::mem::replace(&mut *g, value),
+        Err(p) => std::mem::replace(&mut *p.into_inner(), value),
     }
 }
 

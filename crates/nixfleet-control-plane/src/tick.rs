@@ -12,9 +12,10 @@ use nixfleet_reconciler::{
 };
 use time::OffsetDateTime;
 
+use crate::artifacts::FleetSnapshot;
 use crate::db::{Db, Event, TickWrites};
 use crate::hook::EventHook;
-use crate::state::{replace, Directives, Shared};
+use crate::state::{replace, swap, Directives, Shared};
 
 /// Settings of the tick that come from flags.
 #[derive(Debug, Clone, Copy)]
@@ -26,23 +27,80 @@ pub struct TickConfig {
 /// Deadlines are checked at least this often while any host is mid-activation.
 pub const DEADLINE_CHECK: Duration = Duration::from_secs(5);
 
-/// Runs one tick. Returns false when there is no verified fleet yet (nothing to decide).
+/// Why a tick did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum TickError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("the reconcile computation stopped unexpectedly: {0}; the previous state is kept")]
+    Compute(String),
+}
+
+/// What one tick decided, before it is persisted and published.
+struct Computed {
+    new: StoredState,
+    writes: TickWrites,
+    directives: Directives,
+    in_flight: u64,
+    /// For the event hook, when one is configured.
+    hook_events: Vec<nixfleet_proto::api::HookEvent>,
+}
+
+/// Runs one tick. Returns the hosts in flight afterwards, or `None` when there is no
+/// verified fleet yet (nothing to decide).
+///
+/// The reconcile and everything derived from it run on a blocking thread: at 100,000
+/// hosts they take a few hundred milliseconds, and on a runtime worker they would hold
+/// up the check-ins (and the accept loop) queued behind them.
 pub async fn run_tick(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     db: &Db,
     config: TickConfig,
     hook: Option<&EventHook>,
-) -> Result<bool, crate::db::DbError> {
+) -> Result<Option<u64>, TickError> {
     let now = OffsetDateTime::now_utc();
     let Some(snapshot) = shared.fleet() else {
         replace(&shared.last_tick_at, Some(now));
-        return Ok(false);
+        return Ok(None);
     };
-    let manifests: BTreeMap<String, RolloutManifest> = snapshot
-        .manifests
-        .iter()
-        .map(|(id, m)| (id.clone(), m.value.clone()))
-        .collect();
+    let for_compute = Arc::clone(shared);
+    let with_hook = hook.is_some();
+    let Computed {
+        new,
+        writes,
+        directives,
+        in_flight,
+        hook_events,
+    } = tokio::task::spawn_blocking(move || {
+        compute(&for_compute, &snapshot, config, now, with_hook)
+    })
+    .await
+    .map_err(|e| TickError::Compute(e.to_string()))?;
+    let changed =
+        !writes.rollouts.is_empty() || !writes.hosts.is_empty() || !writes.removed_hosts.is_empty();
+    if changed || !writes.events.is_empty() {
+        db.write_tick(writes, now).await?;
+    }
+    // Only after the events are durable: the hook never announces what a crash could undo.
+    if let Some(hook) = hook {
+        hook.send(hook_events);
+    }
+    let old_stored = swap(&shared.stored, Arc::new(new));
+    let old_directives = swap(&shared.directives, Arc::new(directives));
+    replace(&shared.last_tick_at, Some(now));
+    // Freeing the previous tick's maps (100,000 entries each) is work for the blocking
+    // pool too, not for a runtime worker.
+    tokio::task::spawn_blocking(move || drop((old_stored, old_directives)));
+    Ok(Some(in_flight))
+}
+
+fn compute(
+    shared: &Shared,
+    snapshot: &FleetSnapshot,
+    config: TickConfig,
+    now: OffsetDateTime,
+    with_hook: bool,
+) -> Computed {
     let old = shared.stored();
     let observed = Observed {
         attestations_since: shared.started_at,
@@ -53,10 +111,10 @@ pub async fn run_tick(
         confirm_window_secs: config.confirm_window_secs,
         offline_after_secs: config.offline_after_secs,
     };
-    let plan = reconciler::reconcile(
+    let mut plan = reconciler::reconcile(
         &snapshot.fleet.value,
         &snapshot.fleet.sha256,
-        &manifests,
+        &snapshot.manifest_values,
         &observed,
         &rc,
         now,
@@ -65,23 +123,28 @@ pub async fn run_tick(
     reconciler::apply(&plan, &mut new, now);
 
     let writes = diff(&old, &new, &plan, now);
-    let changed =
-        !writes.rollouts.is_empty() || !writes.hosts.is_empty() || !writes.removed_hosts.is_empty();
     for action in &plan.actions {
         log_action(action);
     }
-    if changed || !writes.events.is_empty() {
-        db.write_tick(writes, now).await?;
+    let directives = directives(
+        &new,
+        &snapshot.manifests,
+        &mut plan,
+        config.confirm_window_secs,
+    );
+    let in_flight = hosts_in_flight(&new);
+    let hook_events = if with_hook {
+        crate::hook::events_of(&plan.actions, &new, now)
+    } else {
+        Vec::new()
+    };
+    Computed {
+        new,
+        writes,
+        directives,
+        in_flight,
+        hook_events,
     }
-    // Only after the events are durable: the hook never announces what a crash could undo.
-    if let Some(hook) = hook {
-        hook.send(crate::hook::events_of(&plan.actions, &new, now));
-    }
-    let directives = directives(&new, &snapshot.manifests, &plan, config.confirm_window_secs);
-    replace(&shared.stored, Arc::new(new));
-    replace(&shared.directives, Arc::new(directives));
-    replace(&shared.last_tick_at, Some(now));
-    Ok(true)
 }
 
 fn log_action(action: &Action) {
@@ -101,6 +164,16 @@ pub fn anything_in_flight(stored: &StoredState) -> bool {
             )
         })
     })
+}
+
+/// Hosts in flight (Dispatched through Healthy) across every rollout, as budgets count them.
+pub fn hosts_in_flight(stored: &StoredState) -> u64 {
+    stored
+        .rollouts
+        .values()
+        .flat_map(|r| r.hosts.values())
+        .filter(|h| h.state.in_flight())
+        .count() as u64
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> String {
@@ -174,7 +247,7 @@ fn kind_of<T: serde::Serialize>(event: &T) -> String {
 fn directives(
     stored: &StoredState,
     manifests: &BTreeMap<String, Arc<nixfleet_trust::verify::Verified<RolloutManifest>>>,
-    plan: &reconciler::Plan,
+    plan: &mut reconciler::Plan,
     confirm_window_secs: u64,
 ) -> Directives {
     let mut targets = HashMap::new();
@@ -233,7 +306,8 @@ fn directives(
         targets,
         rollbacks,
         active,
-        reasons: plan.reasons.clone().into_iter().collect(),
-        channel_reasons: plan.channels.clone(),
+        // Moved, not copied: at fleet scale there is a reason for most hosts.
+        reasons: std::mem::take(&mut plan.reasons),
+        channel_reasons: std::mem::take(&mut plan.channels),
     }
 }

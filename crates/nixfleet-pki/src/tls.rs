@@ -63,6 +63,9 @@ pub fn server_tls_config(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(tls_error)?;
+    // An agent holds one connection at a time and gets a fresh ticket with every
+    // resumption, so one ticket per handshake is enough (rustls sends two by default).
+    config.send_tls13_tickets = 1;
     Ok(config)
 }
 
