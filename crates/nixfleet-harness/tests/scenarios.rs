@@ -980,3 +980,150 @@ async fn key_rotation_previous_key_grace_then_reject_before_refuses_old_artifact
     assert_eq!(health.status, 200);
     agents_check_in("after rejectBefore").await;
 }
+
+// ---- fleet CA rotation ----------------------------------------------------------------------
+
+/// Whether `openssl verify` accepts the certificate `pem` against the CA file `ca`.
+fn issued_by(pem: &str, ca: &std::path::Path, dir: &std::path::Path) -> bool {
+    let file = dir.join("probe-cert.pem");
+    std::fs::write(&file, pem).unwrap();
+    Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca)
+        .arg(&file)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// The steps of docs/keys.md "The fleet CA": a bundle of both CAs while host certificates
+/// move over at renewal, then the new CA alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_ca_rotation_accepts_both_cas_during_the_overlap_then_only_the_new_one() {
+    let _summary = Summary::begin("13 fleet CA rotation");
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let mut old_host = Host::new("web-01");
+    let mut new_host = Host::new("web-02");
+    let fleet = fleet_json(&[&old_host, &new_host], canary_policy("halt", 0));
+    let forge_dir = tmp.path().join("forge");
+    release(&pki, &forge_dir, &fleet, 1, COMMIT);
+    release(&pki, &pki.path("build-time"), &fleet, 1, COMMIT);
+    sign_revocations(&pki, &forge_dir, json!([]));
+    let forge = Forge::start(&forge_dir);
+    let state = pki.path("var");
+    let port = free_port();
+    let restart = |cp: Option<Cp>| {
+        if let Some(mut cp) = cp {
+            assert_eq!(cp.terminate(), Some(0));
+        }
+        let mut cp = Cp::start_on(&pki, &forge, port, &state, &CpOptions::default());
+        cp.wait_ready(&pki);
+        cp
+    };
+    let cp = restart(None);
+    assert_eq!(enroll(&pki, port, &mut old_host).await.status, 200);
+    let old_ca = pki.path("etc/fleet-ca-cert.pem");
+    let old_ca_copy = tmp.path().join("old-ca.pem");
+    std::fs::copy(&old_ca, &old_ca_copy).unwrap();
+    let old_cert = old_host.cert_pem.clone().unwrap();
+
+    // 1. A new CA; both are trusted (agents' and the CP's CA file is the bundle); the
+    //    server certificate and every new host certificate come from the new CA.
+    nixfleet(&pki.dir, &["ca", "init", "--out", "ca-new"]);
+    let bundle = format!(
+        "{}{}",
+        pki.read("etc/ca.pem"),
+        pki.read("ca-new/fleet-ca-cert.pem")
+    );
+    std::fs::write(pki.path("etc/ca.pem"), bundle).unwrap();
+    nixfleet(
+        &pki.dir,
+        &[
+            "cert",
+            "server",
+            "--ca-dir",
+            "ca-new",
+            "--san",
+            "localhost",
+            "--san",
+            "127.0.0.1",
+            "--out",
+            "server-new",
+        ],
+    );
+    for (from, to) in [
+        ("server-new/server-cert.pem", "etc/server-cert.pem"),
+        ("server-new/server-key.pem", "etc/server-key.pem"),
+        ("ca-new/fleet-ca-cert.pem", "etc/fleet-ca-cert.pem"),
+        ("ca-new/fleet-ca-key.pem", "etc/fleet-ca-key.pem"),
+    ] {
+        std::fs::copy(pki.path(from), pki.path(to)).unwrap();
+    }
+    let cp = restart(Some(cp));
+    let new_ca = pki.path("ca-new/fleet-ca-cert.pem");
+
+    // The host still on the old CA's certificate keeps working.
+    assert_eq!(
+        checkin_status(&Client::host(&pki, port, &old_host), "web-01").await,
+        200
+    );
+    // A host enrolling now gets a certificate from the new CA.
+    assert_eq!(enroll(&pki, port, &mut new_host).await.status, 200);
+    let issued = new_host.cert_pem.clone().unwrap();
+    assert!(issued_by(&issued, &new_ca, tmp.path()));
+    assert!(!issued_by(&issued, &old_ca_copy, tmp.path()));
+    assert_eq!(
+        checkin_status(&Client::host(&pki, port, &new_host), "web-02").await,
+        200
+    );
+    // The old host moves over at its renewal.
+    let renewed = Client::host(&pki, port, &old_host)
+        .post("/v1/agent/renew", &json!({"csrPem": old_host.csr()}))
+        .await;
+    assert_eq!(
+        renewed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&renewed.body)
+    );
+    old_host.cert_pem = Some(renewed.json()["certPem"].as_str().unwrap().to_owned());
+    assert!(issued_by(
+        old_host.cert_pem.as_deref().unwrap(),
+        &new_ca,
+        tmp.path()
+    ));
+    assert_eq!(
+        checkin_status(&Client::host(&pki, port, &old_host), "web-01").await,
+        200
+    );
+
+    // 2. Every certificate renewed: the old CA leaves the bundle.
+    std::fs::copy(&new_ca, pki.path("etc/ca.pem")).unwrap();
+    let _cp = restart(Some(cp));
+    for host in [&old_host, &new_host] {
+        assert_eq!(
+            checkin_status(&Client::host(&pki, port, host), &host.name).await,
+            200
+        );
+    }
+    // A certificate from the old CA is refused now (at the handshake, or with 401).
+    let stale = Host {
+        name: "web-01".into(),
+        key: old_host.key.clone(),
+        cert_pem: Some(old_cert),
+    };
+    let refused = Client::host(&pki, port, &stale)
+        .try_post(
+            "/v1/agent/checkin",
+            &checkin_body("web-01", &closure("web-01", 0), None, json!([])),
+        )
+        .await;
+    assert!(
+        refused.as_ref().map_or(true, |r| r.status == 401),
+        "a certificate of the retired CA was accepted: {:?}",
+        refused.map(|r| r.status)
+    );
+}
