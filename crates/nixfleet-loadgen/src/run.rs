@@ -171,8 +171,14 @@ impl Agent {
                             .await;
                     } else if let Some(target) = &response.target {
                         Stats::inc(&stats.targets_received);
+                        let confirmed_before = self.last_confirmed_at;
                         if !self.follow(&config, &stats, target, deadline).await {
                             return;
+                        }
+                        // As the agent does: check in right after a confirm, so that
+                        // the control plane has the new closure's health.
+                        if self.last_confirmed_at != confirmed_before {
+                            continue;
                         }
                     }
                     jittered(base, config.jitter)
