@@ -70,17 +70,9 @@ impl Fleet {
 
     fn release(&self, closure: &str, commit: &str, extra: &[&str]) -> String {
         let closures = json!({ HOST: closure });
-        release_closures(
+        release_with_fallback(
             &self.pki,
             &self.forge_dir,
-            &self.fleet,
-            &closures,
-            commit,
-            extra,
-        );
-        release_closures(
-            &self.pki,
-            &self.pki.path("build-time"),
             &self.fleet,
             &closures,
             commit,

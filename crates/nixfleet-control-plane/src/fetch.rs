@@ -106,7 +106,7 @@ impl Fetcher {
                     .await
                     .map_err(|e| FetchError::Transport {
                         url: url.to_owned(),
-                        detail: error_chain(&e),
+                        detail: nixfleet_pki::error_chain(&e),
                     })?;
             let status = response.status();
             if status == StatusCode::NOT_MODIFIED {
@@ -159,17 +159,6 @@ impl Fetcher {
                 secs: self.timeout.as_secs(),
             })?
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Reads a bearer token file (trimmed); read on every poll so a rotated token is used.

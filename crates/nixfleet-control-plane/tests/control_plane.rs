@@ -23,19 +23,13 @@ fn setup(names: &[&str], policy: Value, revoked: Value) -> Setup {
     let hosts: Vec<Host> = names.iter().map(|n| Host::new(n)).collect();
     let fleet = fleet_json(&hosts.iter().collect::<Vec<_>>(), policy);
     let forge_dir = tmp.path().join("forge");
-    release(
+    release_with_fallback(
         &pki,
         &forge_dir,
         &fleet,
-        1,
+        &generation_closures(&fleet, 1),
         "1111111111111111111111111111111111111111",
-    );
-    release(
-        &pki,
-        &pki.path("build-time"),
-        &fleet,
-        1,
-        "1111111111111111111111111111111111111111",
+        &[],
     );
     sign_revocations(&pki, &forge_dir, revoked);
     let forge = Forge::start(&forge_dir);

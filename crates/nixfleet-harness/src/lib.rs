@@ -251,15 +251,41 @@ pub fn closure(host: &str, generation: u32) -> String {
     format!("{:032}-nixos-system-{host}-{generation}", generation)
 }
 
-/// Signs a release of `fleet` with closures of `generation` into `forge`.
-pub fn release(pki: &Pki, forge: &Path, fleet: &Value, generation: u32, commit: &str) {
+/// `{hostname: closure(host, generation)}` for every host of `fleet`.
+pub fn generation_closures(fleet: &Value, generation: u32) -> Value {
     let closures: serde_json::Map<String, Value> = fleet["hosts"]
         .as_object()
         .unwrap()
         .keys()
         .map(|h| (h.clone(), Value::String(closure(h, generation))))
         .collect();
-    release_closures(pki, forge, fleet, &Value::Object(closures), commit, &[]);
+    Value::Object(closures)
+}
+
+/// Signs a release of `fleet` with closures of `generation` into `forge`.
+pub fn release(pki: &Pki, forge: &Path, fleet: &Value, generation: u32, commit: &str) {
+    release_closures(
+        pki,
+        forge,
+        fleet,
+        &generation_closures(fleet, generation),
+        commit,
+        &[],
+    );
+}
+
+/// Signs the release into `forge` and into the control plane's build-time directory
+/// (its start-up fallback), as CI and a deployment both would.
+pub fn release_with_fallback(
+    pki: &Pki,
+    forge: &Path,
+    fleet: &Value,
+    closures: &Value,
+    commit: &str,
+    extra: &[&str],
+) {
+    release_closures(pki, forge, fleet, closures, commit, extra);
+    release_closures(pki, &pki.path("build-time"), fleet, closures, commit, extra);
 }
 
 /// Signs a release of `fleet` with the given `{hostname: closure basename}` into `forge`;

@@ -67,8 +67,7 @@ impl Fleet {
         fleet_edit(&mut fleet);
         let forge_dir = tmp.path().join("forge");
         let gen1 = closures(&hosts, 1);
-        release_closures(&pki, &forge_dir, &fleet, &gen1, COMMIT, &[]);
-        release_closures(&pki, &pki.path("build-time"), &fleet, &gen1, COMMIT, &[]);
+        release_with_fallback(&pki, &forge_dir, &fleet, &gen1, COMMIT, &[]);
         sign_revocations(&pki, &forge_dir, json!([]));
         let forge = Forge::start(&forge_dir);
         let port = free_port();

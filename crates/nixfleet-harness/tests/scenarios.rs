@@ -422,16 +422,10 @@ fn release_with_key(
     key: &str,
     extra: &[&str],
 ) {
-    let closures: serde_json::Map<String, Value> = fleet["hosts"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(|h| (h.clone(), Value::String(closure(h, generation))))
-        .collect();
     std::fs::write(pki.path("fleet.json"), fleet.to_string()).unwrap();
     std::fs::write(
         pki.path("closures.json"),
-        Value::Object(closures).to_string(),
+        generation_closures(fleet, generation).to_string(),
     )
     .unwrap();
     let mut args = vec![
@@ -511,8 +505,14 @@ async fn tampered_or_stale_intent_is_refused_and_the_last_good_state_kept() {
     let mut lost = Host::new("lost-01");
     let fleet = fleet_json(&[&web, &lost], canary_policy("halt", 0));
     let forge_dir = tmp.path().join("forge");
-    release(&pki, &forge_dir, &fleet, 1, COMMIT);
-    release(&pki, &pki.path("build-time"), &fleet, 1, COMMIT);
+    release_with_fallback(
+        &pki,
+        &forge_dir,
+        &fleet,
+        &generation_closures(&fleet, 1),
+        COMMIT,
+        &[],
+    );
     let good_rollout = rollout_id(&forge_dir, "stable");
     let good = tmp.path().join("good");
     publish(&forge_dir, &good, &FLEET_FILES);
@@ -759,8 +759,14 @@ async fn enrollment_concurrent_replayed_wrong_key_and_expired_tokens() {
     all.push(&late);
     let fleet = fleet_json(&all, canary_policy("halt", 0));
     let forge_dir = tmp.path().join("forge");
-    release(&pki, &forge_dir, &fleet, 1, COMMIT);
-    release(&pki, &pki.path("build-time"), &fleet, 1, COMMIT);
+    release_with_fallback(
+        &pki,
+        &forge_dir,
+        &fleet,
+        &generation_closures(&fleet, 1),
+        COMMIT,
+        &[],
+    );
     sign_revocations(&pki, &forge_dir, json!([]));
     let forge = Forge::start(&forge_dir);
     let state = pki.path("var");
@@ -1009,8 +1015,14 @@ async fn fleet_ca_rotation_accepts_both_cas_during_the_overlap_then_only_the_new
     let mut new_host = Host::new("web-02");
     let fleet = fleet_json(&[&old_host, &new_host], canary_policy("halt", 0));
     let forge_dir = tmp.path().join("forge");
-    release(&pki, &forge_dir, &fleet, 1, COMMIT);
-    release(&pki, &pki.path("build-time"), &fleet, 1, COMMIT);
+    release_with_fallback(
+        &pki,
+        &forge_dir,
+        &fleet,
+        &generation_closures(&fleet, 1),
+        COMMIT,
+        &[],
+    );
     sign_revocations(&pki, &forge_dir, json!([]));
     let forge = Forge::start(&forge_dir);
     let state = pki.path("var");

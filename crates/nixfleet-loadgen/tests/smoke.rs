@@ -7,7 +7,9 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use nixfleet_harness::{free_port, release_closures, sign_revocations, Cp, CpOptions, Forge, Pki};
+use nixfleet_harness::{
+    free_port, release_with_fallback, sign_revocations, Cp, CpOptions, Forge, Pki,
+};
 use nixfleet_loadgen::conn::Endpoint;
 use nixfleet_loadgen::fleet::{self, Shape};
 use nixfleet_loadgen::identity;
@@ -47,15 +49,7 @@ async fn two_hundred_hosts_for_twenty_seconds_agree_with_metrics() {
     // Hosts run generation 1; the release moves every host to generation 2.
     let closures = fleet::closures_json(&shape, 2, 1, &[]);
     let forge_dir = tmp.path().join("forge");
-    release_closures(&pki, &forge_dir, &fleet, &closures, COMMIT, &[]);
-    release_closures(
-        &pki,
-        &pki.path("build-time"),
-        &fleet,
-        &closures,
-        COMMIT,
-        &[],
-    );
+    release_with_fallback(&pki, &forge_dir, &fleet, &closures, COMMIT, &[]);
     sign_revocations(&pki, &forge_dir, json!([]));
     let forge = Forge::start(&forge_dir);
     let metrics_port = free_port();

@@ -33,7 +33,7 @@ pub use identity::{ClientIdentity, Role};
 pub use names::{
     validate_hostname, validate_operator_name, HOST_ROLE_URI_PREFIX, OPERATOR_ROLE_URI_PREFIX,
 };
-pub use tls::{client_tls_config, crypto_provider, server_tls_config};
+pub use tls::{client_tls_config, crypto_provider, error_chain, server_tls_config};
 
 // Re-exported so callers build and use these configs with the exact rustls version used here.
 pub use rustls;

@@ -121,3 +121,16 @@ fn root_store(what: &'static str, pem: &str) -> Result<RootCertStore, PkiError> 
 fn tls_error(e: rustls::Error) -> PkiError {
     PkiError::Tls(e.to_string())
 }
+
+/// An error with its whole source chain, `outer: inner: …`: a connection failure's cause
+/// (refused, certificate unknown, name mismatch) is only in the sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -160,15 +160,7 @@ impl Fleet {
             .map(|n| (n.name().to_owned(), Value::String(n.gen1.clone())))
             .collect();
         let closures = Value::Object(closures);
-        release_closures(&pki, &forge_dir, &fleet, &closures, COMMIT, &[]);
-        release_closures(
-            &pki,
-            &pki.path("build-time"),
-            &fleet,
-            &closures,
-            COMMIT,
-            &[],
-        );
+        release_with_fallback(&pki, &forge_dir, &fleet, &closures, COMMIT, &[]);
         let rollout = rollout_id(&forge_dir, "stable");
         sign_revocations(&pki, &forge_dir, revoked);
         let forge = Forge::start(&forge_dir);
