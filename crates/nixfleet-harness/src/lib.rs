@@ -5,7 +5,10 @@
 
 pub mod agent;
 pub mod compromised;
+pub mod haproxy;
 pub mod nix;
+pub mod pg;
+pub mod relay;
 pub mod terminal;
 
 use std::io::Read;
@@ -367,6 +370,9 @@ pub struct CpOptions {
     pub url: bool,
     pub build_time_artifact: bool,
     pub rollouts_dir: bool,
+    /// A PostgreSQL URL: the replica keeps its state there (`--database-url`) rather than
+    /// in `--db-path`.
+    pub database_url: Option<String>,
     pub extra: Vec<String>,
 }
 
@@ -378,6 +384,7 @@ impl Default for CpOptions {
             url: true,
             build_time_artifact: true,
             rollouts_dir: true,
+            database_url: None,
             extra: Vec::new(),
         }
     }
@@ -436,6 +443,9 @@ impl Cp {
                     "--revocations-signature-url",
                     &forge.url("revocations.json.sig"),
                 ]);
+        }
+        if let Some(url) = &opts.database_url {
+            cmd.args(["--database-url", url]);
         }
         cmd.args(&opts.extra);
         cmd

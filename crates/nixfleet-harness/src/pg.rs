@@ -1,0 +1,180 @@
+//! Throw-away PostgreSQL databases for the high-availability tests, one per test, on the
+//! server `scripts/test-postgres` sets up. Everything goes through the `psql` command, so
+//! the harness needs no database driver.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const ENV: &str = "NIXFLEET_TEST_DATABASE_URL";
+
+/// The admin URL of the test server (a superuser connected to the `postgres` database).
+pub fn admin_url() -> String {
+    match std::env::var(ENV) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{ENV} is not set; run scripts/test-postgres and export its output \
+             (scripts/test does both)"
+        ),
+    }
+}
+
+/// Runs `sql` against the database at `url`; rows of fields, NULL as "". Panics with
+/// psql's stderr on failure.
+pub fn query(url: &str, sql: &str) -> Vec<Vec<String>> {
+    match try_query(url, sql) {
+        Ok(rows) => rows,
+        Err(e) => panic!("psql {sql:?} on {}: {e}", redact(url)),
+    }
+}
+
+fn try_query(url: &str, sql: &str) -> Result<Vec<Vec<String>>, String> {
+    let out = Command::new("psql")
+        // -q leaves out command tags ("CREATE TABLE"), so only result rows are printed.
+        .args(["-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-d", url, "-c", sql])
+        // A server that is down fails the test in seconds rather than hanging it.
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .map_err(|e| format!("cannot run psql ({e}); apt-get install -y postgresql-client"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // An empty line is a row of one NULL or empty value, so it is kept.
+    Ok(text
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect())
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    let (head, rest) = split_authority(url);
+    match rest.0.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{head}{user}:***@{host}{}", rest.1)
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Splits `scheme://authority/path?query` into (`scheme://`, (authority, `/path?query`)).
+fn split_authority(url: &str) -> (&str, (&str, &str)) {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = url.split_at(start);
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    (head, rest.split_at(end))
+}
+
+/// `url` with its database replaced by `db` (query parameters kept).
+pub fn url_with_database(url: &str, db: &str) -> String {
+    let (head, (authority, tail)) = split_authority(url);
+    let params = tail.find('?').map_or("", |i| &tail[i..]);
+    format!("{head}{authority}/{db}{params}")
+}
+
+/// `url` with its port replaced by (or set to) `port`, e.g. to reach the server through a
+/// [`crate::relay::TcpRelay`].
+pub fn url_with_port(url: &str, port: u16) -> String {
+    let (head, (authority, tail)) = split_authority(url);
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (&authority[..=u.len()], h),
+        None => ("", authority),
+    };
+    // An IPv6 literal carries colons of its own: the port follows the closing bracket.
+    let host = if hostport.starts_with('[') {
+        hostport.find(']').map_or(hostport, |i| &hostport[..=i])
+    } else {
+        hostport.split(':').next().unwrap_or(hostport)
+    };
+    format!("{head}{userinfo}{host}:{port}{tail}")
+}
+
+/// The server's address in `url` (port 5432 when none is given): what a
+/// [`crate::relay::TcpRelay`] forwards to.
+pub fn server_addr(url: &str) -> SocketAddr {
+    let (_, (authority, _)) = split_authority(url);
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let with_port = if hostport.ends_with(']') || !hostport.contains(':') {
+        format!("{hostport}:5432")
+    } else {
+        hostport.to_owned()
+    };
+    with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("cannot resolve the server of {}", redact(url)))
+}
+
+/// A fresh, empty database on the test server, dropped (connections and all) on drop.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A new database named after `prefix`, this process and a counter, so parallel tests
+    /// and concurrent test binaries never share one.
+    pub fn create(prefix: &str) -> TestDb {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // The clock tells apart a reused pid from a run that crashed before cleaning up.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut clean: String = prefix
+            .to_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        if !clean.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') {
+            clean.insert_str(0, "t_");
+        }
+        let suffix = format!("_{}_{n}_{nanos:08x}", std::process::id());
+        // PostgreSQL truncates identifiers at 63 bytes; keep the unique suffix intact.
+        clean.truncate(63 - suffix.len());
+        let name = clean + &suffix;
+        let db = TestDb {
+            url: url_with_database(&admin_url(), &name),
+            name,
+        };
+        query(&admin_url(), &format!("CREATE DATABASE \"{}\"", db.name));
+        db
+    }
+
+    /// Runs `sql` against this database; rows of fields, NULL as "".
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        query(&self.url, sql)
+    }
+
+    /// Drops the database, terminating the sessions still connected to it (the loss of
+    /// the database in a disaster-recovery test).
+    pub fn drop_database(&self) {
+        query(
+            &admin_url(),
+            &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name),
+        );
+    }
+
+    /// Drops the database and creates it again, empty, under the same name and URL.
+    pub fn recreate(&self) {
+        self.drop_database();
+        query(&admin_url(), &format!("CREATE DATABASE \"{}\"", self.name));
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // No panic here: a drop during a failing test's unwind would abort the process.
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        if let Ok(url) = std::env::var(ENV) {
+            if let Err(e) = try_query(&url, &sql) {
+                eprintln!("could not drop test database {}: {e}", self.name);
+            }
+        }
+    }
+}
