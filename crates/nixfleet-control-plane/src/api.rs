@@ -28,10 +28,10 @@ use time::OffsetDateTime;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::clock::rfc3339;
-use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::server::Peer;
 use crate::state::{Change, Shared};
+use crate::store::Db;
 
 /// Agent and operator request bodies are small; enrollment carries a token and a CSR.
 const BODY_LIMIT: usize = 256 << 10;
@@ -46,6 +46,8 @@ pub struct App {
     pub audit_log: Mutex<Option<std::fs::File>>,
     pub audit_log_path: std::path::PathBuf,
     pub checkin_interval_secs: u32,
+    /// This replica's name (/healthz).
+    pub replica: String,
 }
 
 /// An error answer: status plus one sentence.
@@ -251,13 +253,22 @@ impl RoleHostname for nixfleet_pki::ClientIdentity {
 async fn healthz(State(app): State<Arc<App>>) -> Json<Healthz> {
     let fleet = app.shared.fleet();
     let revocations = app.shared.revocations();
+    let replicated = app.shared.replicated();
     Json(Healthz {
-        ok: fleet.is_some(),
+        ok: fleet.is_some() && app.shared.database_fresh(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         primed: fleet.is_some(),
         last_tick_at: app.shared.last_tick_at(),
         fleet_signed_at: fleet.map(|f| f.signed_at()),
         revocations_applied_at: revocations.applied_at,
+        role: app.shared.role().name().to_owned(),
+        replica: replicated.then(|| app.replica.clone()),
+        leader: if replicated {
+            app.shared.leader.read().ok().and_then(|l| l.clone())
+        } else {
+            None
+        },
+        database_ok: app.shared.database_fresh(),
     })
 }
 
@@ -284,6 +295,7 @@ async fn checkin(
         Metrics::inc(&app.metrics.checkins_refused);
         return Err(e);
     }
+    require_fresh_database(&app)?;
     let now = OffsetDateTime::now_utc();
     let change = app.shared.attestations.checkin(&req, now);
     match change {
@@ -292,7 +304,6 @@ async fn checkin(
         }
         Change::Unchanged => tracing::debug!("checkin received {}", req.hostname),
     }
-    Metrics::inc(&app.metrics.checkins_ok);
     let directives = app.shared.directives();
     let mut response = CheckinResponse {
         target: None,
@@ -303,9 +314,8 @@ async fn checkin(
             directives.active.contains(&req.hostname),
         ),
     };
+    let mut delivered_now = false;
     if let Some(signal) = directives.rollbacks.get(&req.hostname) {
-        Metrics::inc(&app.metrics.rollbacks_sent);
-        tracing::info!(host = %req.hostname, rollout = %signal.rollout_id, "rollback signal sent");
         response.rollback = Some(signal.clone());
     } else if let Some(target) = directives.targets.get(&req.hostname) {
         let failed_here = req
@@ -313,35 +323,103 @@ async fn checkin(
             .iter()
             .any(|f| f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash);
         // A host already on the target needs nothing; one that failed it is never re-sent it.
-        if target.closure_hash != req.current_generation.closure_hash && !failed_here {
-            if app
-                .shared
-                .attestations
-                .delivered(&req.hostname, &target.rollout_id, now)
-            {
-                tracing::info!(host = %req.hostname, rollout = %target.rollout_id, closure = %target.closure_hash, "target delivered");
-                let db = app.db.clone();
-                let (host, rollout, closure) = (
-                    req.hostname.clone(),
-                    target.rollout_id.clone(),
-                    target.closure_hash.clone(),
-                );
-                // The delivery is also held in memory for the tick; the row is the audit trail.
-                tokio::spawn(async move {
-                    if let Err(e) = db
-                        .record_dispatch_event(host, rollout, closure, "delivered", now)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not record a delivery");
-                    }
-                });
-                app.shared.tick_now.notify_one();
-            }
-            Metrics::inc(&app.metrics.targets_sent);
+        if target.closure_hash != req.current_generation.closure_hash
+            && !failed_here
+            && still_dispatched(&app, &req.hostname, &target.rollout_id).await?
+        {
+            delivered_now =
+                app.shared
+                    .attestations
+                    .delivered(&req.hostname, &target.rollout_id, now);
             response.target = Some(target.clone());
         }
     }
+    // Replicas share check-ins through the database: what the leader acts on is durable
+    // before the answer (a target is handed out only once its delivery is recorded).
+    if app.shared.replicated() && (change != Change::Unchanged || delivered_now) {
+        if let Some(attestation) = app.shared.attestations.get(&req.hostname) {
+            app.db
+                .save_attestations(vec![(req.hostname.clone(), attestation)])
+                .await
+                .map_err(database_unavailable)?;
+        }
+    }
+    Metrics::inc(&app.metrics.checkins_ok);
+    if let Some(signal) = &response.rollback {
+        Metrics::inc(&app.metrics.rollbacks_sent);
+        tracing::info!(host = %req.hostname, rollout = %signal.rollout_id, "rollback signal sent");
+    }
+    if let Some(target) = &response.target {
+        if delivered_now {
+            tracing::info!(host = %req.hostname, rollout = %target.rollout_id, closure = %target.closure_hash, "target delivered");
+            let db = app.db.clone();
+            let (host, rollout, closure) = (
+                req.hostname.clone(),
+                target.rollout_id.clone(),
+                target.closure_hash.clone(),
+            );
+            // The delivery is also held in memory for the tick; the row is the audit trail.
+            tokio::spawn(async move {
+                if let Err(e) = db
+                    .record_dispatch_event(host, rollout, closure, "delivered", now)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not record a delivery");
+                }
+            });
+            app.shared.tick_now.notify_one();
+        }
+        Metrics::inc(&app.metrics.targets_sent);
+    }
     Ok(Json(response))
+}
+
+fn database_unavailable(e: crate::store::DbError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("this control plane cannot record the request: {e}; retry later"),
+    )
+}
+
+/// A replica that has lost its shared database answers 503 rather than from state that
+/// may be stale; the agent retries (through the load balancer, another replica).
+fn require_fresh_database(app: &App) -> ApiResult<()> {
+    if app.shared.database_fresh() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this control-plane replica cannot reach its database, so its answers could be stale; retry later",
+        ))
+    }
+}
+
+/// Before a replica first hands out a target, the leader's newest word on the host: a
+/// replica's copy can be a second behind a requeue or a halt.
+async fn still_dispatched(app: &App, hostname: &str, rollout_id: &str) -> ApiResult<bool> {
+    if !app.shared.replicated()
+        || app
+            .shared
+            .attestations
+            .get(hostname)
+            .and_then(|a| a.delivered)
+            .is_some_and(|d| d.rollout_id == rollout_id)
+    {
+        return Ok(true);
+    }
+    let record = app
+        .db
+        .host_record(rollout_id.to_owned(), hostname.to_owned())
+        .await
+        .map_err(database_unavailable)?;
+    let dispatched = matches!(
+        record.map(|r| r.state),
+        Some(HostState::Dispatched | HostState::ConfirmWindow { .. })
+    );
+    if !dispatched {
+        tracing::info!(host = %hostname, rollout = %rollout_id, "target held back: the leader no longer has the host dispatched");
+    }
+    Ok(dispatched)
 }
 
 async fn confirm(
@@ -351,6 +429,7 @@ async fn confirm(
 ) -> ApiResult<StatusCode> {
     let req: ConfirmRequest = parse_json(&body)?;
     require_host(&app, &peer, &req.hostname)?;
+    require_fresh_database(&app)?;
     let gone = |why: String| {
         Metrics::inc(&app.metrics.confirms_gone);
         tracing::info!(host = %req.hostname, rollout = %req.rollout_id, "confirm refused: {why}");
@@ -361,6 +440,17 @@ async fn confirm(
         .fleet()
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
     let Some(manifest) = fleet.manifests.get(&req.rollout_id) else {
+        if app.shared.stored().rollouts.contains_key(&req.rollout_id) {
+            // The leader runs it; this replica has not verified its manifest yet.
+            app.shared.poll_now.notify_one();
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "rollout {} is not verified on this replica yet; retry",
+                    req.rollout_id
+                ),
+            ));
+        }
         return Err(gone(format!(
             "rollout {} is not part of the current signed release; roll back",
             req.rollout_id
@@ -375,12 +465,21 @@ async fn confirm(
             req.rollout_id, req.hostname, req.generation.closure_hash, req.wave_index
         )));
     }
-    let stored = app.shared.stored();
-    let state = stored
-        .rollouts
-        .get(&req.rollout_id)
-        .and_then(|r| r.hosts.get(&req.hostname))
-        .map(|h| h.state.clone());
+    let state = if app.shared.replicated() {
+        // The leader's newest word, not this replica's copy of it.
+        app.db
+            .host_record(req.rollout_id.clone(), req.hostname.clone())
+            .await
+            .map_err(database_unavailable)?
+            .map(|h| h.state)
+    } else {
+        app.shared
+            .stored()
+            .rollouts
+            .get(&req.rollout_id)
+            .and_then(|r| r.hosts.get(&req.hostname))
+            .map(|h| h.state.clone())
+    };
     if let Some(HostState::Failed { reason, .. }) = &state {
         return Err(gone(format!(
             "{} already failed in rollout {}: {reason}; roll back",
@@ -410,10 +509,18 @@ async fn confirm(
             now,
         )
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        .map_err(database_unavailable)?;
     app.shared
         .attestations
         .confirmed(&req.hostname, &req.generation.closure_hash, now);
+    if app.shared.replicated() {
+        if let Some(attestation) = app.shared.attestations.get(&req.hostname) {
+            app.db
+                .save_attestations(vec![(req.hostname.clone(), attestation)])
+                .await
+                .map_err(database_unavailable)?;
+        }
+    }
     Metrics::inc(&app.metrics.confirms_ok);
     tracing::info!(host = %req.hostname, rollout = %req.rollout_id, closure = %req.generation.closure_hash, "{event}");
     app.shared.tick_now.notify_one();
@@ -429,6 +536,7 @@ async fn report(
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "reports need a host certificate"))?
         .to_owned();
     require_host(&app, &peer, &hostname)?;
+    require_fresh_database(&app)?;
     let fleet = app
         .shared
         .fleet()
@@ -607,6 +715,7 @@ async fn renew(
         })?
         .to_owned();
     require_host(&app, &peer, &hostname)?;
+    require_fresh_database(&app)?;
     let ca = app.fleet_ca.as_ref().ok_or_else(no_ca)?;
     let req: RenewRequest = parse_json(&body)?;
     let now = OffsetDateTime::now_utc();
@@ -856,7 +965,7 @@ async fn list_hosts(
     ))
 }
 
-fn event_view(e: crate::db::Event) -> RolloutEventRecord {
+fn event_view(e: crate::store::Event) -> RolloutEventRecord {
     RolloutEventRecord {
         detail: serde_json::from_str(&e.reason).unwrap_or(serde_json::Value::String(e.reason)),
         rollout_id: e.rollout_id,
@@ -884,7 +993,8 @@ async fn host(
     })?;
     let events = app
         .db
-        .host_events(&name, 50)
+        .host_events(name.clone(), 50)
+        .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
         .into_iter()
         .map(event_view)
@@ -935,7 +1045,8 @@ async fn rollout_trace(
     require_operator(&peer)?;
     let events = app
         .db
-        .rollout_events(&id, 10_000)
+        .rollout_events(id, 10_000)
+        .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(Json(events.into_iter().map(event_view).collect()))
 }

@@ -24,6 +24,20 @@ pub struct Config {
     )]
     pub db_path: PathBuf,
 
+    /// PostgreSQL shared by N replicas (postgres://user:password@host:port/database);
+    /// when set, --db-path is not used and the replicas elect one leader.
+    #[arg(long, env = "NIXFLEET_CP_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Connections each replica keeps to PostgreSQL.
+    #[arg(long, env = "NIXFLEET_CP_DATABASE_POOL_SIZE", default_value_t = 16)]
+    pub database_pool_size: usize,
+
+    /// This replica's name in logs, /healthz and the database [default: host name and
+    /// listen port].
+    #[arg(long, env = "NIXFLEET_CP_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+
     /// Append-only issuance log (JSON lines), kept outside the database.
     #[arg(
         long,

@@ -5,13 +5,14 @@ mod api;
 mod artifacts;
 mod clock;
 mod config;
-mod db;
 mod fetch;
 mod hook;
 mod metrics;
 mod poll;
+mod replica;
 mod server;
 mod state;
+mod store;
 mod tick;
 
 use std::process::ExitCode;
@@ -25,8 +26,8 @@ use tokio::sync::watch;
 
 use crate::api::App;
 use crate::config::Config;
-use crate::db::Db;
 use crate::state::Shared;
+use crate::store::Db;
 
 fn main() -> ExitCode {
     let config = Config::parse();
@@ -63,8 +64,28 @@ fn read_pem(what: &str, path: &std::path::Path) -> Result<String, String> {
 
 async fn run(config: Config) -> Result<(), String> {
     // 1. Database.
-    let db = Arc::new(Db::open(&config.db_path).map_err(|e| e.to_string())?);
-    tracing::info!(path = %config.db_path.display(), "database open");
+    let replica = config.replica_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), config.listen.port())
+    });
+    if let Some(url) = &config.database_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err("--database-url must be a postgres:// URL (leave it unset for the embedded SQLite database at --db-path)".into());
+        }
+    }
+    let db = store::open(
+        config.database_url.as_deref(),
+        &config.db_path,
+        &replica,
+        config.database_pool_size,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if db.shared() {
+        tracing::info!(replica = %replica, "database open: PostgreSQL, shared with the other replicas; the leader is elected");
+    } else {
+        tracing::info!(path = %config.db_path.display(), "database open");
+    }
 
     // 2. Trust roots.
     let trust = verify::read_trust_file(&config.trust_file, &Limits::default())
@@ -73,6 +94,10 @@ async fn run(config: Config) -> Result<(), String> {
     let revocations_configured =
         config.revocations_artifact_url.is_some() || config.revocations_artifact.is_some();
     let shared = Arc::new(Shared::new(trust, revocations_configured, now));
+    if db.shared() {
+        // Until the leadership lock says otherwise.
+        shared.set_role(state::Role::Follower);
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let fetcher = fetch::Fetcher::new(Duration::from_secs(config.fetch_timeout_secs))?;
     let poller = Arc::new(poll::Poller::new(
@@ -86,15 +111,18 @@ async fn run(config: Config) -> Result<(), String> {
     // 3. Prime the verified fleet, or refuse to start.
     poller.prime_fleet().await?;
 
-    // 4. Revocations before any agent request is served.
-    poller.restore_revocations()?;
+    // 4. Revocations before any agent request is served. A replica of a shared database
+    // applies only a list it verified itself, never one another replica stored.
+    if !db.shared() {
+        poller.restore_revocations().await?;
+    }
     if revocations_configured {
         if let Err(e) = poller.poll_revocations(true).await {
             tracing::warn!("revocations poll failed at start-up: {e}; agent routes answer 503 until a verified list is applied");
         }
     }
 
-    let stored = db.load_stored().map_err(|e| e.to_string())?;
+    let stored = db.load_stored().await.map_err(|e| e.to_string())?;
     tracing::info!(
         rollouts = stored.rollouts.len(),
         "stored rollout state loaded"
@@ -138,6 +166,7 @@ async fn run(config: Config) -> Result<(), String> {
         audit_log: Mutex::new(None),
         audit_log_path: config.audit_log.clone(),
         checkin_interval_secs: config.checkin_interval_secs,
+        replica: replica.clone(),
     });
 
     // 5. Listen, tick at once, then on the interval.
@@ -190,6 +219,19 @@ async fn run(config: Config) -> Result<(), String> {
         Duration::from_secs(config.tick_interval_secs.max(1)),
         stopped.clone(),
     ));
+    if db.shared() {
+        tasks.spawn(replica::lead_loop(
+            shared.clone(),
+            db.clone(),
+            stopped.clone(),
+        ));
+        tasks.spawn(replica::sync_loop(
+            shared.clone(),
+            db.clone(),
+            tick_config.confirm_window_secs,
+            stopped.clone(),
+        ));
+    }
     tasks.spawn(poller.clone().run_fleet_polls(stopped.clone()));
     if revocations_configured {
         tasks.spawn(poller.clone().run_revocation_polls(stopped.clone()));
@@ -200,7 +242,9 @@ async fn run(config: Config) -> Result<(), String> {
     tracing::info!("shutting down: draining requests");
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
-    db.close();
+    if let Err(e) = db.close().await {
+        tracing::warn!("closing the database: {e}");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -233,14 +277,26 @@ async fn tick_loop(
 ) {
     loop {
         let started = std::time::Instant::now();
-        match tick::run_tick(&shared, &db, config, event_hook.as_ref()).await {
-            Ok(Some(in_flight)) => {
+        // Followers do not decide: the leader's published state is what they serve.
+        let outcome = if shared.decides() {
+            Some(tick::run_tick(&shared, db.as_ref(), config, event_hook.as_ref()).await)
+        } else {
+            None
+        };
+        match outcome {
+            Some(Ok(Some(in_flight))) => {
                 let seconds = started.elapsed().as_secs_f64();
                 metrics.observe_tick(seconds, in_flight);
                 tracing::debug!(seconds, in_flight, "reconcile tick done");
             }
-            Ok(None) => {}
-            Err(e) => tracing::error!("reconcile tick failed: {e}"),
+            Some(Ok(None)) | None => {}
+            Some(Err(tick::TickError::Db(e))) if db.shared() => {
+                // The session that holds the leadership is given up with the failed write;
+                // taking it again starts from what the database holds.
+                shared.set_role(state::Role::Follower);
+                tracing::warn!("reconcile tick not written: {e}; stepping down, the leadership is taken again from the stored state");
+            }
+            Some(Err(e)) => tracing::error!("reconcile tick failed: {e}"),
         }
         // Confirm deadlines are watched closely while anything is mid-activation.
         let wait = if tick::anything_in_flight(&shared.stored()) {

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use crate::artifacts::{self, FileSource, FleetSnapshot, SourceError, UrlSource};
 use crate::clock::{rfc3339, unix};
 use crate::config::Config;
-use crate::db::Db;
 use crate::fetch::{Fetcher, Validators};
 use crate::metrics::Metrics;
 use crate::state::{replace, RevocationSet, Shared};
+use crate::store::Db;
 
 pub struct Poller {
     config: Config,
@@ -345,14 +345,15 @@ impl Poller {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => self.poll_fleet().await,
+                _ = self.shared.poll_now.notified() => self.poll_fleet().await,
                 _ = stop.changed() => return,
             }
         }
     }
 
     /// A list applied before (the database survived a restart) is still authoritative.
-    pub fn restore_revocations(&self) -> Result<(), String> {
-        let (list, signed_at) = self.db.revocations().map_err(|e| e.to_string())?;
+    pub async fn restore_revocations(&self) -> Result<(), String> {
+        let (list, signed_at) = self.db.revocations().await.map_err(|e| e.to_string())?;
         if let Some(signed_at) = signed_at {
             tracing::info!(
                 "revocations restored from the database: list signed {}, {} cert_revocations rows",

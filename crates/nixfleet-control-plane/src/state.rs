@@ -140,6 +140,56 @@ impl Attestations {
         })
     }
 
+    /// Merges an attestation another replica stored. Returns whether anything the
+    /// reconciler acts on changed (more than `last_seen`).
+    pub fn merge(&self, hostname: &str, remote: Attestation) -> bool {
+        self.with(hostname, |map| match map.get_mut(hostname) {
+            None => {
+                map.insert(hostname.to_owned(), remote);
+                true
+            }
+            Some(a) => {
+                let before = a.clone();
+                // The same rules as the database's upsert: times only move forward, and
+                // the observed fields come from the more recent observation.
+                if crate::store::observed_at(&remote) > crate::store::observed_at(a) {
+                    a.current_closure = remote.current_closure;
+                    a.failed_targets = remote.failed_targets;
+                    a.failed_units = remote.failed_units;
+                    a.health_at = remote.health_at;
+                }
+                a.last_seen = a.last_seen.max(remote.last_seen);
+                a.last_confirmed_at = a.last_confirmed_at.max(remote.last_confirmed_at);
+                if let Some(d) = remote.delivered {
+                    if a.delivered.as_ref().is_none_or(|mine| mine.at < d.at) {
+                        a.delivered = Some(d);
+                    }
+                }
+                let mut unseen = before;
+                unseen.last_seen = a.last_seen;
+                unseen != *a
+            }
+        })
+    }
+
+    /// Hosts that checked in here at or after `since`, with when.
+    pub fn seen_since(&self, since: OffsetDateTime) -> Vec<(String, OffsetDateTime)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let guard = match shard.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            out.extend(
+                guard
+                    .iter()
+                    .filter(|(_, a)| a.last_seen >= since)
+                    .map(|(h, a)| (h.clone(), a.last_seen)),
+            );
+        }
+        out
+    }
+
     pub fn get(&self, hostname: &str) -> Option<Attestation> {
         self.with(hostname, |map| map.get(hostname).cloned())
     }
@@ -198,6 +248,31 @@ impl RevocationSet {
     }
 }
 
+/// This replica's part in deciding rollouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The only control plane on its own SQLite database.
+    Single = 0,
+    /// Holds the leadership of a shared database: ticks, expires deadlines.
+    Leader = 1,
+    /// Serves from what the leader published in the shared database.
+    Follower = 2,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+        }
+    }
+}
+
+/// A replica that has not heard from a shared database for this long answers agents
+/// with 503 rather than from state that may be stale.
+pub const DB_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Everything the request handlers and background tasks share.
 pub struct Shared {
     pub started_at: OffsetDateTime,
@@ -212,6 +287,14 @@ pub struct Shared {
     pub last_tick_at: RwLock<Option<OffsetDateTime>>,
     /// Wakes the tick early (a confirm arrived, a deadline passed, a new fleet).
     pub tick_now: tokio::sync::Notify,
+    /// Wakes the fleet poll early (the leader started a rollout this replica has not
+    /// verified yet).
+    pub poll_now: tokio::sync::Notify,
+    role: std::sync::atomic::AtomicU8,
+    /// Last time a shared database answered (None: not yet, or not shared).
+    db_ok_at: RwLock<Option<std::time::Instant>>,
+    /// The replica that last published a tick (shared database only).
+    pub leader: RwLock<Option<String>>,
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -246,7 +329,42 @@ impl Shared {
             directives: RwLock::new(Arc::new(Directives::default())),
             last_tick_at: RwLock::new(None),
             tick_now: tokio::sync::Notify::new(),
+            poll_now: tokio::sync::Notify::new(),
+            role: std::sync::atomic::AtomicU8::new(Role::Single as u8),
+            db_ok_at: RwLock::new(None),
+            leader: RwLock::new(None),
         }
+    }
+
+    pub fn role(&self) -> Role {
+        match self.role.load(Ordering::Acquire) {
+            1 => Role::Leader,
+            2 => Role::Follower,
+            _ => Role::Single,
+        }
+    }
+
+    pub fn set_role(&self, role: Role) {
+        self.role.store(role as u8, Ordering::Release);
+    }
+
+    /// Whether this replica decides: the single control plane, or the leader.
+    pub fn decides(&self) -> bool {
+        self.role() != Role::Follower
+    }
+
+    /// Whether this replica shares its database with others.
+    pub fn replicated(&self) -> bool {
+        self.role() != Role::Single
+    }
+
+    pub fn database_answered(&self) {
+        replace(&self.db_ok_at, Some(std::time::Instant::now()));
+    }
+
+    /// False when a shared database has not answered for [`DB_STALE_AFTER`].
+    pub fn database_fresh(&self) -> bool {
+        !self.replicated() || read(&self.db_ok_at).is_some_and(|t| t.elapsed() < DB_STALE_AFTER)
     }
 
     pub fn trust(&self) -> Arc<TrustFile> {

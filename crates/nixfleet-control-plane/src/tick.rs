@@ -13,9 +13,9 @@ use nixfleet_reconciler::{
 use time::OffsetDateTime;
 
 use crate::artifacts::FleetSnapshot;
-use crate::db::{Db, Event, TickWrites};
 use crate::hook::EventHook;
 use crate::state::{replace, swap, Directives, Shared};
+use crate::store::{Db, DbError, Event, TickWrites};
 
 /// Settings of the tick that come from flags.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +31,7 @@ pub const DEADLINE_CHECK: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum TickError {
     #[error(transparent)]
-    Db(#[from] crate::db::DbError),
+    Db(#[from] DbError),
     #[error("the reconcile computation stopped unexpectedly: {0}; the previous state is kept")]
     Compute(String),
 }
@@ -65,6 +65,7 @@ pub async fn run_tick(
     };
     let for_compute = Arc::clone(shared);
     let with_hook = hook.is_some();
+    let replicated = db.shared();
     let Computed {
         new,
         writes,
@@ -72,13 +73,13 @@ pub async fn run_tick(
         in_flight,
         hook_events,
     } = tokio::task::spawn_blocking(move || {
-        compute(&for_compute, &snapshot, config, now, with_hook)
+        compute(&for_compute, &snapshot, config, now, with_hook, replicated)
     })
     .await
     .map_err(|e| TickError::Compute(e.to_string()))?;
-    let changed =
-        !writes.rollouts.is_empty() || !writes.hosts.is_empty() || !writes.removed_hosts.is_empty();
-    if changed || !writes.events.is_empty() {
+    // On a shared database every tick is published: it is how followers know the leader
+    // is alive, and the write fails if this replica is no longer the leader.
+    if replicated || writes.changes_state() || !writes.events.is_empty() {
         db.write_tick(writes, now).await?;
     }
     // Only after the events are durable: the hook never announces what a crash could undo.
@@ -100,6 +101,7 @@ fn compute(
     config: TickConfig,
     now: OffsetDateTime,
     with_hook: bool,
+    replicated: bool,
 ) -> Computed {
     let old = shared.stored();
     let observed = Observed {
@@ -122,16 +124,23 @@ fn compute(
     let mut new = observed.stored;
     reconciler::apply(&plan, &mut new, now);
 
-    let writes = diff(&old, &new, &plan, now);
+    let mut writes = diff(&old, &new, &plan, now);
     for action in &plan.actions {
         log_action(action);
     }
-    let directives = directives(
-        &new,
-        &snapshot.manifests,
-        &mut plan,
-        config.confirm_window_secs,
-    );
+    if replicated {
+        let previous = shared.directives();
+        if previous.reasons != plan.reasons || previous.channel_reasons != plan.channels {
+            writes.reasons = Some(to_json(&PublishedReasons {
+                hosts: &plan.reasons,
+                channels: &plan.channels,
+            }));
+        }
+    }
+    let mut directives = directives(&new, &snapshot.manifests, config.confirm_window_secs);
+    // Moved, not copied: at fleet scale there is a reason for most hosts.
+    directives.reasons = std::mem::take(&mut plan.reasons);
+    directives.channel_reasons = std::mem::take(&mut plan.channels);
     let in_flight = hosts_in_flight(&new);
     let hook_events = if with_hook {
         crate::hook::events_of(&plan.actions, &new, now)
@@ -242,12 +251,25 @@ fn kind_of<T: serde::Serialize>(event: &T) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The answers for the next check-ins: targets for dispatched hosts, rollback signals,
-/// and waiting reasons.
-fn directives(
+/// The waiting reasons as the leader publishes them to the other replicas.
+#[derive(serde::Serialize)]
+struct PublishedReasons<'a> {
+    hosts: &'a BTreeMap<String, String>,
+    channels: &'a BTreeMap<String, String>,
+}
+
+/// [`PublishedReasons`] as a follower reads them back.
+#[derive(serde::Deserialize, Default)]
+pub struct Reasons {
+    pub hosts: BTreeMap<String, String>,
+    pub channels: BTreeMap<String, String>,
+}
+
+/// The answers for the next check-ins: targets for dispatched hosts and rollback signals
+/// (the waiting reasons come from the tick's plan, or from the leader).
+pub fn directives(
     stored: &StoredState,
     manifests: &BTreeMap<String, Arc<nixfleet_trust::verify::Verified<RolloutManifest>>>,
-    plan: &mut reconciler::Plan,
     confirm_window_secs: u64,
 ) -> Directives {
     let mut targets = HashMap::new();
@@ -306,8 +328,7 @@ fn directives(
         targets,
         rollbacks,
         active,
-        // Moved, not copied: at fleet scale there is a reason for most hosts.
-        reasons: std::mem::take(&mut plan.reasons),
-        channel_reasons: std::mem::take(&mut plan.channels),
+        reasons: BTreeMap::new(),
+        channel_reasons: BTreeMap::new(),
     }
 }

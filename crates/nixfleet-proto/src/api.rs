@@ -15,6 +15,23 @@ pub struct Healthz {
     pub fleet_signed_at: Option<OffsetDateTime>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub revocations_applied_at: Option<OffsetDateTime>,
+    /// "single" (one control plane on SQLite), "leader" or "follower" (replicas on a
+    /// shared PostgreSQL database).
+    #[serde(default)]
+    pub role: String,
+    /// This replica's name, when replicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// The replica that last published a tick, when replicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// False while a replica cannot reach its shared database (it answers agents 503).
+    #[serde(default = "yes")]
+    pub database_ok: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `GET /v1/channels/{name}`.

@@ -1,0 +1,575 @@
+//! The storage behaviour suite: every test runs against SQLite and against PostgreSQL
+//! (a throw-away database on the server in NIXFLEET_TEST_DATABASE_URL; `scripts/test`
+//! sets one up).
+
+use std::sync::Arc;
+
+use nixfleet_harness::pg::TestDb;
+use nixfleet_proto::Revocation;
+use nixfleet_reconciler::{
+    Attestation, Delivery, HostRecord, HostState, RolloutRecord, RolloutState,
+};
+use time::{Duration, OffsetDateTime};
+
+use super::{postgres::PgStore, sqlite::SqliteStore, Db, DbError, Event, Store, TickWrites};
+
+/// Keeps the backing database alive for the test's length.
+enum Backing {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres(TestDb),
+}
+
+struct Fixture {
+    db: Arc<Db>,
+    backing: Backing,
+}
+
+impl Fixture {
+    async fn sqlite() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Arc<Db> = Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
+        Fixture {
+            db,
+            backing: Backing::Sqlite(dir),
+        }
+    }
+
+    async fn postgres() -> Fixture {
+        let test_db = TestDb::create("nixfleet_store");
+        let db: Arc<Db> = Arc::new(PgStore::open(&test_db.url, "replica-a", 4).await.unwrap());
+        Fixture {
+            db,
+            backing: Backing::Postgres(test_db),
+        }
+    }
+
+    /// A second replica on the same database (PostgreSQL only).
+    async fn other_replica(&self) -> Arc<Db> {
+        match &self.backing {
+            Backing::Postgres(test_db) => {
+                Arc::new(PgStore::open(&test_db.url, "replica-b", 4).await.unwrap())
+            }
+            Backing::Sqlite(_) => panic!("SQLite has no replicas"),
+        }
+    }
+}
+
+/// Runs one behaviour against both backends.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let f = super::Fixture::sqlite().await;
+                    super::$name(&f).await;
+                    f.db.close().await.unwrap();
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let f = super::Fixture::postgres().await;
+                    super::$name(&f).await;
+                    f.db.close().await.unwrap();
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    token_nonce_is_claimed_once,
+    revocations_become_exactly_the_newest_list,
+    tick_writes_round_trip,
+    published_tick_versions,
+    dispatch_events_are_recorded_once,
+    reports_are_stored_once,
+    attestations_merge_forward_only,
+    attestations_since_a_cursor,
+    the_leader_writes_ticks,
+);
+
+fn now() -> OffsetDateTime {
+    // Whole seconds: RFC 3339 round trips exactly.
+    OffsetDateTime::now_utc().replace_nanosecond(0).unwrap()
+}
+
+async fn token_nonce_is_claimed_once(f: &Fixture) {
+    let t = now();
+    let expires = t + Duration::hours(1);
+    assert!(f
+        .db
+        .claim_token_nonce("n1".into(), "web-01".into(), expires, t)
+        .await
+        .unwrap());
+    assert!(!f
+        .db
+        .claim_token_nonce("n1".into(), "web-01".into(), expires, t)
+        .await
+        .unwrap());
+    assert!(f
+        .db
+        .claim_token_nonce("n2".into(), "web-01".into(), expires, t)
+        .await
+        .unwrap());
+}
+
+fn revocation(host: &str, at: OffsetDateTime) -> Revocation {
+    Revocation {
+        hostname: host.into(),
+        not_before: at,
+        reason: Some("lost".into()),
+        revoked_by: None,
+    }
+}
+
+async fn revocations_become_exactly_the_newest_list(f: &Fixture) {
+    let t = now();
+    let (list, signed_at) = f.db.revocations().await.unwrap();
+    assert!(list.is_empty() && signed_at.is_none());
+    let n =
+        f.db.replace_revocations(
+            vec![revocation("a", t), revocation("b", t)],
+            t,
+            "one".into(),
+            t,
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let later = t + Duration::minutes(1);
+    let n =
+        f.db.replace_revocations(vec![revocation("b", t)], later, "two".into(), later)
+            .await
+            .unwrap();
+    assert_eq!(n, 1, "removals are applied");
+    // A replica still applying the older list must not undo the newer one.
+    let n =
+        f.db.replace_revocations(
+            vec![revocation("a", t), revocation("b", t)],
+            t,
+            "one".into(),
+            later,
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let (list, signed_at) = f.db.revocations().await.unwrap();
+    assert_eq!(list, vec![revocation("b", t)]);
+    assert_eq!(signed_at, Some(later));
+}
+
+fn rollout(channel: &str, t: OffsetDateTime) -> RolloutRecord {
+    RolloutRecord {
+        channel: channel.into(),
+        state: RolloutState::Converged,
+        opened_at: t,
+        since: t,
+        hosts: Default::default(),
+    }
+}
+
+fn host_record(state: HostState, t: OffsetDateTime) -> HostRecord {
+    HostRecord {
+        state,
+        since: t,
+        dispatched_at: Some(t),
+        confirmed_at: None,
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
+fn event(rollout: &str, host: Option<&str>, kind: &str, t: OffsetDateTime) -> Event {
+    Event {
+        rollout_id: rollout.into(),
+        hostname: host.map(Into::into),
+        kind: kind.into(),
+        reason: format!("{{\"action\":\"{kind}\"}}"),
+        at: t,
+    }
+}
+
+async fn tick_writes_round_trip(f: &Fixture) {
+    let t = now();
+    assert!(f.db.load_stored().await.unwrap().rollouts.is_empty());
+    let writes = TickWrites {
+        rollouts: vec![("r1".into(), "stable".into(), json(&rollout("stable", t)))],
+        hosts: vec![
+            (
+                "r1".into(),
+                "web-01".into(),
+                json(&host_record(HostState::Dispatched, t)),
+            ),
+            (
+                "r1".into(),
+                "web-02".into(),
+                json(&host_record(HostState::Dispatched, t)),
+            ),
+        ],
+        events: vec![
+            event("r1", Some("web-01"), "dispatch", t),
+            event("r1", Some("web-02"), "dispatch", t),
+            event("r1", None, "converge", t),
+        ],
+        ..Default::default()
+    };
+    lead(f).await;
+    f.db.write_tick(writes, t).await.unwrap();
+    let writes = TickWrites {
+        hosts: vec![(
+            "r1".into(),
+            "web-01".into(),
+            json(&host_record(HostState::Soaked, t)),
+        )],
+        removed_hosts: vec![("r1".into(), "web-02".into())],
+        events: vec![event("r1", Some("web-01"), "soak", t)],
+        ..Default::default()
+    };
+    f.db.write_tick(writes, t).await.unwrap();
+
+    let stored = f.db.load_stored().await.unwrap();
+    let r1 = &stored.rollouts["r1"];
+    assert_eq!(r1.channel, "stable");
+    assert_eq!(r1.hosts.len(), 1);
+    assert_eq!(r1.hosts["web-01"].state, HostState::Soaked);
+    assert_eq!(
+        f.db.host_record("r1".into(), "web-01".into())
+            .await
+            .unwrap()
+            .map(|h| h.state),
+        Some(HostState::Soaked)
+    );
+    assert!(f
+        .db
+        .host_record("r1".into(), "web-02".into())
+        .await
+        .unwrap()
+        .is_none());
+    let trail: Vec<String> =
+        f.db.rollout_events("r1".into(), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| format!("{}:{}", e.kind, e.hostname.unwrap_or_default()))
+            .collect();
+    assert_eq!(
+        trail,
+        [
+            "dispatch:web-01",
+            "dispatch:web-02",
+            "converge:",
+            "soak:web-01"
+        ]
+    );
+    let newest_first: Vec<String> =
+        f.db.host_events("web-01".into(), 1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+    assert_eq!(newest_first, ["soak"]);
+}
+
+async fn lead(f: &Fixture) {
+    assert!(
+        f.db.lead().await.unwrap(),
+        "a lone store takes the leadership"
+    );
+}
+
+async fn published_tick_versions(f: &Fixture) {
+    let t = now();
+    assert!(f.db.leader_info().await.unwrap().is_none());
+    lead(f).await;
+    f.db.write_tick(TickWrites::default(), t).await.unwrap();
+    let first = f.db.leader_info().await.unwrap().unwrap();
+    assert_eq!(first.last_tick_at, Some(t));
+    // A tick that changed nothing is published (liveness) without a new state version.
+    let later = t + Duration::seconds(5);
+    f.db.write_tick(TickWrites::default(), later).await.unwrap();
+    let second = f.db.leader_info().await.unwrap().unwrap();
+    assert_eq!(second.state_version, first.state_version);
+    assert_eq!(second.last_tick_at, Some(later));
+    let writes = TickWrites {
+        rollouts: vec![("r1".into(), "stable".into(), json(&rollout("stable", t)))],
+        reasons: Some("{\"hosts\":{\"web-01\":\"waiting\"},\"channels\":{}}".into()),
+        ..Default::default()
+    };
+    f.db.write_tick(writes, later).await.unwrap();
+    let third = f.db.leader_info().await.unwrap().unwrap();
+    assert_eq!(third.state_version, first.state_version + 1);
+    assert_eq!(third.reasons_version, first.reasons_version + 1);
+    assert_eq!(
+        f.db.load_reasons().await.unwrap().as_deref(),
+        Some("{\"hosts\":{\"web-01\":\"waiting\"},\"channels\":{}}")
+    );
+    // Reasons are kept when a tick does not change them.
+    f.db.write_tick(TickWrites::default(), later).await.unwrap();
+    assert!(f.db.load_reasons().await.unwrap().is_some());
+}
+
+async fn dispatch_events_are_recorded_once(f: &Fixture) {
+    let t = now();
+    let record = |event: &'static str| {
+        f.db.record_dispatch_event(
+            "web-01".into(),
+            "r1".into(),
+            "/nix/store/a".into(),
+            event,
+            t,
+        )
+    };
+    assert!(record("delivered").await.unwrap());
+    assert!(
+        !record("delivered").await.unwrap(),
+        "a second delivery is not recorded"
+    );
+    assert!(record("confirmed").await.unwrap());
+    assert!(
+        !record("confirmed").await.unwrap(),
+        "a retried confirm is not recorded twice"
+    );
+    assert!(f
+        .db
+        .record_dispatch_event(
+            "web-01".into(),
+            "r2".into(),
+            "/nix/store/b".into(),
+            "delivered",
+            t
+        )
+        .await
+        .unwrap());
+}
+
+async fn reports_are_stored_once(f: &Fixture) {
+    let t = now();
+    let report = |id: &str| {
+        f.db.record_report(
+            "web-01".into(),
+            id.into(),
+            "activation-failed".into(),
+            Some("r1".into()),
+            "{}".into(),
+            t,
+        )
+    };
+    let first = report("rep-1").await.unwrap();
+    assert_eq!(report("rep-1").await.unwrap(), first);
+    assert_ne!(report("rep-2").await.unwrap(), first);
+}
+
+fn attestation(t: OffsetDateTime, closure: &str) -> Attestation {
+    Attestation {
+        last_seen: t,
+        current_closure: Some(closure.into()),
+        last_confirmed_at: None,
+        failed_targets: Vec::new(),
+        failed_units: 0,
+        health_at: Some(t),
+        delivered: None,
+    }
+}
+
+async fn stored_attestation(db: &Db, host: &str) -> Attestation {
+    db.attestations_since(0)
+        .await
+        .unwrap()
+        .rows
+        .into_iter()
+        .find(|(h, _)| h == host)
+        .map(|(_, a)| a)
+        .unwrap_or_else(|| panic!("no attestation for {host}"))
+}
+
+async fn attestations_merge_forward_only(f: &Fixture) {
+    let t = now();
+    let newer = t + Duration::seconds(10);
+    let mut fresh = attestation(newer, "/nix/store/new");
+    fresh.delivered = Some(Delivery {
+        rollout_id: "r1".into(),
+        at: newer,
+    });
+    f.db.save_attestations(vec![("web-01".into(), fresh.clone())])
+        .await
+        .unwrap();
+    // A replica that had not seen the newer check-in writes an older view of the host.
+    let mut stale = attestation(t, "/nix/store/old");
+    stale.last_confirmed_at = Some(t);
+    f.db.save_attestations(vec![("web-01".into(), stale)])
+        .await
+        .unwrap();
+    let stored = stored_attestation(f.db.as_ref(), "web-01").await;
+    assert_eq!(stored.current_closure.as_deref(), Some("/nix/store/new"));
+    assert_eq!(stored.last_seen, newer, "last_seen never moves back");
+    assert_eq!(stored.last_confirmed_at, Some(t), "a confirm is never lost");
+    assert_eq!(
+        stored.delivered, fresh.delivered,
+        "a delivery is never lost"
+    );
+
+    f.db.touch_attestations(vec![("web-01".into(), newer + Duration::seconds(30))])
+        .await
+        .unwrap();
+    f.db.touch_attestations(vec![("web-01".into(), t)])
+        .await
+        .unwrap();
+    let stored = stored_attestation(f.db.as_ref(), "web-01").await;
+    assert_eq!(stored.last_seen, newer + Duration::seconds(30));
+    assert_eq!(stored.current_closure.as_deref(), Some("/nix/store/new"));
+}
+
+async fn attestations_since_a_cursor(f: &Fixture) {
+    let t = now();
+    f.db.save_attestations(vec![("web-01".into(), attestation(t, "/nix/store/a"))])
+        .await
+        .unwrap();
+    let page = f.db.attestations_since(0).await.unwrap();
+    assert_eq!(page.rows.len(), 1);
+    // The cursor looks back a little (late commits); far past it nothing is returned.
+    let far_ahead = page.next + 2 * super::ATTESTATION_OVERLAP_US;
+    assert!(f
+        .db
+        .attestations_since(far_ahead)
+        .await
+        .unwrap()
+        .rows
+        .is_empty());
+    f.db.save_attestations(vec![("web-02".into(), attestation(t, "/nix/store/b"))])
+        .await
+        .unwrap();
+    let hosts: Vec<String> =
+        f.db.attestations_since(page.next)
+            .await
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect();
+    assert!(hosts.contains(&"web-02".to_owned()), "{hosts:?}");
+}
+
+async fn the_leader_writes_ticks(f: &Fixture) {
+    let t = now();
+    lead(f).await;
+    assert!(
+        f.db.lead().await.unwrap(),
+        "the leader keeps its leadership"
+    );
+    f.db.write_tick(TickWrites::default(), t).await.unwrap();
+    if let Backing::Postgres(_) = f.backing {
+        let other = f.other_replica().await;
+        assert!(!other.lead().await.unwrap(), "one leader at a time");
+        assert!(matches!(
+            other.write_tick(TickWrites::default(), t).await,
+            Err(DbError::NotLeader)
+        ));
+        // The leader's session ends (a crash closes it the same way): the other takes over.
+        f.db.close().await.unwrap();
+        assert!(other.lead().await.unwrap());
+        other.write_tick(TickWrites::default(), t).await.unwrap();
+        assert_eq!(
+            other
+                .leader_info()
+                .await
+                .unwrap()
+                .map(|i| i.replica)
+                .as_deref(),
+            Some("replica-b")
+        );
+        other.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_claim_a_nonce_once_between_them() {
+    let f = Fixture::postgres().await;
+    let other = f.other_replica().await;
+    let t = now();
+    let expires = t + Duration::hours(1);
+    let mut claims = Vec::new();
+    for i in 0..20 {
+        let db = if i % 2 == 0 {
+            f.db.clone()
+        } else {
+            other.clone()
+        };
+        claims.push(tokio::spawn(async move {
+            db.claim_token_nonce("shared".into(), "web-01".into(), expires, t)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut won = 0;
+    for c in claims {
+        won += usize::from(c.await.unwrap());
+    }
+    assert_eq!(won, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_backends_refuse_foreign_and_newer_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = dir.path().join("foreign.db");
+    rusqlite::Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE stuff (x)")
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(&foreign),
+        Err(DbError::Foreign { .. })
+    ));
+    let newer = dir.path().join("newer.db");
+    rusqlite::Connection::open(&newer)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(&newer),
+        Err(DbError::TooNew { found: 99, .. })
+    ));
+
+    let test_db = TestDb::create("nixfleet_foreign");
+    test_db.query("CREATE TABLE stuff (x int)");
+    assert!(matches!(
+        PgStore::open(&test_db.url, "a", 2).await,
+        Err(DbError::Foreign { .. })
+    ));
+    test_db.recreate();
+    PgStore::open(&test_db.url, "a", 2)
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    test_db.query("UPDATE nixfleet_schema SET version = 99");
+    assert!(matches!(
+        PgStore::open(&test_db.url, "a", 2).await,
+        Err(DbError::TooNew { found: 99, .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_migrate_one_database_together() {
+    let test_db = TestDb::create("nixfleet_migrate");
+    let opens: Vec<_> = (0..3)
+        .map(|i| {
+            let url = test_db.url.clone();
+            tokio::spawn(async move { PgStore::open(&url, &format!("r{i}"), 2).await })
+        })
+        .collect();
+    for open in opens {
+        open.await.unwrap().unwrap().close().await.unwrap();
+    }
+    assert_eq!(
+        test_db.query("SELECT version FROM nixfleet_schema"),
+        vec![vec!["1".to_owned()]]
+    );
+}
