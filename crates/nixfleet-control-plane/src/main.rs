@@ -223,6 +223,7 @@ async fn run(config: Config) -> Result<(), String> {
         tasks.spawn(replica::lead_loop(
             shared.clone(),
             db.clone(),
+            Duration::from_secs(config.tick_interval_secs.max(1)),
             stopped.clone(),
         ));
         tasks.spawn(replica::sync_loop(

@@ -12,9 +12,10 @@ use crate::state::{replace, swap, Role, Shared};
 use crate::store::Db;
 use crate::tick;
 
-/// How often a replica tries to take (or confirms it keeps) the leadership. With the
-/// leader's session gone, a follower takes over within this.
-pub const LEAD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a replica tries to take (or confirms it keeps) the leadership, at most.
+/// With the leader's session gone, a follower takes over within this; it is also kept
+/// under half a tick interval, so a takeover costs at most two tick intervals.
+const LEAD_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a replica exchanges check-in state with the database.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Incremental reads can miss a row committed very late; re-read everything this often.
@@ -28,7 +29,13 @@ async fn pause(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool {
 }
 
 /// Takes the leadership when it is free and notices when it is lost.
-pub async fn lead_loop(shared: Arc<Shared>, db: Arc<Db>, mut stop: watch::Receiver<bool>) {
+pub async fn lead_loop(
+    shared: Arc<Shared>,
+    db: Arc<Db>,
+    tick_interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let interval = LEAD_INTERVAL.min(tick_interval / 2);
     let mut last_error: Option<String> = None;
     loop {
         let leads = match db.lead().await {
@@ -79,7 +86,7 @@ pub async fn lead_loop(shared: Arc<Shared>, db: Arc<Db>, mut stop: watch::Receiv
             }
             (Role::Follower, false) => {}
         }
-        if pause(LEAD_INTERVAL, &mut stop).await {
+        if pause(interval, &mut stop).await {
             return;
         }
     }
@@ -168,6 +175,9 @@ async fn sync_once(
     let Some(info) = db.leader_info().await? else {
         return Ok(());
     };
+    // Answered before the leader's tick is shown: /healthz never shows a tick while
+    // agents would still get 503.
+    shared.database_answered();
     replace(&shared.leader, Some(info.replica.clone()));
     if shared.role() == Role::Leader {
         // The leader's own memory is the newest state; reload it all after stepping down.

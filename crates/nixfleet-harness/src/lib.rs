@@ -405,16 +405,19 @@ impl Cp {
             .args(["--tls-key", &p("etc/server-key.pem")])
             .args(["--client-ca", &p("etc/ca.pem")])
             .args(["--fleet-ca-cert", &p("etc/fleet-ca-cert.pem")])
-            .args([
-                "--tick-interval-secs",
-                "1",
-                "--channel-refs-poll-secs",
-                "1",
-                "--revocations-poll-secs",
-                "1",
-            ])
-            .args(["--checkin-interval-secs", "5", "--fetch-timeout-secs", "2"])
             .env("NIXFLEET_LOG", "info,nixfleet_control_plane=debug");
+        // Fast defaults for tests; a flag in `extra` replaces its default.
+        for (flag, value) in [
+            ("--tick-interval-secs", "1"),
+            ("--channel-refs-poll-secs", "1"),
+            ("--revocations-poll-secs", "1"),
+            ("--checkin-interval-secs", "5"),
+            ("--fetch-timeout-secs", "2"),
+        ] {
+            if !opts.extra.iter().any(|e| e == flag) {
+                cmd.args([flag, value]);
+            }
+        }
         if opts.rollouts_dir {
             cmd.arg("--rollouts-dir").arg(forge.root.join("rollouts"));
         }

@@ -1,0 +1,330 @@
+//! Control-plane replicas on one PostgreSQL database (no Nix): any replica serves any
+//! request, one leader at a time, a takeover within two tick intervals, and a replica
+//! cut off from the database answers 503 until it is back.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nixfleet_harness::pg::{self, TestDb};
+use nixfleet_harness::relay::TcpRelay;
+use nixfleet_harness::*;
+use serde_json::{json, Value};
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    pki: Pki,
+    forge_dir: PathBuf,
+    forge: Forge,
+    hosts: Vec<Host>,
+    db: TestDb,
+}
+
+fn setup(names: &[&str]) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let hosts: Vec<Host> = names.iter().map(|n| Host::new(n)).collect();
+    let fleet = fleet_json(&hosts.iter().collect::<Vec<_>>(), canary_policy("halt", 0));
+    let forge_dir = tmp.path().join("forge");
+    release_with_fallback(
+        &pki,
+        &forge_dir,
+        &fleet,
+        &generation_closures(&fleet, 1),
+        "1111111111111111111111111111111111111111",
+        &[],
+    );
+    sign_revocations(&pki, &forge_dir, json!([]));
+    let forge = Forge::start(&forge_dir);
+    Setup {
+        tmp,
+        pki,
+        forge_dir,
+        forge,
+        hosts,
+        db: TestDb::create("nixfleet_replicas"),
+    }
+}
+
+impl Setup {
+    /// Starts replica `name` against `url`, with `tick` seconds between ticks.
+    fn replica(&self, name: &str, url: &str, tick: u64) -> Cp {
+        let mut cp = Cp::start(
+            &self.pki,
+            &self.forge,
+            &self.tmp.path().join(name),
+            &CpOptions {
+                database_url: Some(url.to_owned()),
+                extra: vec![
+                    "--replica-name".into(),
+                    name.into(),
+                    "--tick-interval-secs".into(),
+                    tick.to_string(),
+                ],
+                ..CpOptions::default()
+            },
+        );
+        cp.wait_ready(&self.pki);
+        cp
+    }
+}
+
+async fn healthz(pki: &Pki, port: u16) -> Option<Value> {
+    let reply = Client::anonymous(pki, port)
+        .try_request(hyper::Method::GET, "/healthz", None, &[])
+        .await
+        .ok()?;
+    Some(reply.json())
+}
+
+async fn role(pki: &Pki, port: u16) -> String {
+    healthz(pki, port)
+        .await
+        .map(|h| h["role"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+async fn wait_role(pki: &Pki, port: u16, want: &str, within: Duration) {
+    let start = Instant::now();
+    loop {
+        if role(pki, port).await == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "replica on {port} is not {want} after {within:?}: {:?}",
+            healthz(pki, port).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn checkin_status(client: &Client, host: &str, closure: &str) -> u16 {
+    match client
+        .try_post(
+            "/v1/agent/checkin",
+            &checkin_body(host, closure, None, json!([])),
+        )
+        .await
+    {
+        Ok(r) => {
+            if r.status != 200 {
+                eprintln!(
+                    "check-in {}: {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                );
+            }
+            r.status
+        }
+        Err(_) => 0,
+    }
+}
+
+async fn host_state(op: &Client, rollout: &str, host: &str) -> Value {
+    let list = op.get("/v1/rollouts").await.json();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rollout_id"] == rollout)
+        .map(|r| r["hosts"][host].clone())
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_from_one_replica_is_confirmed_on_another() {
+    let mut s = setup(&["web-01", "web-02"]);
+    let a = s.replica("cp-a", &s.db.url, 1);
+    wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
+    let b = s.replica("cp-b", &s.db.url, 1);
+    assert_eq!(role(&s.pki, b.port).await, "follower");
+    let health = healthz(&s.pki, b.port).await.unwrap();
+    assert_eq!(health["replica"], "cp-b");
+    assert_eq!(health["leader"], "cp-a");
+    assert_eq!(health["database_ok"], true);
+
+    // Enrolled on B, dispatched by A (the leader), handed out by B, confirmed on A.
+    let mut hosts = std::mem::take(&mut s.hosts);
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, b.port, h).await.status, 200);
+    }
+    let rollout = rollout_id(&s.forge_dir, "stable");
+    let on_a = Client::host(&s.pki, a.port, &hosts[0]);
+    let on_b = Client::host(&s.pki, b.port, &hosts[0]);
+    let target = until_target(&on_b, "web-01", &closure("web-01", 0)).await;
+    assert_eq!(target["rolloutId"], rollout.as_str());
+    assert_eq!(activate(&on_a, "web-01", &target).await, 204);
+
+    // The leader acts on a confirm it did not receive: the canary is promoted, and B's
+    // operator view shows it.
+    let op_b = Client::operator(&s.pki, b.port);
+    wait_for_async("web-01 soaked, seen on B", Duration::from_secs(20), || {
+        let op = op_b.clone();
+        let rollout = rollout.clone();
+        async move {
+            let state = host_state(&op, &rollout, "web-01").await;
+            state == "soaked" || state == "converged"
+        }
+    })
+    .await;
+    // The next wave's target comes from either replica.
+    let web02_a = Client::host(&s.pki, a.port, &hosts[1]);
+    let t2 = until_target(&web02_a, "web-02", &closure("web-02", 0)).await;
+    let web02_b = Client::host(&s.pki, b.port, &hosts[1]);
+    assert_eq!(activate(&web02_b, "web-02", &t2).await, 204);
+    let op_a = Client::operator(&s.pki, a.port);
+    wait_for_async("the rollout converged", Duration::from_secs(20), || {
+        let op = op_a.clone();
+        let rollout = rollout.clone();
+        async move {
+            let list = op.get("/v1/rollouts").await.json();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["rollout_id"] == rollout.as_str() && r["state"] == "converged")
+        }
+    })
+    .await;
+    // Each delivery and confirm is recorded once, whichever replica took it.
+    let history = s.db.query(
+        "SELECT hostname, event, count(*) FROM dispatch_history GROUP BY 1, 2 ORDER BY 1, 2",
+    );
+    assert_eq!(
+        history,
+        [
+            ["web-01", "confirmed", "1"],
+            ["web-01", "delivered", "1"],
+            ["web-02", "confirmed", "1"],
+            ["web-02", "delivered", "1"],
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_leader_is_replaced_within_two_tick_intervals() {
+    const TICK: u64 = 2;
+    let s = setup(&["web-01"]);
+    let mut a = s.replica("cp-a", &s.db.url, TICK);
+    wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
+    let b = s.replica("cp-b", &s.db.url, TICK);
+    let c = s.replica("cp-c", &s.db.url, TICK);
+    assert_eq!(role(&s.pki, b.port).await, "follower");
+    assert_eq!(role(&s.pki, c.port).await, "follower");
+
+    let mut child = a.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL: no goodbye to the database
+    let killed = Instant::now();
+    let _ = child.wait();
+    // A new leader is elected and has published a tick of its own.
+    let mut leader = None;
+    while leader.is_none() {
+        for cp in [&b, &c] {
+            if let Some(h) = healthz(&s.pki, cp.port).await {
+                let ticked_after_kill = h["last_tick_at"]
+                    .as_str()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .is_some_and(|t| {
+                        t >= time::OffsetDateTime::now_utc()
+                            - time::Duration::try_from(killed.elapsed()).unwrap()
+                    });
+                if h["role"] == "leader" && ticked_after_kill {
+                    leader = Some(cp.port);
+                }
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no new leader 30 s after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = killed.elapsed();
+    eprintln!(
+        "takeover after the leader's SIGKILL: {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took <= Duration::from_secs(2 * TICK),
+        "takeover took {took:?}, over two tick intervals ({TICK} s each)"
+    );
+    let other = if leader == Some(b.port) { &c } else { &b };
+    assert_eq!(
+        role(&s.pki, other.port).await,
+        "follower",
+        "one leader at a time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
+    let mut s = setup(&["web-01"]);
+    let a = s.replica("cp-a", &s.db.url, 1);
+    wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
+    let relay = TcpRelay::start(pg::server_addr(&s.db.url));
+    let b = s.replica("cp-b", &pg::url_with_port(&s.db.url, relay.port), 1);
+    let mut hosts = std::mem::take(&mut s.hosts);
+    assert_eq!(enroll(&s.pki, a.port, &mut hosts[0]).await.status, 200);
+    let on_a = Client::host(&s.pki, a.port, &hosts[0]);
+    let on_b = Client::host(&s.pki, b.port, &hosts[0]);
+    let gen0 = closure("web-01", 0);
+    assert_eq!(checkin_status(&on_b, "web-01", &gen0).await, 200);
+
+    relay.sever();
+    let cut = Instant::now();
+    // Every answer is either from a current replica (200) or a refusal (503), and B
+    // turns to refusals within the staleness bound.
+    loop {
+        let status = checkin_status(&on_b, "web-01", &gen0).await;
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            cut.elapsed() < Duration::from_secs(15),
+            "B still answers 200 {:?} after losing its database",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "503 from the cut-off replica after {:.1} s",
+        cut.elapsed().as_secs_f64()
+    );
+    let health = healthz(&s.pki, b.port).await.unwrap();
+    assert_eq!(health["database_ok"], false);
+    assert_eq!(health["ok"], false);
+    // Confirms and reports are refused the same way; the other replica serves on.
+    let confirm = on_b
+        .try_post(
+            "/v1/agent/confirm",
+            &confirm_body("web-01", "any", 0, &closure("web-01", 1)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(confirm.status, 503);
+    assert_eq!(checkin_status(&on_a, "web-01", &gen0).await, 200);
+
+    relay.restore();
+    let restored = Instant::now();
+    wait_for_async("B to serve again", Duration::from_secs(20), || {
+        let on_b = on_b.clone();
+        let gen0 = gen0.clone();
+        async move { checkin_status(&on_b, "web-01", &gen0).await == 200 }
+    })
+    .await;
+    eprintln!(
+        "B serves again {:.1} s after the database came back",
+        restored.elapsed().as_secs_f64()
+    );
+    assert_eq!(healthz(&s.pki, b.port).await.unwrap()["database_ok"], true);
+    wait_for(
+        "B to log that it serves again",
+        Duration::from_secs(5),
+        || b.log_text().contains("the database answers again"),
+    );
+}
