@@ -74,3 +74,11 @@ if have s7; then
   v=$(verdict "$(j s7 .verify_secs) < 1 && $(j s7 .release_secs) < 5")
   echo "| 7 | artifacts: \`nixfleet verify\` and \`nixfleet release\` of the fleet | verify < 1 s, release < 5 s | $(j s7 .hosts) hosts, fleet.resolved of $(j s7 .fleet_resolved_bytes) bytes: verify $(j s7 .verify_secs) s, release $(j s7 .release_secs) s | | | | $v |"
 fi
+
+if have s8-1 && have s8-2; then
+  r8() { echo "$(j "s8-$1" '.checkins_per_sec | floor') check-ins/s, p99 $(j "s8-$1" '.latency_ms.p99 * 100 | round / 100') ms, $(j "s8-$1" .errors_total) errors, replicas' CPU $(pct "$(j "s8-$1-cp" .cp_cpu_secs)" "$(j "s8-$1-cp" .wall_secs)")"; }
+  v=$(verdict "$(j s8-1 .errors_total) == 0 && $(j s8-2 .errors_total) == 0")
+  echo "| 8 | replicas on PostgreSQL behind HAProxy (TCP, mTLS passed through), keep-alive, $(j s8-1 .run.hosts) hosts | measured, no target; 0 errors | 1 replica: $(r8 1); 2 replicas: $(r8 2). Both replicas, HAProxy, PostgreSQL and the load generator share the machine's $(nproc) cores, so a second replica adds no CPU here | | | | $v |"
+else
+  echo "| 8 | replicas on PostgreSQL behind HAProxy, 1 vs 2 | measured, no target; 0 errors | not run | | | | not measured |"
+fi

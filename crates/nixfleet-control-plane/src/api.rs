@@ -1052,11 +1052,21 @@ async fn rollout_trace(
 }
 
 fn render_metrics(app: &App) -> Response {
-    let text = app.metrics.render(
+    let mut text = app.metrics.render(
         app.shared.fleet().map(|f| f.signed_at()),
         app.shared.revocations().not_before.len(),
         app.shared.attestations.len(),
     );
+    let role = app.shared.role();
+    text.push_str(&format!(
+        "# HELP nixfleet_leader 1 while this control plane decides rollouts (the leader, or a single control plane).\n# TYPE nixfleet_leader gauge\nnixfleet_leader{{role=\"{}\"}} {}\n",
+        role.name(),
+        u8::from(app.shared.decides())
+    ));
+    text.push_str(&format!(
+        "# HELP nixfleet_database_ok 0 while a replica cannot reach its shared database (agents get 503).\n# TYPE nixfleet_database_ok gauge\nnixfleet_database_ok {}\n",
+        u8::from(app.shared.database_fresh())
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
