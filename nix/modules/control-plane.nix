@@ -37,6 +37,29 @@ let
       default = "${stateDir}/state.db";
       description = "SQLite database (WAL). Everything in it can be rebuilt from signed artifacts and agent check-ins.";
     };
+    databaseUrl = {
+      type = types.nullOr types.str;
+      default = null;
+      example = "postgres://nixfleet@db.example.org:5432/nixfleet";
+      description = "PostgreSQL shared by control-plane replicas; set, {option}`dbPath` is not used and the replicas elect a leader (docs/high-availability.md). It ends up in the world-readable store: give the password with {option}`databasePasswordFile`, not in the URL.";
+    };
+    databasePasswordFile = {
+      type = types.nullOr absolute;
+      default = null;
+      example = "/etc/nixfleet/cp/database-password";
+      description = "File holding the PostgreSQL password, handed over as a credential.";
+    };
+    databasePoolSize = {
+      type = types.ints.positive;
+      default = 16;
+      description = "Connections each replica keeps to PostgreSQL.";
+    };
+    replicaName = {
+      type = types.nullOr types.str;
+      default = null;
+      example = "cp-1";
+      description = "This replica's name in logs, /healthz and the database (default: host name and listen port).";
+    };
     auditLog = {
       type = absolute;
       default = "${stateDir}/audit.log";
@@ -203,6 +226,7 @@ let
     fleetCaKey = "fleet-ca-key";
     channelRefsTokenFile = "channel-refs-token";
     revocationsTokenFile = "revocations-token";
+    databasePasswordFile = "database-password";
   };
   loaded = lib.filterAttrs (name: _: cfg.${name} != null) credentials;
 

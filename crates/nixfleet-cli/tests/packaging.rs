@@ -126,7 +126,8 @@ fn cli_flags(binary: &str) -> BTreeMap<String, Flag> {
             text.push_str(trimmed);
         }
     }
-    let bracket = |text: &str, open: &str, close: char| {
+    // `[env: NAME=value]`, or `[env: NAME]` for a flag whose value --help hides.
+    let bracket = |text: &str, open: &str, close: &[char]| {
         text.find(open).map(|at| {
             let rest = &text[at + open.len()..];
             rest[..rest.find(close).unwrap_or(rest.len())].to_owned()
@@ -147,8 +148,8 @@ fn cli_flags(binary: &str) -> BTreeMap<String, Flag> {
             name,
             Flag {
                 takes_value: head.contains('<'),
-                env: bracket(&all, "[env: ", '='),
-                default: bracket(&all, "[default: ", ']'),
+                env: bracket(&all, "[env: ", &['=', ']']),
+                default: bracket(&all, "[default: ", &[']']),
             },
         );
     }

@@ -29,12 +29,17 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_CP_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// File holding the PostgreSQL password, for a --database-url without one (keeps the
+    /// password out of unit files and the process list).
+    #[arg(long, env = "NIXFLEET_CP_DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+
     /// Connections each replica keeps to PostgreSQL.
     #[arg(long, env = "NIXFLEET_CP_DATABASE_POOL_SIZE", default_value_t = 16)]
     pub database_pool_size: usize,
 
-    /// This replica's name in logs, /healthz and the database [default: host name and
-    /// listen port].
+    /// This replica's name in logs, /healthz and the database; the host name and listen
+    /// port when not given.
     #[arg(long, env = "NIXFLEET_CP_REPLICA_NAME")]
     pub replica_name: Option<String>,
 

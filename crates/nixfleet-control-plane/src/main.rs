@@ -73,8 +73,23 @@ async fn run(config: Config) -> Result<(), String> {
             return Err("--database-url must be a postgres:// URL (leave it unset for the embedded SQLite database at --db-path)".into());
         }
     }
+    let password = match &config.database_password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| {
+                    format!(
+                        "cannot read --database-password-file {}: {e}",
+                        path.display()
+                    )
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        None => None,
+    };
     let db = store::open(
         config.database_url.as_deref(),
+        password,
         &config.db_path,
         &replica,
         config.database_pool_size,

@@ -184,13 +184,14 @@ pub type Db = dyn Store;
 /// `postgres://` URL is given, else SQLite at `path`.
 pub async fn open(
     url: Option<&str>,
+    password: Option<String>,
     path: &std::path::Path,
     replica: &str,
     pool_size: usize,
 ) -> Result<std::sync::Arc<Db>, DbError> {
     match url {
         Some(url) => Ok(std::sync::Arc::new(
-            postgres::PgStore::open(url, replica, pool_size).await?,
+            postgres::PgStore::open(url, password, replica, pool_size).await?,
         )),
         None => Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path)?)),
     }

@@ -168,13 +168,22 @@ impl From<deadpool_postgres::PoolError> for DbError {
 }
 
 impl PgStore {
-    pub async fn open(url: &str, replica: &str, pool_size: usize) -> Result<PgStore, DbError> {
+    /// Connects, migrating the schema; `password` overrides the URL's.
+    pub async fn open(
+        url: &str,
+        password: Option<String>,
+        replica: &str,
+        pool_size: usize,
+    ) -> Result<PgStore, DbError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| DbError::Open {
             path: "--database-url".into(),
             message: format!(
                 "not a PostgreSQL URL ({e}); expected postgres://user:password@host:port/database"
             ),
         })?;
+        if let Some(password) = password {
+            config.password(password);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(OP_TIMEOUT);
         }

@@ -36,7 +36,11 @@ impl Fixture {
 
     async fn postgres() -> Fixture {
         let test_db = TestDb::create("nixfleet_store");
-        let db: Arc<Db> = Arc::new(PgStore::open(&test_db.url, "replica-a", 4).await.unwrap());
+        let db: Arc<Db> = Arc::new(
+            PgStore::open(&test_db.url, None, "replica-a", 4)
+                .await
+                .unwrap(),
+        );
         Fixture {
             db,
             backing: Backing::Postgres(test_db),
@@ -46,9 +50,11 @@ impl Fixture {
     /// A second replica on the same database (PostgreSQL only).
     async fn other_replica(&self) -> Arc<Db> {
         match &self.backing {
-            Backing::Postgres(test_db) => {
-                Arc::new(PgStore::open(&test_db.url, "replica-b", 4).await.unwrap())
-            }
+            Backing::Postgres(test_db) => Arc::new(
+                PgStore::open(&test_db.url, None, "replica-b", 4)
+                    .await
+                    .unwrap(),
+            ),
             Backing::Sqlite(_) => panic!("SQLite has no replicas"),
         }
     }
@@ -539,11 +545,11 @@ async fn both_backends_refuse_foreign_and_newer_schemas() {
     let test_db = TestDb::create("nixfleet_foreign");
     test_db.query("CREATE TABLE stuff (x int)");
     assert!(matches!(
-        PgStore::open(&test_db.url, "a", 2).await,
+        PgStore::open(&test_db.url, None, "a", 2).await,
         Err(DbError::Foreign { .. })
     ));
     test_db.recreate();
-    PgStore::open(&test_db.url, "a", 2)
+    PgStore::open(&test_db.url, None, "a", 2)
         .await
         .unwrap()
         .close()
@@ -551,7 +557,7 @@ async fn both_backends_refuse_foreign_and_newer_schemas() {
         .unwrap();
     test_db.query("UPDATE nixfleet_schema SET version = 99");
     assert!(matches!(
-        PgStore::open(&test_db.url, "a", 2).await,
+        PgStore::open(&test_db.url, None, "a", 2).await,
         Err(DbError::TooNew { found: 99, .. })
     ));
 }
@@ -562,7 +568,7 @@ async fn replicas_migrate_one_database_together() {
     let opens: Vec<_> = (0..3)
         .map(|i| {
             let url = test_db.url.clone();
-            tokio::spawn(async move { PgStore::open(&url, &format!("r{i}"), 2).await })
+            tokio::spawn(async move { PgStore::open(&url, None, &format!("r{i}"), 2).await })
         })
         .collect();
     for open in opens {
@@ -572,4 +578,25 @@ async fn replicas_migrate_one_database_together() {
         test_db.query("SELECT version FROM nixfleet_schema"),
         vec![vec!["1".to_owned()]]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_password_can_come_apart_from_the_url() {
+    let test_db = TestDb::create("nixfleet_password");
+    // The test role's URL carries user:password@; the same without the password.
+    let (scheme, rest) = test_db.url.split_once("://").unwrap();
+    let (credentials, host) = rest.split_once('@').unwrap();
+    let (user, password) = credentials.split_once(':').unwrap();
+    let bare = format!("{scheme}://{user}@{host}");
+    PgStore::open(&bare, Some(password.to_owned()), "a", 2)
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    let Err(e) = PgStore::open(&bare, Some("wrong".into()), "a", 2).await else {
+        panic!("a wrong password was accepted");
+    };
+    assert!(matches!(e, DbError::Open { .. }), "{e}");
+    assert!(e.to_string().contains("password"), "{e}");
 }
