@@ -336,13 +336,8 @@ async fn checkin(
     }
     // Replicas share check-ins through the database: what the leader acts on is durable
     // before the answer (a target is handed out only once its delivery is recorded).
-    if app.shared.replicated() && (change != Change::Unchanged || delivered_now) {
-        if let Some(attestation) = app.shared.attestations.get(&req.hostname) {
-            app.db
-                .save_attestations(vec![(req.hostname.clone(), attestation)])
-                .await
-                .map_err(database_unavailable)?;
-        }
+    if change != Change::Unchanged || delivered_now {
+        share_attestation(&app, &req.hostname).await?;
     }
     Metrics::inc(&app.metrics.checkins_ok);
     if let Some(signal) = &response.rollback {
@@ -372,6 +367,21 @@ async fn checkin(
         Metrics::inc(&app.metrics.targets_sent);
     }
     Ok(Json(response))
+}
+
+/// Replicas learn of each other's check-ins and confirms through the database; the write
+/// is durable before the agent hears back.
+async fn share_attestation(app: &App, hostname: &str) -> ApiResult<()> {
+    if !app.shared.replicated() {
+        return Ok(());
+    }
+    let Some(attestation) = app.shared.attestations.get(hostname) else {
+        return Ok(());
+    };
+    app.db
+        .save_attestations(vec![(hostname.to_owned(), attestation)])
+        .await
+        .map_err(database_unavailable)
 }
 
 fn database_unavailable(e: crate::store::DbError) -> ApiError {
@@ -513,14 +523,7 @@ async fn confirm(
     app.shared
         .attestations
         .confirmed(&req.hostname, &req.generation.closure_hash, now);
-    if app.shared.replicated() {
-        if let Some(attestation) = app.shared.attestations.get(&req.hostname) {
-            app.db
-                .save_attestations(vec![(req.hostname.clone(), attestation)])
-                .await
-                .map_err(database_unavailable)?;
-        }
-    }
+    share_attestation(&app, &req.hostname).await?;
     Metrics::inc(&app.metrics.confirms_ok);
     tracing::info!(host = %req.hostname, rollout = %req.rollout_id, closure = %req.generation.closure_hash, "{event}");
     app.shared.tick_now.notify_one();

@@ -80,6 +80,31 @@ pub struct Event {
     pub at: OffsetDateTime,
 }
 
+/// Whose events a trail query reads.
+#[derive(Debug, Clone, Copy)]
+pub enum EventsOf {
+    /// One rollout's, oldest first.
+    Rollout,
+    /// One host's, newest first.
+    Host,
+}
+
+impl EventsOf {
+    pub fn column(self) -> &'static str {
+        match self {
+            EventsOf::Rollout => "rollout_id",
+            EventsOf::Host => "hostname",
+        }
+    }
+
+    pub fn order(self) -> &'static str {
+        match self {
+            EventsOf::Rollout => "id",
+            EventsOf::Host => "id DESC",
+        }
+    }
+}
+
 /// What the leader last published: followers reload what changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderInfo {

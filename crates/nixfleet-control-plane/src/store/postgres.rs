@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use tokio_postgres::{Client, NoTls};
 
 use super::{
-    decode_json, AttestationPage, AttestationRow, DbError, Event, Fut, LeaderInfo, Store,
+    decode_json, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut, LeaderInfo, Store,
     TickWrites, ATTESTATION_OVERLAP_US,
 };
 use crate::clock::rfc3339 as ts;
@@ -392,6 +392,28 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    async fn events(&self, of: EventsOf, key: String, limit: usize) -> Result<Vec<Event>, DbError> {
+        let client = self.client().await?;
+        let limit = limit as i64;
+        timed(
+            OP_TIMEOUT,
+            client.query(
+                &format!(
+                    "SELECT rollout_id, hostname, kind, reason, at FROM rollout_events WHERE {} = $1 ORDER BY {} LIMIT $2",
+                    of.column(),
+                    of.order()
+                ),
+                &[&key, &limit],
+            ),
+        )
+        .await?
+        .iter()
+        .map(event_of)
+        .collect()
+    }
+}
+
 fn unzip3(rows: &[(String, String, String)]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
     let mut a = Vec::with_capacity(rows.len());
     let mut b = Vec::with_capacity(rows.len());
@@ -723,39 +745,11 @@ impl Store for PgStore {
     }
 
     fn rollout_events(&self, rollout_id: String, limit: usize) -> Fut<'_, Vec<Event>> {
-        Box::pin(async move {
-            let client = self.client().await?;
-            let limit = limit as i64;
-            timed(
-                OP_TIMEOUT,
-                client.query(
-                    "SELECT rollout_id, hostname, kind, reason, at FROM rollout_events WHERE rollout_id = $1 ORDER BY id LIMIT $2",
-                    &[&rollout_id, &limit],
-                ),
-            )
-            .await?
-            .iter()
-            .map(event_of)
-            .collect()
-        })
+        Box::pin(self.events(EventsOf::Rollout, rollout_id, limit))
     }
 
     fn host_events(&self, hostname: String, limit: usize) -> Fut<'_, Vec<Event>> {
-        Box::pin(async move {
-            let client = self.client().await?;
-            let limit = limit as i64;
-            timed(
-                OP_TIMEOUT,
-                client.query(
-                    "SELECT rollout_id, hostname, kind, reason, at FROM rollout_events WHERE hostname = $1 ORDER BY id DESC LIMIT $2",
-                    &[&hostname, &limit],
-                ),
-            )
-            .await?
-            .iter()
-            .map(event_of)
-            .collect()
-        })
+        Box::pin(self.events(EventsOf::Host, hostname, limit))
     }
 
     fn record_report(

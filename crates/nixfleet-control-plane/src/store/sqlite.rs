@@ -17,8 +17,8 @@ use nixfleet_proto::Revocation;
 use nixfleet_reconciler::{Attestation, HostRecord, RolloutRecord, StoredState};
 
 use super::{
-    decode_json, micros, AttestationPage, AttestationRow, DbError, Event, Fut, LeaderInfo, Store,
-    TickWrites, ATTESTATION_OVERLAP_US,
+    decode_json, micros, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut,
+    LeaderInfo, Store, TickWrites, ATTESTATION_OVERLAP_US,
 };
 
 /// Migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -261,6 +261,20 @@ impl SqliteStore {
         if let Some(handle) = self.writer.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
         }
+    }
+}
+
+impl SqliteStore {
+    fn events(&self, of: EventsOf, key: &str, limit: usize) -> Result<Vec<Event>, DbError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT rollout_id, hostname, kind, reason, at FROM rollout_events WHERE {} = ?1 ORDER BY {} LIMIT ?2",
+                of.column(),
+                of.order()
+            ))?;
+            let rows = stmt.query_map(params![key, limit as i64], event_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 }
 
@@ -528,27 +542,11 @@ impl Store for SqliteStore {
     }
 
     fn rollout_events(&self, rollout_id: String, limit: usize) -> Fut<'_, Vec<Event>> {
-        Box::pin(async move {
-            self.read(|conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT rollout_id, hostname, kind, reason, at FROM rollout_events WHERE rollout_id = ?1 ORDER BY id LIMIT ?2",
-                )?;
-                let rows = stmt.query_map(params![rollout_id, limit as i64], event_row)?;
-                Ok(rows.collect::<Result<_, _>>()?)
-            })
-        })
+        Box::pin(async move { self.events(EventsOf::Rollout, &rollout_id, limit) })
     }
 
     fn host_events(&self, hostname: String, limit: usize) -> Fut<'_, Vec<Event>> {
-        Box::pin(async move {
-            self.read(|conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT rollout_id, hostname, kind, reason, at FROM rollout_events WHERE hostname = ?1 ORDER BY id DESC LIMIT ?2",
-                )?;
-                let rows = stmt.query_map(params![hostname, limit as i64], event_row)?;
-                Ok(rows.collect::<Result<_, _>>()?)
-            })
-        })
+        Box::pin(async move { self.events(EventsOf::Host, &hostname, limit) })
     }
 
     fn record_report(
