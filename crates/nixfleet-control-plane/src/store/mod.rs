@@ -35,7 +35,7 @@ pub enum DbError {
     Sql(#[from] rusqlite::Error),
     #[error("database write failed: {0}")]
     Write(String),
-    #[error("PostgreSQL: {0}; check that the server is up and reachable")]
+    #[error("{0}")]
     Postgres(String),
     #[error("PostgreSQL did not answer within {0:?}; check the server and the network to it")]
     Timeout(std::time::Duration),
@@ -49,7 +49,29 @@ pub enum DbError {
 
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
-        DbError::Postgres(nixfleet_pki::error_chain(&e))
+        DbError::Postgres(match e.as_db_error() {
+            Some(db) => {
+                let code = db.code().code();
+                let advice = if code.starts_with("28") || code == "42501" {
+                    "check the role, its password and its rights on the database"
+                } else if code == "3D000" {
+                    "create the database (docs/high-availability.md)"
+                } else if code == "42P01" {
+                    "the schema is missing (was the database recreated?); restart the control plane to create it"
+                } else {
+                    "see the PostgreSQL server's log"
+                };
+                format!(
+                    "PostgreSQL refused: {}: {} ({code}); {advice}",
+                    db.severity(),
+                    db.message()
+                )
+            }
+            None => format!(
+                "PostgreSQL: {}; check that the server is up and reachable",
+                nixfleet_pki::error_chain(&e)
+            ),
+        })
     }
 }
 

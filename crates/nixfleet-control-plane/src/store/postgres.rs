@@ -162,7 +162,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
             deadpool_postgres::PoolError::Timeout(_) => DbError::Timeout(OP_TIMEOUT),
-            other => DbError::Postgres(other.to_string()),
+            other => DbError::Postgres(format!("PostgreSQL connection pool: {other}")),
         }
     }
 }
