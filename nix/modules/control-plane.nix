@@ -49,6 +49,12 @@ let
       example = "/etc/nixfleet/cp/database-password";
       description = "File holding the PostgreSQL password, handed over as a credential.";
     };
+    databaseCaFile = {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/etc/nixfleet/cp/database-ca.pem";
+      description = "CA certificate(s) PostgreSQL's server certificate must chain to; set, the connection is TLS only and verified.";
+    };
     databasePoolSize = {
       type = types.ints.positive;
       default = 16;

@@ -34,6 +34,11 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_CP_DATABASE_PASSWORD_FILE")]
     pub database_password_file: Option<PathBuf>,
 
+    /// CA certificate(s), PEM, that PostgreSQL's server certificate must chain to; with it
+    /// the connection is TLS-only and verified (also what `sslmode=require` needs).
+    #[arg(long, env = "NIXFLEET_CP_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+
     /// Connections each replica keeps to PostgreSQL.
     #[arg(long, env = "NIXFLEET_CP_DATABASE_POOL_SIZE", default_value_t = 16)]
     pub database_pool_size: usize,

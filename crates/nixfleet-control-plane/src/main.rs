@@ -87,12 +87,19 @@ async fn run(config: Config) -> Result<(), String> {
         ),
         None => None,
     };
+    let ca_pem = match &config.database_ca_file {
+        Some(path) => Some(read_pem("--database-ca-file", path)?),
+        None => None,
+    };
     let db = store::open(
-        config.database_url.as_deref(),
-        password,
+        config.database_url.as_deref().map(|url| store::PgOptions {
+            url,
+            password,
+            ca_pem,
+            replica: &replica,
+            pool_size: config.database_pool_size,
+        }),
         &config.db_path,
-        &replica,
-        config.database_pool_size,
     )
     .await
     .map_err(|e| e.to_string())?;

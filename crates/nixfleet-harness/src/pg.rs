@@ -178,3 +178,138 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// A private PostgreSQL server that accepts only TLS connections (`hostssl` in its
+/// pg_hba.conf, trust authentication), with the given server certificate and key. It runs
+/// as the `postgres` system user (so the tests must run as root), from a temporary data
+/// directory, and is stopped and removed on drop.
+pub struct TlsServer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+fn postgres_bin(name: &str) -> std::path::PathBuf {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| {
+            dirs.filter_map(Result::ok)
+                .map(|d| d.path().join("bin").join(name))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("no /usr/lib/postgresql/*/bin/{name}; apt-get install -y postgresql")
+    })
+}
+
+fn as_postgres(program: &std::path::Path) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--"]).arg(program);
+    cmd
+}
+
+impl TlsServer {
+    /// Starts the server; `user` is its superuser (no password: trust over TLS).
+    pub fn start(cert_pem: &str, key_pem: &str, user: &str) -> TlsServer {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nixfleet-pg-tls-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("TlsServer: create its directory");
+        std::fs::write(dir.join("server.crt"), cert_pem).expect("TlsServer: write server.crt");
+        std::fs::write(dir.join("server.key"), key_pem).expect("TlsServer: write server.key");
+        let chown = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("TlsServer: run chown");
+        assert!(chown.success(), "TlsServer needs root (chown to postgres)");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("TlsServer: chmod server.key");
+        let data = dir.join("data");
+        let out = as_postgres(&postgres_bin("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", user, "--auth=trust", "--no-sync"])
+            .output()
+            .expect("TlsServer: run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // TLS connections only: a plain one matches no line and is refused.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "hostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .expect("TlsServer: write pg_hba.conf");
+        let port = crate::free_port();
+        let log = std::fs::File::create(dir.join("postgres.log")).expect("TlsServer: log");
+        let child = as_postgres(&postgres_bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.display()))
+            .args(["-c", "ssl=on", "-c", "fsync=off"])
+            .arg("-c")
+            .arg(format!(
+                "ssl_cert_file={}",
+                dir.join("server.crt").display()
+            ))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", dir.join("server.key").display()))
+            .stdout(log.try_clone().expect("TlsServer: log"))
+            .stderr(log)
+            .spawn()
+            .expect("TlsServer: start postgres");
+        let server = TlsServer {
+            port,
+            dir,
+            child: Some(child),
+        };
+        let start = std::time::Instant::now();
+        while !Command::new(postgres_bin("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "private PostgreSQL not ready after 30 s:\n{}",
+                server.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT to the postmaster itself (not to runuser) is a fast shutdown.
+            let postmaster = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+                .ok()
+                .and_then(|s| s.lines().next().map(str::to_owned))
+                .unwrap_or_else(|| child.id().to_string());
+            let _ = Command::new("kill").args(["-INT", &postmaster]).status();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

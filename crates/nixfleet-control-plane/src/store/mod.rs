@@ -227,19 +227,27 @@ pub trait Store: Send + Sync {
 
 pub type Db = dyn Store;
 
+/// How to reach a shared PostgreSQL database.
+pub struct PgOptions<'a> {
+    /// `postgres://user[:password]@host:port/database[?sslmode=…]`.
+    pub url: &'a str,
+    /// Overrides the URL's password.
+    pub password: Option<String>,
+    /// CA certificate(s) the server's certificate must chain to; set, only TLS is used.
+    pub ca_pem: Option<String>,
+    /// This replica's name (application_name, the leader's mark).
+    pub replica: &'a str,
+    pub pool_size: usize,
+}
+
 /// Opens the database a control plane is configured with: PostgreSQL when a
 /// `postgres://` URL is given, else SQLite at `path`.
 pub async fn open(
-    url: Option<&str>,
-    password: Option<String>,
+    postgres: Option<PgOptions<'_>>,
     path: &std::path::Path,
-    replica: &str,
-    pool_size: usize,
 ) -> Result<std::sync::Arc<Db>, DbError> {
-    match url {
-        Some(url) => Ok(std::sync::Arc::new(
-            postgres::PgStore::open(url, password, replica, pool_size).await?,
-        )),
+    match postgres {
+        Some(options) => Ok(std::sync::Arc::new(postgres::PgStore::open(options).await?)),
         None => Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path)?)),
     }
 }

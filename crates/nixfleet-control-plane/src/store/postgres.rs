@@ -8,11 +8,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use nixfleet_proto::Revocation;
 use nixfleet_reconciler::{Attestation, HostRecord, RolloutRecord, StoredState};
 use time::OffsetDateTime;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    decode_json, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut, LeaderInfo, Store,
-    TickWrites, ATTESTATION_OVERLAP_US,
+    decode_json, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut, LeaderInfo,
+    PgOptions, Store, TickWrites, ATTESTATION_OVERLAP_US,
 };
 use crate::clock::rfc3339 as ts;
 
@@ -116,9 +118,17 @@ struct Lease {
     held: bool,
 }
 
+/// How connections to the server are made.
+enum Tls {
+    Plain,
+    /// TLS, the server's certificate verified against the configured CA.
+    Verified(MakeRustlsConnect),
+}
+
 pub struct PgStore {
     pool: Pool,
     config: tokio_postgres::Config,
+    tls: Tls,
     /// Where the database is, for messages (no password).
     target: String,
     replica: String,
@@ -169,36 +179,56 @@ impl From<deadpool_postgres::PoolError> for DbError {
 
 impl PgStore {
     /// Connects, migrating the schema; `password` overrides the URL's.
-    pub async fn open(
-        url: &str,
-        password: Option<String>,
-        replica: &str,
-        pool_size: usize,
-    ) -> Result<PgStore, DbError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| DbError::Open {
+    /// Connects, migrating the schema.
+    pub async fn open(options: PgOptions<'_>) -> Result<PgStore, DbError> {
+        let bad = |message: String| DbError::Open {
             path: "--database-url".into(),
-            message: format!(
+            message,
+        };
+        let mut config: tokio_postgres::Config = options.url.parse().map_err(|e| {
+            bad(format!(
                 "not a PostgreSQL URL ({e}); expected postgres://user:password@host:port/database"
-            ),
+            ))
         })?;
-        if let Some(password) = password {
+        if let Some(password) = options.password {
             config.password(password);
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(OP_TIMEOUT);
         }
-        config.application_name(format!("nixfleet-control-plane {replica}"));
+        config.application_name(format!("nixfleet-control-plane {}", options.replica));
         config.keepalives_idle(Duration::from_secs(10));
         let target = describe(&config);
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls = match (options.ca_pem, config.get_ssl_mode()) {
+            (Some(ca_pem), _) => {
+                // A CA given means TLS, verified against it, and nothing else.
+                config.ssl_mode(SslMode::Require);
+                let tls = nixfleet_pki::client_tls_config(&ca_pem, None)
+                    .map_err(|e| bad(format!("--database-ca-file: {e}")))?;
+                Tls::Verified(MakeRustlsConnect::new(tls))
+            }
+            (None, SslMode::Require) => {
+                return Err(bad(
+                    "sslmode=require needs --database-ca-file, the CA certificate that issued the server's certificate (the connection is always verified)".into(),
+                ))
+            }
+            // `prefer`, the default, is plain text here: nothing unverified is called TLS.
+            (None, _) => {
+                config.ssl_mode(SslMode::Disable);
+                Tls::Plain
+            }
+        };
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Tls::Plain => Manager::from_config(config.clone(), NoTls, manager_config),
+            Tls::Verified(connect) => {
+                Manager::from_config(config.clone(), connect.clone(), manager_config)
+            }
+        };
         let pool = Pool::builder(manager)
-            .max_size(pool_size.max(2))
+            .max_size(options.pool_size.max(2))
             .wait_timeout(Some(OP_TIMEOUT))
             .create_timeout(Some(OP_TIMEOUT))
             .recycle_timeout(Some(OP_TIMEOUT))
@@ -211,8 +241,9 @@ impl PgStore {
         let store = PgStore {
             pool,
             config,
+            tls,
             target,
-            replica: replica.to_owned(),
+            replica: options.replica.to_owned(),
             lease: tokio::sync::Mutex::new(None),
         };
         store.migrate().await?;
@@ -291,13 +322,30 @@ impl PgStore {
     }
 
     async fn connect_lease(&self) -> Result<Client, DbError> {
-        let (client, connection) = timed(OP_TIMEOUT, self.config.connect(NoTls)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "leadership session to PostgreSQL closed");
+        fn watch<S, T>(connection: tokio_postgres::Connection<S, T>)
+        where
+            S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+            T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        {
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "leadership session to PostgreSQL closed");
+                }
+            });
+        }
+        Ok(match &self.tls {
+            Tls::Plain => {
+                let (client, connection) = timed(OP_TIMEOUT, self.config.connect(NoTls)).await?;
+                watch(connection);
+                client
             }
-        });
-        Ok(client)
+            Tls::Verified(connect) => {
+                let (client, connection) =
+                    timed(OP_TIMEOUT, self.config.connect(connect.clone())).await?;
+                watch(connection);
+                client
+            }
+        })
     }
 
     async fn write_tick_on(

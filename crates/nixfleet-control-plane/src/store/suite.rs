@@ -11,7 +11,19 @@ use nixfleet_reconciler::{
 };
 use time::{Duration, OffsetDateTime};
 
-use super::{postgres::PgStore, sqlite::SqliteStore, Db, DbError, Event, Store, TickWrites};
+use super::{
+    postgres::PgStore, sqlite::SqliteStore, Db, DbError, Event, PgOptions, Store, TickWrites,
+};
+
+fn pg<'a>(url: &'a str, replica: &'a str, pool_size: usize) -> PgOptions<'a> {
+    PgOptions {
+        url,
+        password: None,
+        ca_pem: None,
+        replica,
+        pool_size,
+    }
+}
 
 /// Keeps the backing database alive for the test's length.
 enum Backing {
@@ -37,7 +49,7 @@ impl Fixture {
     async fn postgres() -> Fixture {
         let test_db = TestDb::create("nixfleet_store");
         let db: Arc<Db> = Arc::new(
-            PgStore::open(&test_db.url, None, "replica-a", 4)
+            PgStore::open(pg(&test_db.url, "replica-a", 4))
                 .await
                 .unwrap(),
         );
@@ -51,7 +63,7 @@ impl Fixture {
     async fn other_replica(&self) -> Arc<Db> {
         match &self.backing {
             Backing::Postgres(test_db) => Arc::new(
-                PgStore::open(&test_db.url, None, "replica-b", 4)
+                PgStore::open(pg(&test_db.url, "replica-b", 4))
                     .await
                     .unwrap(),
             ),
@@ -545,11 +557,11 @@ async fn both_backends_refuse_foreign_and_newer_schemas() {
     let test_db = TestDb::create("nixfleet_foreign");
     test_db.query("CREATE TABLE stuff (x int)");
     assert!(matches!(
-        PgStore::open(&test_db.url, None, "a", 2).await,
+        PgStore::open(pg(&test_db.url, "a", 2)).await,
         Err(DbError::Foreign { .. })
     ));
     test_db.recreate();
-    PgStore::open(&test_db.url, None, "a", 2)
+    PgStore::open(pg(&test_db.url, "a", 2))
         .await
         .unwrap()
         .close()
@@ -557,7 +569,7 @@ async fn both_backends_refuse_foreign_and_newer_schemas() {
         .unwrap();
     test_db.query("UPDATE nixfleet_schema SET version = 99");
     assert!(matches!(
-        PgStore::open(&test_db.url, None, "a", 2).await,
+        PgStore::open(pg(&test_db.url, "a", 2)).await,
         Err(DbError::TooNew { found: 99, .. })
     ));
 }
@@ -568,7 +580,7 @@ async fn replicas_migrate_one_database_together() {
     let opens: Vec<_> = (0..3)
         .map(|i| {
             let url = test_db.url.clone();
-            tokio::spawn(async move { PgStore::open(&url, None, &format!("r{i}"), 2).await })
+            tokio::spawn(async move { PgStore::open(pg(&url, &format!("r{i}"), 2)).await })
         })
         .collect();
     for open in opens {
@@ -588,15 +600,58 @@ async fn the_postgres_password_can_come_apart_from_the_url() {
     let (credentials, host) = rest.split_once('@').unwrap();
     let (user, password) = credentials.split_once(':').unwrap();
     let bare = format!("{scheme}://{user}@{host}");
-    PgStore::open(&bare, Some(password.to_owned()), "a", 2)
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    let Err(e) = PgStore::open(&bare, Some("wrong".into()), "a", 2).await else {
+    PgStore::open(PgOptions {
+        password: Some(password.to_owned()),
+        ..pg(&bare, "a", 2)
+    })
+    .await
+    .unwrap()
+    .close()
+    .await
+    .unwrap();
+    let Err(e) = PgStore::open(PgOptions {
+        password: Some("wrong".into()),
+        ..pg(&bare, "a", 2)
+    })
+    .await
+    else {
         panic!("a wrong password was accepted");
     };
     assert!(matches!(e, DbError::Open { .. }), "{e}");
     assert!(e.to_string().contains("password"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_is_verified_against_the_given_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = nixfleet_harness::Pki::new(&tmp.path().join("pki"));
+    let server = nixfleet_harness::pg::TlsServer::start(
+        &pki.read("etc/server-cert.pem"),
+        &pki.read("etc/server-key.pem"),
+        "nixfleet",
+    );
+    let url = format!("postgres://nixfleet@localhost:{}/postgres", server.port);
+    let with_ca = |ca: String| PgOptions {
+        ca_pem: Some(ca),
+        ..pg(&url, "a", 2)
+    };
+    PgStore::open(with_ca(pki.read("etc/ca.pem")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log_text()))
+        .close()
+        .await
+        .unwrap();
+    // This server refuses plain text, so what just worked was TLS.
+    assert!(PgStore::open(pg(&url, "a", 2)).await.is_err());
+    // A certificate from another CA is refused.
+    let other = nixfleet_harness::Pki::new(&tmp.path().join("other"));
+    let Err(e) = PgStore::open(with_ca(other.read("etc/ca.pem"))).await else {
+        panic!("a server certificate from another CA was accepted");
+    };
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // sslmode=require without a CA is refused before connecting, saying what is missing.
+    let Err(e) = PgStore::open(pg(&format!("{url}?sslmode=require"), "a", 2)).await else {
+        panic!("sslmode=require without a CA was accepted");
+    };
+    assert!(e.to_string().contains("--database-ca-file"), "{e}");
 }
