@@ -172,12 +172,13 @@ async fn sync_once(
         shared.tick_now.notify_one();
     }
 
-    let Some(info) = db.leader_info().await? else {
-        return Ok(());
-    };
+    let info = db.leader_info().await?;
     // Answered before the leader's tick is shown: /healthz never shows a tick while
     // agents would still get 503.
     shared.database_answered();
+    let Some(info) = info else {
+        return Ok(());
+    };
     replace(&shared.leader, Some(info.replica.clone()));
     if shared.role() == Role::Leader {
         // The leader's own memory is the newest state; reload it all after stepping down.
