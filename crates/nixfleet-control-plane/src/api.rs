@@ -55,6 +55,8 @@ pub struct App {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Ask the client to reconnect (through a load balancer: to another replica).
+    close: bool,
 }
 
 impl ApiError {
@@ -62,19 +64,34 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            close: false,
         }
+    }
+
+    /// A kept-alive connection would bring the agent's retry back to this same replica;
+    /// closing it lets the load balancer pick another.
+    fn reconnect_elsewhere(mut self) -> Self {
+        self.close = true;
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(ErrorBody {
                 error: self.message,
             }),
         )
-            .into_response()
+            .into_response();
+        if self.close {
+            response.headers_mut().insert(
+                header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 
@@ -389,6 +406,7 @@ fn database_unavailable(e: crate::store::DbError) -> ApiError {
         StatusCode::SERVICE_UNAVAILABLE,
         format!("this control plane cannot record the request: {e}; retry later"),
     )
+    .reconnect_elsewhere()
 }
 
 /// A replica that has lost its shared database answers 503 rather than from state that
@@ -400,7 +418,8 @@ fn require_fresh_database(app: &App) -> ApiResult<()> {
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "this control-plane replica cannot reach its database, so its answers could be stale; retry later",
-        ))
+        )
+        .reconnect_elsewhere())
     }
 }
 

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use nixfleet_harness::haproxy::Haproxy;
 use nixfleet_harness::pg::{self, TestDb};
 use nixfleet_harness::relay::TcpRelay;
 use nixfleet_harness::*;
@@ -273,6 +274,23 @@ async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
     let on_b = Client::host(&s.pki, b.port, &hosts[0]);
     let gen0 = closure("web-01", 0);
     assert_eq!(checkin_status(&on_b, "web-01", &gen0).await, 200);
+    // An agent-like client behind HAProxy whose kept-alive connection landed on B.
+    let haproxy = Haproxy::start(&s.tmp.path().join("haproxy"), &[a.port, b.port]);
+    let answered_by_b = || b.log_text().matches("checkin received web-01").count();
+    let mut pinned = None;
+    for _ in 0..6 {
+        let client = Client::host(&s.pki, haproxy.port, &hosts[0]);
+        let before = answered_by_b();
+        assert_eq!(checkin_status(&client, "web-01", &gen0).await, 200);
+        wait_for("the check-in to be logged", Duration::from_secs(5), || {
+            a.log_text().contains("checkin received web-01") || answered_by_b() > before
+        });
+        if answered_by_b() > before {
+            pinned = Some(client);
+            break;
+        }
+    }
+    let via_b = pinned.expect("no connection through HAProxy reached B");
 
     relay.sever();
     let cut = Instant::now();
@@ -295,6 +313,17 @@ async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
         "503 from the cut-off replica after {:.1} s",
         cut.elapsed().as_secs_f64()
     );
+    // The refusal closes the connection, so a kept-alive agent reconnects (through the
+    // load balancer, to another replica) instead of asking this one again.
+    let refused = on_b
+        .try_post(
+            "/v1/agent/checkin",
+            &checkin_body("web-01", &gen0, None, json!([])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("connection"), Some("close"));
     let health = healthz(&s.pki, b.port).await.unwrap();
     assert_eq!(health["database_ok"], false);
     assert_eq!(health["ok"], false);
@@ -308,6 +337,21 @@ async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
         .unwrap();
     assert_eq!(confirm.status, 503);
     assert_eq!(checkin_status(&on_a, "web-01", &gen0).await, 200);
+    // The client pinned to B is refused once, then carries on through A.
+    let mut statuses = Vec::new();
+    while !statuses.contains(&503) {
+        statuses.push(checkin_status(&via_b, "web-01", &gen0).await);
+        assert!(cut.elapsed() < Duration::from_secs(20), "{statuses:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            checkin_status(&via_b, "web-01", &gen0).await,
+            200,
+            "the agent stayed on the cut-off replica"
+        );
+    }
+    drop(haproxy);
 
     relay.restore();
     let restored = Instant::now();

@@ -580,9 +580,19 @@ pub struct Client {
 pub struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
+    /// Response headers, names in lower case.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Reply {
+    /// The value of header `name` (lower case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|_| {
             panic!(
@@ -666,6 +676,16 @@ impl Client {
             .map_err(|_| "request timed out".to_owned())?
             .map_err(|e| format!("{e:?}"))?;
         let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
         let body = response
             .into_body()
             .collect()
@@ -673,7 +693,11 @@ impl Client {
             .map_err(|e| format!("{e:?}"))?
             .to_bytes()
             .to_vec();
-        Ok(Reply { status, body })
+        Ok(Reply {
+            status,
+            body,
+            headers,
+        })
     }
 
     pub async fn try_post(&self, path: &str, body: &Value) -> Result<Reply, String> {
