@@ -655,3 +655,41 @@ async fn postgres_over_tls_is_verified_against_the_given_ca() {
     };
     assert!(e.to_string().contains("--database-ca-file"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_session_is_ended_cannot_write_and_another_takes_over() {
+    let f = Fixture::postgres().await;
+    let Backing::Postgres(test_db) = &f.backing else {
+        unreachable!()
+    };
+    let other = f.other_replica().await;
+    assert!(f.db.lead().await.unwrap());
+    assert!(!other.lead().await.unwrap());
+    // The server ends the leader's sessions (an administrator, or its TCP keep-alives
+    // giving up on a leader behind a network cut).
+    test_db.query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'nixfleet-control-plane replica-a'",
+    );
+    assert!(
+        f.db.write_tick(TickWrites::default(), now()).await.is_err(),
+        "a leader that lost its session wrote a tick"
+    );
+    let start = std::time::Instant::now();
+    while !other.lead().await.unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    other
+        .write_tick(TickWrites::default(), now())
+        .await
+        .unwrap();
+    assert!(
+        !f.db.lead().await.unwrap(),
+        "the old leader took the lock back"
+    );
+    assert!(matches!(
+        f.db.write_tick(TickWrites::default(), now()).await,
+        Err(DbError::NotLeader)
+    ));
+    other.close().await.unwrap();
+}
