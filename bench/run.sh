@@ -8,9 +8,9 @@
 # A quick run:
 #   BENCH_HOSTS=5000 BENCH_STEADY_SECS=20 BENCH_STEADY_WARMUP=10 BENCH_INTERVAL=10 \
 #   BENCH_MAX_SECS=10 BENCH_ENROLL_HOSTS=500 BENCH_DR_SECS=40 BENCH_DR_STOP_AFTER=12 bench/run.sh
-# Scenarios to run: BENCH_SCENARIOS="7 2 3 1 6 4 5 8". Scenario 8 (replicas on PostgreSQL
-# behind HAProxy) needs both; its database server is BENCH_DATABASE_URL, else the local
-# cluster scripts/test-postgres prepares. Results of scenarios not rerun are
+# Scenarios to run: BENCH_SCENARIOS="7 2 3 1 6 4 5 8 9". Scenarios 8 and 9 (replicas on
+# PostgreSQL behind HAProxy) need both; their database server is BENCH_DATABASE_URL, else
+# the local cluster scripts/test-postgres prepares. Results of scenarios not rerun are
 # kept in target/bench/results and stay in the table; they are only comparable when the
 # sizes were the same (scenario 7 always runs: it makes the release).
 set -euo pipefail
@@ -33,7 +33,10 @@ ROLLOUT_HOSTS=${BENCH_ROLLOUT_HOSTS:-10000}
 ROLLOUT_BUDGET=${BENCH_ROLLOUT_BUDGET:-500}
 ROLLOUT_INTERVAL=${BENCH_ROLLOUT_INTERVAL:-20}
 ROLLOUT_SECS=${BENCH_ROLLOUT_SECS:-420}
-SCENARIOS=${BENCH_SCENARIOS:-"7 2 3 1 6 4 5 8"}
+HA_HOSTS=${BENCH_HA_HOSTS:-20000}
+HA_INTERVAL=${BENCH_HA_INTERVAL:-20}
+HA_SECS=${BENCH_HA_SECS:-120}
+SCENARIOS=${BENCH_SCENARIOS:-"7 2 3 1 6 4 5 8 9"}
 WORK=${BENCH_DIR:-$root/target/bench}
 DOC=${BENCH_DOC:-$root/docs/benchmarks.md}
 PORT=${BENCH_PORT:-18443}
@@ -164,6 +167,60 @@ measure() {
   stop_cp
 }
 
+# Replicas on PostgreSQL behind HAProxy (scenarios 8 and 9): a fresh database, N
+# replicas, HAProxy in TCP mode round-robin over them; the load generator goes through it.
+replica_db() {
+  for tool in haproxy psql; do
+    command -v "$tool" >/dev/null || { echo "bench/run.sh: the replica scenarios need $tool (apt-get install -y haproxy postgresql)" >&2; exit 1; }
+  done
+  admin=${BENCH_DATABASE_URL:-$("$root/scripts/test-postgres")}
+  dburl="${admin%/*}/nixfleet_bench"
+  psql -X -q "$admin" -c "DROP DATABASE IF EXISTS nixfleet_bench WITH (FORCE)" -c "CREATE DATABASE nixfleet_bench"
+}
+measure_replicas() {
+  local name=$1 n=$2; shift 2
+  local haport=$((PORT + 20)) backends="" pids=() i cpu0=0 cpu1=0 rss=0 t0 t1 hapid
+  replica_db
+  for i in $(seq 1 "$n"); do
+    mkdir -p "replica-$i"
+    NIXFLEET_LOG=info "$bin/nixfleet-control-plane" --listen "127.0.0.1:$((PORT + 10 + i))" \
+      --database-url "$dburl" --replica-name "cp-$i" --audit-log "replica-$i/audit.log" \
+      --trust-file "$etc/trust.json" \
+      --tls-cert "$etc/server-cert.pem" --tls-key "$etc/server-key.pem" --client-ca "$etc/ca.pem" \
+      --fleet-ca-cert "$etc/fleet-ca-cert.pem" --fleet-ca-key "$etc/fleet-ca-key.pem" \
+      --artifact release/fleet.resolved.json --signature release/fleet.resolved.json.sig \
+      --revocations-artifact release/revocations.json --revocations-signature release/revocations.json.sig \
+      --rollouts-dir release/rollouts --checkin-interval-secs "$INTERVAL" \
+      >> "$WORK/replica-$i.log" 2>&1 &
+    pids+=($!)
+    backends+="    server cp$i 127.0.0.1:$((PORT + 10 + i)) check inter 500ms fall 2 rise 1"$'\n'
+    for _ in $(seq 1 600); do
+      curl -sk --max-time 2 "https://127.0.0.1:$((PORT + 10 + i))/healthz" | jq -e '.last_tick_at != null' >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+  printf 'global\n    maxconn %s\n\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 120s\n    timeout server 120s\n\nfrontend nixfleet\n    bind 127.0.0.1:%s\n    default_backend cp\n\nbackend cp\n    balance roundrobin\n%s' \
+    "$(( ($(ulimit -n) - 200) / 2 ))" "$haport" "$backends" > haproxy.cfg
+  haproxy -f haproxy.cfg -db >> "$WORK/haproxy.log" 2>&1 &
+  hapid=$!
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$haport") 2>/dev/null && break; sleep 0.1; done
+  for i in "${pids[@]}"; do cpu0=$(awk -v a="$cpu0" -v b="$(cpu_of "$i")" 'BEGIN { print a + b }'); done
+  t0=$(now)
+  "$loadgen" run --connect "127.0.0.1:$haport" --server-name localhost --ca-cert "$etc/fleet-ca-cert.pem" \
+    --ca-key "$etc/fleet-ca-key.pem" "$@" --json "$res/$name.json" >&2
+  t1=$(now)
+  for i in "${pids[@]}"; do
+    cpu1=$(awk -v a="$cpu1" -v b="$(cpu_of "$i")" 'BEGIN { print a + b }')
+    rss=$(awk -v a="$rss" -v b="$(rss_peak_of "$i")" 'BEGIN { print (b > a ? b : a) }')
+  done
+  jq -n --argjson cpu "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')" --argjson wall "$(elapsed "$t0" "$t1")" \
+    --argjson replicas "$n" --argjson rss "$rss" \
+    '{replicas: $replicas, cp_cpu_secs: $cpu, wall_secs: $wall, cp_rss_peak_mib: $rss}' > "$res/$name-cp.json"
+  kill -TERM "$hapid" "${pids[@]}" 2>/dev/null || true
+  wait "$hapid" "${pids[@]}" 2>/dev/null || true
+  psql -X -q "$admin" -c "DROP DATABASE IF EXISTS nixfleet_bench WITH (FORCE)"
+}
+
 for s in $SCENARIOS; do
   case $s in
     2) log "scenario 2: maximum check-in throughput, keep-alive ($MAX_HOSTS hosts, ${MAX_SECS} s)"
@@ -244,52 +301,13 @@ for s in $SCENARIOS; do
            in_flight_max: $in_flight_max, cp_rss_peak_mib: $rss}' > "$res/s5.json"
        stop_cp ;;
     8) log "scenario 8: replicas on PostgreSQL behind HAProxy, 1 then 2 ($MAX_HOSTS hosts, keep-alive, ${MAX_SECS} s)"
-       for tool in haproxy psql; do
-         command -v "$tool" >/dev/null || { echo "bench/run.sh: scenario 8 needs $tool (apt-get install -y haproxy postgresql)" >&2; exit 1; }
-       done
-       admin=${BENCH_DATABASE_URL:-$("$root/scripts/test-postgres")}
-       dburl="${admin%/*}/nixfleet_bench"
-       HAPORT=$((PORT + 20))
        for n in 1 2; do
-         psql -X -q "$admin" -c "DROP DATABASE IF EXISTS nixfleet_bench WITH (FORCE)" -c "CREATE DATABASE nixfleet_bench"
-         pids=()
-         backends=""
-         for i in $(seq 1 "$n"); do
-           mkdir -p "replica-$i"
-           NIXFLEET_LOG=info "$bin/nixfleet-control-plane" --listen "127.0.0.1:$((PORT + 10 + i))" \
-             --database-url "$dburl" --replica-name "cp-$i" --audit-log "replica-$i/audit.log" \
-             --trust-file "$etc/trust.json" \
-             --tls-cert "$etc/server-cert.pem" --tls-key "$etc/server-key.pem" --client-ca "$etc/ca.pem" \
-             --fleet-ca-cert "$etc/fleet-ca-cert.pem" --fleet-ca-key "$etc/fleet-ca-key.pem" \
-             --artifact release/fleet.resolved.json --signature release/fleet.resolved.json.sig \
-             --revocations-artifact release/revocations.json --revocations-signature release/revocations.json.sig \
-             --rollouts-dir release/rollouts --checkin-interval-secs "$INTERVAL" \
-             >> "$WORK/replica-$i.log" 2>&1 &
-           pids+=($!)
-           backends+="    server cp$i 127.0.0.1:$((PORT + 10 + i)) check inter 500ms fall 2 rise 1"$'\n'
-           for _ in $(seq 1 600); do
-             curl -sk --max-time 2 "https://127.0.0.1:$((PORT + 10 + i))/healthz" | jq -e '.last_tick_at != null' >/dev/null 2>&1 && break
-             sleep 0.1
-           done
-         done
-         printf 'global\n    maxconn %s\n\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 120s\n    timeout server 120s\n\nfrontend nixfleet\n    bind 127.0.0.1:%s\n    default_backend cp\n\nbackend cp\n    balance roundrobin\n%s' \
-           "$(( ($(ulimit -n) - 200) / 2 ))" "$HAPORT" "$backends" > haproxy.cfg
-         haproxy -f haproxy.cfg -db >> "$WORK/haproxy.log" 2>&1 &
-         hapid=$!
-         for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$HAPORT") 2>/dev/null && break; sleep 0.1; done
-         cpu0=0; for pid in "${pids[@]}"; do cpu0=$(awk -v a="$cpu0" -v b="$(cpu_of "$pid")" 'BEGIN { print a + b }'); done
-         t0=$(now)
-         "$loadgen" run --connect "127.0.0.1:$HAPORT" --server-name localhost --ca-cert "$etc/fleet-ca-cert.pem" \
-           --ca-key "$etc/fleet-ca-key.pem" --hosts "$MAX_HOSTS" --mode keep-alive --interval 0 \
-           --start-spread 1 --duration "$MAX_SECS" --warmup "$MAX_WARMUP" --json "$res/s8-$n.json" >&2
-         t1=$(now)
-         cpu1=0; for pid in "${pids[@]}"; do cpu1=$(awk -v a="$cpu1" -v b="$(cpu_of "$pid")" 'BEGIN { print a + b }'); done
-         jq -n --argjson cpu "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')" --argjson wall "$(elapsed "$t0" "$t1")" \
-           --argjson replicas "$n" '{replicas: $replicas, cp_cpu_secs: $cpu, wall_secs: $wall}' > "$res/s8-$n-cp.json"
-         kill -TERM "$hapid" "${pids[@]}" 2>/dev/null || true
-         wait "$hapid" "${pids[@]}" 2>/dev/null || true
-       done
-       psql -X -q "$admin" -c "DROP DATABASE IF EXISTS nixfleet_bench WITH (FORCE)" ;;
+         measure_replicas "s8-$n" "$n" --hosts "$MAX_HOSTS" --mode keep-alive --interval 0 \
+           --start-spread 1 --duration "$MAX_SECS" --warmup "$MAX_WARMUP"
+       done ;;
+    9) log "scenario 9: 2 replicas at steady state ($HA_HOSTS hosts, resume, ${HA_INTERVAL} s poll, ${HA_SECS} s)"
+       measure_replicas s9 2 --hosts "$HA_HOSTS" --mode resume --interval "$HA_INTERVAL" \
+         --duration "$((HA_INTERVAL + HA_SECS))" --warmup "$HA_INTERVAL" ;;
     7) ;; # measured above, while making the release
     *) echo "bench/run.sh: unknown scenario $s" >&2; exit 1 ;;
   esac

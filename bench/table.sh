@@ -82,3 +82,8 @@ if have s8-1 && have s8-2; then
 else
   echo "| 8 | replicas on PostgreSQL behind HAProxy, 1 vs 2 | measured, no target; 0 errors | not run | | | | not measured |"
 fi
+
+if have s9; then
+  v=$(verdict "$(j s9 .errors_total) == 0")
+  echo "| 9 | 2 replicas on PostgreSQL behind HAProxy (round robin) at steady state, new connection per check-in with resumption | measured, no target; 0 errors | $(j s9 .run.hosts) hosts at a $(j s9 .run.interval_secs) s poll, $(j s9 '.run.duration_secs - .run.warmup_secs') s measured: $(j s9 '.checkins_per_sec | floor') check-ins/s, p50 $(j s9 '.latency_ms.p50 * 100 | round / 100') ms, p99 $(j s9 '.latency_ms.p99 * 100 | round / 100') ms, $(j s9 .errors_total) errors; TLS handshakes $(j s9 .tls_handshakes_full) full, $(j s9 .tls_handshakes_resumed) resumed (a ticket from one replica is a full handshake on the other) | $(j s9-cp .cp_rss_peak_mib) MiB (each, peak) | $(pct "$(j s9-cp .cp_cpu_secs)" "$(j s9-cp .wall_secs)") (both) | $(pct "$(j s9 .loadgen_cpu_secs)" "$(j s9 .elapsed_secs)") | $v |"
+fi

@@ -344,6 +344,10 @@ async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
         assert!(cut.elapsed() < Duration::from_secs(20), "{statuses:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // HAProxy's /healthz check takes B out: no new connection is sent to it.
+    wait_for("HAProxy to mark B down", Duration::from_secs(10), || {
+        haproxy.log_text().contains("cp2 is DOWN")
+    });
     for _ in 0..3 {
         assert_eq!(
             checkin_status(&via_b, "web-01", &gen0).await,
@@ -351,7 +355,6 @@ async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
             "the agent stayed on the cut-off replica"
         );
     }
-    drop(haproxy);
 
     relay.restore();
     let restored = Instant::now();
@@ -371,4 +374,7 @@ async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
         Duration::from_secs(5),
         || b.log_text().contains("the database answers again"),
     );
+    wait_for("HAProxy to take B back", Duration::from_secs(10), || {
+        haproxy.log_text().contains("cp2 is UP")
+    });
 }

@@ -17,15 +17,30 @@ pub struct Haproxy {
     child: Option<Child>,
 }
 
+/// How HAProxy decides that a backend is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The control plane's `/healthz` over TLS says `ok` (as documented for replicas).
+    Healthz,
+    /// The port accepts TCP (for plain test servers).
+    Tcp,
+}
+
 impl Haproxy {
     /// Starts HAProxy on a free loopback port, round-robin over the replicas listening on
-    /// `backends` (loopback ports); returns once the frontend accepts connections.
+    /// `backends` (loopback ports), checked by their `/healthz`; returns once the frontend
+    /// accepts connections.
     pub fn start(dir: &Path, backends: &[u16]) -> Haproxy {
+        Haproxy::start_with(dir, backends, Check::Healthz)
+    }
+
+    /// As [`Haproxy::start`], with the given health check.
+    pub fn start_with(dir: &Path, backends: &[u16], check: Check) -> Haproxy {
         std::fs::create_dir_all(dir).expect("haproxy: create its directory");
         let port = crate::free_port();
         let maxconn = maxconn();
         let config = dir.join("haproxy.cfg");
-        std::fs::write(&config, render(port, backends, maxconn))
+        std::fs::write(&config, render(port, backends, maxconn, check))
             .expect("haproxy: write haproxy.cfg");
         let log = dir.join("haproxy.log");
         let file = std::fs::File::create(&log).expect("haproxy: create haproxy.log");
@@ -71,7 +86,7 @@ impl Haproxy {
     /// The configuration `start` writes: one TCP frontend, one round-robin backend with a
     /// health check on each replica.
     pub fn config_text(frontend_port: u16, backends: &[u16]) -> String {
-        render(frontend_port, backends, MAXCONN)
+        render(frontend_port, backends, MAXCONN, Check::Healthz)
     }
 
     pub fn log_text(&self) -> String {
@@ -97,7 +112,7 @@ fn maxconn() -> u64 {
     }
 }
 
-fn render(frontend_port: u16, backends: &[u16], maxconn: u64) -> String {
+fn render(frontend_port: u16, backends: &[u16], maxconn: u64, check: Check) -> String {
     // Not `daemon`: the process stays in the foreground so the test owns it.
     let mut cfg = format!(
         "global
@@ -117,16 +132,29 @@ frontend nixfleet
     default_backend control_planes
 
 backend control_planes
+    # Round robin: every test client has the same address, which `balance source` (the
+    # documented choice) would send to one replica.
     balance roundrobin
     # A replica that refuses the connection is retried, the last retry on another one.
     option redispatch
     retries 2
 "
     );
+    let check = match check {
+        Check::Healthz => {
+            // A replica is up while its /healthz says ok (a verified fleet, and its
+            // database answers), asked over TLS without a client certificate.
+            cfg.push_str(
+                "    option httpchk GET /healthz\n    http-check expect rstring '^\\{.ok.:true'\n",
+            );
+            "check check-ssl verify none"
+        }
+        Check::Tcp => "check",
+    };
     for (i, port) in backends.iter().enumerate() {
         let _ = writeln!(
             cfg,
-            "    server cp{} 127.0.0.1:{port} check inter 500ms fall 2 rise 1",
+            "    server cp{} 127.0.0.1:{port} {check} inter 500ms fall 2 rise 1",
             i + 1
         );
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nixfleet_harness::haproxy::Haproxy;
+use nixfleet_harness::haproxy::{Check, Haproxy};
 use nixfleet_harness::pg::{self, TestDb};
 use nixfleet_harness::relay::TcpRelay;
 use nixfleet_harness::wait_for;
@@ -299,8 +299,8 @@ fn haproxy_config_has_the_documented_shape() {
         "balance roundrobin",
         "option redispatch",
         "retries 2",
-        "server cp1 127.0.0.1:9001 check inter 500ms fall 2 rise 1",
-        "server cp2 127.0.0.1:9002 check inter 500ms fall 2 rise 1",
+        "server cp1 127.0.0.1:9001 check check-ssl verify none inter 500ms fall 2 rise 1",
+        "server cp2 127.0.0.1:9002 check check-ssl verify none inter 500ms fall 2 rise 1",
     ] {
         assert!(
             cfg.lines().any(|l| l.trim() == line),
@@ -315,7 +315,7 @@ fn haproxy_round_robins_and_routes_around_a_dead_backend() {
     let dir = tempfile::tempdir().unwrap();
     let a = Echo::start("a");
     let b = Echo::start("b");
-    let haproxy = Haproxy::start(dir.path(), &[a.port, b.port]);
+    let haproxy = Haproxy::start_with(dir.path(), &[a.port, b.port], Check::Tcp);
     assert!(haproxy.config.exists());
 
     // Both servers are in rotation once HAProxy has checked them.
