@@ -378,3 +378,47 @@ async fn a_replica_cut_off_from_postgres_answers_503_and_recovers_by_itself() {
         haproxy.log_text().contains("cp2 is UP")
     });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_has_not_verified_a_rollout_never_tells_an_agent_to_roll_back() {
+    let mut s = setup(&["web-01"]);
+    let a = s.replica("cp-a", &s.db.url, 1);
+    wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
+    // B has no source of rollout manifests: it can never verify the leader's rollout.
+    let mut b = Cp::start(
+        &s.pki,
+        &s.forge,
+        &s.tmp.path().join("cp-b"),
+        &CpOptions {
+            database_url: Some(s.db.url.clone()),
+            rollouts_dir: false,
+            extra: vec!["--replica-name".into(), "cp-b".into()],
+            ..CpOptions::default()
+        },
+    );
+    b.wait_ready(&s.pki);
+    let mut hosts = std::mem::take(&mut s.hosts);
+    assert_eq!(enroll(&s.pki, a.port, &mut hosts[0]).await.status, 200);
+    let on_a = Client::host(&s.pki, a.port, &hosts[0]);
+    let on_b = Client::host(&s.pki, b.port, &hosts[0]);
+    let target = until_target(&on_a, "web-01", &closure("web-01", 0)).await;
+    wait_for(
+        "B to load the leader's rollout",
+        Duration::from_secs(10),
+        || b.log_text().contains("has not verified yet"),
+    );
+    let body = confirm_body(
+        "web-01",
+        target["rolloutId"].as_str().unwrap(),
+        0,
+        target["closureHash"].as_str().unwrap(),
+    );
+    let on_b_reply = on_b.try_post("/v1/agent/confirm", &body).await.unwrap();
+    assert_eq!(
+        on_b_reply.status,
+        503,
+        "a valid activation must be retried, not rolled back: {}",
+        String::from_utf8_lossy(&on_b_reply.body)
+    );
+    assert_eq!(activate(&on_a, "web-01", &target).await, 204);
+}
