@@ -460,9 +460,13 @@ impl Cp {
 
     pub fn start_on(pki: &Pki, forge: &Forge, port: u16, state: &Path, opts: &CpOptions) -> Cp {
         std::fs::create_dir_all(state).unwrap();
+        // One log per process started: a restarted CP must not append to the old one's
+        // log, or a check of what the new process saw would read the old lines.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let log = state.join(format!(
-            "cp-{}.log",
-            Instant::now().elapsed().as_nanos() + u128::from(port)
+            "cp-{port}-{}-{}.log",
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -491,8 +491,20 @@ impl Store for PgStore {
 
     fn close(&self) -> Fut<'_, ()> {
         Box::pin(async move {
-            // Dropping the session releases the leadership at once.
-            self.lease.lock().await.take();
+            // Released before returning, so another replica can take over at once (a
+            // dropped session releases it too, but the server notices a moment later).
+            if let Some(lease) = self.lease.lock().await.take() {
+                if lease.held {
+                    let unlock = lease
+                        .client
+                        .execute("SELECT pg_advisory_unlock($1)", &[&LEADER_KEY]);
+                    if let Err(e) = timed(OP_TIMEOUT, unlock).await {
+                        tracing::warn!(
+                            "releasing the leadership: {e}; the session's end releases it"
+                        );
+                    }
+                }
+            }
             self.pool.close();
             Ok(())
         })

@@ -489,7 +489,7 @@ async fn the_leader_writes_ticks(f: &Fixture) {
             other.write_tick(TickWrites::default(), t).await,
             Err(DbError::NotLeader)
         ));
-        // The leader's session ends (a crash closes it the same way): the other takes over.
+        // The leader shuts down, releasing the leadership as it closes: the other takes over.
         f.db.close().await.unwrap();
         assert!(other.lead().await.unwrap());
         other.write_tick(TickWrites::default(), t).await.unwrap();
