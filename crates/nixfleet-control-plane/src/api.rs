@@ -280,11 +280,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Json<Healthz> {
         revocations_applied_at: revocations.applied_at,
         role: app.shared.role().name().to_owned(),
         replica: replicated.then(|| app.replica.clone()),
-        leader: if replicated {
-            app.shared.leader.read().ok().and_then(|l| l.clone())
-        } else {
-            None
-        },
+        leader: app.shared.leader(),
         database_ok: app.shared.database_fresh(),
     })
 }

@@ -144,12 +144,15 @@ async fn run(config: Config) -> Result<(), String> {
         }
     }
 
-    let stored = db.load_stored().await.map_err(|e| e.to_string())?;
-    tracing::info!(
-        rollouts = stored.rollouts.len(),
-        "stored rollout state loaded"
-    );
-    state::replace(&shared.stored, Arc::new(stored));
+    // Replicas load it when they take the leadership or follow the leader's writes.
+    if !db.shared() {
+        let stored = db.load_stored().await.map_err(|e| e.to_string())?;
+        tracing::info!(
+            rollouts = stored.rollouts.len(),
+            "stored rollout state loaded"
+        );
+        state::replace(&shared.stored, Arc::new(stored));
+    }
 
     // TLS material.
     let fleet_ca = match (&config.fleet_ca_cert, &config.fleet_ca_key) {

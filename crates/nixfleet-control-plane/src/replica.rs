@@ -179,7 +179,7 @@ async fn sync_once(
     let Some(info) = info else {
         return Ok(());
     };
-    replace(&shared.leader, Some(info.replica.clone()));
+    shared.set_leader(info.replica.clone());
     if shared.role() == Role::Leader {
         // The leader's own memory is the newest state; reload it all after stepping down.
         synced.state_version = None;

@@ -294,7 +294,7 @@ pub struct Shared {
     /// Last time a shared database answered (None: not yet, or not shared).
     db_ok_at: RwLock<Option<std::time::Instant>>,
     /// The replica that last published a tick (shared database only).
-    pub leader: RwLock<Option<String>>,
+    leader: RwLock<Option<String>>,
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -334,6 +334,14 @@ impl Shared {
             db_ok_at: RwLock::new(None),
             leader: RwLock::new(None),
         }
+    }
+
+    pub fn leader(&self) -> Option<String> {
+        read(&self.leader)
+    }
+
+    pub fn set_leader(&self, replica: String) {
+        replace(&self.leader, Some(replica));
     }
 
     pub fn role(&self) -> Role {

@@ -1,47 +1,12 @@
 //! The real control-plane binary on loopback, driven over mTLS by test agents and
 //! operators, with certificates and releases made by the `nixfleet` CLI.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use nixfleet_harness::*;
 use serde_json::{json, Value};
-
-struct Setup {
-    _tmp: tempfile::TempDir,
-    pki: Pki,
-    forge_dir: PathBuf,
-    forge: Forge,
-    hosts: Vec<Host>,
-    fleet: Value,
-}
-
-fn setup(names: &[&str], policy: Value, revoked: Value) -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new(tmp.path());
-    let hosts: Vec<Host> = names.iter().map(|n| Host::new(n)).collect();
-    let fleet = fleet_json(&hosts.iter().collect::<Vec<_>>(), policy);
-    let forge_dir = tmp.path().join("forge");
-    release_with_fallback(
-        &pki,
-        &forge_dir,
-        &fleet,
-        &generation_closures(&fleet, 1),
-        "1111111111111111111111111111111111111111",
-        &[],
-    );
-    sign_revocations(&pki, &forge_dir, revoked);
-    let forge = Forge::start(&forge_dir);
-    Setup {
-        _tmp: tmp,
-        pki,
-        forge_dir,
-        forge,
-        hosts,
-        fleet,
-    }
-}
 
 /// Starts the control plane on a free port and enrolls the first `count` hosts.
 async fn start_enrolled(
@@ -93,7 +58,7 @@ async fn rollout_state(op: &Client, rollout: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn runbook_wipe_restart_recovers_everything_and_keeps_revoked_host_out() {
-    let s = setup(
+    let s = Setup::new(
         &["web-01", "web-02", "web-03"],
         canary_policy("halt", 0),
         json!([{"hostname": "web-03", "notBefore": in_an_hour(), "reason": "stolen", "revokedBy": "ops"}]),
@@ -272,7 +237,7 @@ async fn runbook_wipe_restart_recovers_everything_and_keeps_revoked_host_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn confirm_deadline_expiry_fails_the_host_and_halts_and_the_halt_survives_a_wipe() {
-    let mut s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let mut s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let opts = CpOptions {
         extra: vec!["--confirm-deadline-secs".into(), "2".into()],
@@ -360,7 +325,7 @@ async fn confirm_deadline_expiry_fails_the_host_and_halts_and_the_halt_survives_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_mid_confirm_during_a_wipe_gets_an_orphan_confirm() {
-    let mut s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let mut s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let (mut cp, port, hosts) =
         start_enrolled(&mut s, &state, &CpOptions::default(), usize::MAX).await;
@@ -417,7 +382,7 @@ fn expired_token(pki: &Pki, host: &Host) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn enrollment_rules() {
-    let s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let port = free_port();
     let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
@@ -529,7 +494,7 @@ async fn enrollment_rules() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_ca_key_enrollment_is_503_and_checkins_keep_working() {
-    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let (mut cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     assert_eq!(cp.terminate(), Some(0));
@@ -560,7 +525,7 @@ async fn without_the_ca_key_enrollment_is_503_and_checkins_keep_working() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_are_authorised_and_bounded() {
-    let mut s = setup(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let mut s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let (_cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
@@ -651,7 +616,7 @@ async fn requests_are_authorised_and_bounded() {
 
 #[test]
 fn priming_url_then_build_time_fallback_then_refusal() {
-    let s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     // From the URL.
     let mut cp = Cp::start(&s.pki, &s.forge, &state, &CpOptions::default());
@@ -726,7 +691,7 @@ fn priming_url_then_build_time_fallback_then_refusal() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let (mut cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     let body = checkin_body("web-01", &closure("web-01", 0), None, json!([]));
@@ -752,7 +717,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rollback_and_halt_signals_every_host_that_activated() {
-    let mut s = setup(
+    let mut s = Setup::new(
         &["web-01", "web-02"],
         canary_policy("rollback-and-halt", 0),
         json!([]),
@@ -844,7 +809,7 @@ async fn rollback_and_halt_signals_every_host_that_activated() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn host_signed_reports_are_stored_once_and_forgeries_refused() {
-    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let (_cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
     let web01 = Client::host(&s.pki, port, &hosts[0]);
@@ -874,7 +839,7 @@ async fn host_signed_reports_are_stored_once_and_forgeries_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn manifests_by_url_template_and_metrics_on_loopback() {
-    let mut s = setup(&["web-01"], canary_policy("halt", 0), json!([]));
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let metrics_port = free_port();
     let opts = CpOptions {

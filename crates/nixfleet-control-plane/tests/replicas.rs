@@ -2,7 +2,6 @@
 //! request, one leader at a time, a takeover within two tick intervals, and a replica
 //! cut off from the database answers 503 until it is back.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nixfleet_harness::haproxy::Haproxy;
@@ -11,42 +10,33 @@ use nixfleet_harness::relay::TcpRelay;
 use nixfleet_harness::*;
 use serde_json::{json, Value};
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    pki: Pki,
-    forge_dir: PathBuf,
-    forge: Forge,
-    hosts: Vec<Host>,
+/// A released fleet (no Nix) and a throw-away database for the replicas.
+struct Replicated {
+    s: Setup,
     db: TestDb,
 }
 
-fn setup(names: &[&str]) -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new(tmp.path());
-    let hosts: Vec<Host> = names.iter().map(|n| Host::new(n)).collect();
-    let fleet = fleet_json(&hosts.iter().collect::<Vec<_>>(), canary_policy("halt", 0));
-    let forge_dir = tmp.path().join("forge");
-    release_with_fallback(
-        &pki,
-        &forge_dir,
-        &fleet,
-        &generation_closures(&fleet, 1),
-        "1111111111111111111111111111111111111111",
-        &[],
-    );
-    sign_revocations(&pki, &forge_dir, json!([]));
-    let forge = Forge::start(&forge_dir);
-    Setup {
-        tmp,
-        pki,
-        forge_dir,
-        forge,
-        hosts,
+fn setup(names: &[&str]) -> Replicated {
+    Replicated {
+        s: Setup::new(names, canary_policy("halt", 0), json!([])),
         db: TestDb::create("nixfleet_replicas"),
     }
 }
 
-impl Setup {
+impl std::ops::Deref for Replicated {
+    type Target = Setup;
+    fn deref(&self) -> &Setup {
+        &self.s
+    }
+}
+
+impl std::ops::DerefMut for Replicated {
+    fn deref_mut(&mut self) -> &mut Setup {
+        &mut self.s
+    }
+}
+
+impl Replicated {
     /// Starts replica `name` against `url`, with `tick` seconds between ticks.
     fn replica(&self, name: &str, url: &str, tick: u64) -> Cp {
         let mut cp = Cp::start(

@@ -277,6 +277,48 @@ pub fn release(pki: &Pki, forge: &Path, fleet: &Value, generation: u32, commit: 
     );
 }
 
+/// A released fleet without Nix: keys and certificates, hosts `names` on generation 1 in
+/// channel `stable` (signed to the forge and the build-time directory), the signed
+/// revocation list `revoked`, and the forge serving them. Kept in a temporary directory
+/// that goes with it.
+pub struct Setup {
+    pub pki: Pki,
+    pub forge_dir: PathBuf,
+    pub forge: Forge,
+    pub hosts: Vec<Host>,
+    pub fleet: Value,
+    // Last: the forge stops before its directory goes.
+    pub tmp: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new(names: &[&str], policy: Value, revoked: Value) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new(tmp.path());
+        let hosts: Vec<Host> = names.iter().map(|n| Host::new(n)).collect();
+        let fleet = fleet_json(&hosts.iter().collect::<Vec<_>>(), policy);
+        let forge_dir = tmp.path().join("forge");
+        release_with_fallback(
+            &pki,
+            &forge_dir,
+            &fleet,
+            &generation_closures(&fleet, 1),
+            "1111111111111111111111111111111111111111",
+            &[],
+        );
+        sign_revocations(&pki, &forge_dir, revoked);
+        let forge = Forge::start(&forge_dir);
+        Setup {
+            pki,
+            forge_dir,
+            forge,
+            hosts,
+            fleet,
+            tmp,
+        }
+    }
+}
+
 /// Signs the release into `forge` and into the control plane's build-time directory
 /// (its start-up fallback), as CI and a deployment both would.
 pub fn release_with_fallback(

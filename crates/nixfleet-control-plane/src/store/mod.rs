@@ -252,14 +252,7 @@ pub async fn open(
     }
 }
 
-/// Microseconds since the epoch, as the attestation columns hold times.
-pub fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
-}
-
-pub fn from_micros(us: i64) -> Option<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).ok()
-}
+pub use crate::clock::{from_micros, micros};
 
 /// The columns an attestation is stored as. Times merge with max(); 0 means none.
 pub struct AttestationRow {
