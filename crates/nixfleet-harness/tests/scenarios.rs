@@ -1009,22 +1009,15 @@ fn issued_by(pem: &str, ca: &std::path::Path, dir: &std::path::Path) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn fleet_ca_rotation_accepts_both_cas_during_the_overlap_then_only_the_new_one() {
     let _summary = Summary::begin("13 fleet CA rotation");
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new(tmp.path());
-    let mut old_host = Host::new("web-01");
-    let mut new_host = Host::new("web-02");
-    let fleet = fleet_json(&[&old_host, &new_host], canary_policy("halt", 0));
-    let forge_dir = tmp.path().join("forge");
-    release_with_fallback(
-        &pki,
-        &forge_dir,
-        &fleet,
-        &generation_closures(&fleet, 1),
-        COMMIT,
-        &[],
-    );
-    sign_revocations(&pki, &forge_dir, json!([]));
-    let forge = Forge::start(&forge_dir);
+    let Setup {
+        tmp,
+        pki,
+        forge,
+        mut hosts,
+        ..
+    } = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let mut new_host = hosts.pop().unwrap();
+    let mut old_host = hosts.pop().unwrap();
     let state = pki.path("var");
     let port = free_port();
     let restart = |cp: Option<Cp>| {
