@@ -11,12 +11,31 @@ const ENV: &str = "NIXFLEET_TEST_DATABASE_URL";
 
 /// The admin URL of the test server (a superuser connected to the `postgres` database).
 pub fn admin_url() -> String {
-    match std::env::var(ENV) {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
+    match checked_admin_url(std::env::var(ENV).ok()) {
+        Ok(url) => url,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn checked_admin_url(value: Option<String>) -> Result<String, String> {
+    match value {
+        // Anything else (say, a tool's chatter captured with the URL) would make psql
+        // fall back to the local socket and fail far from the cause.
+        Some(url)
+            if (url.starts_with("postgres://") || url.starts_with("postgresql://"))
+                && !url.contains(char::is_whitespace) =>
+        {
+            Ok(url)
+        }
+        Some(url) if !url.is_empty() => Err(format!(
+            "{ENV} is not a single postgres:// URL: {:?}; it should be exactly what \
+             scripts/test-postgres prints",
+            redact(&url)
+        )),
+        _ => Err(format!(
             "{ENV} is not set; run scripts/test-postgres and export its output \
              (scripts/test does both)"
-        ),
+        )),
     }
 }
 
@@ -311,5 +330,25 @@ impl Drop for TlsServer {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checked_admin_url;
+
+    #[test]
+    fn the_admin_url_must_be_exactly_one_postgres_url() {
+        let url = "postgres://nixfleet:nixfleet@127.0.0.1:5432/postgres";
+        assert_eq!(checked_admin_url(Some(url.into())).as_deref(), Ok(url));
+        let chatter = format!("Removed stale pid file.\n{url}");
+        let err = checked_admin_url(Some(chatter)).unwrap_err();
+        assert!(err.contains("not a single postgres:// URL"), "{err}");
+        assert!(
+            !err.contains("nixfleet:nixfleet@"),
+            "password leaked: {err}"
+        );
+        let err = checked_admin_url(None).unwrap_err();
+        assert!(err.contains("is not set"), "{err}");
     }
 }
