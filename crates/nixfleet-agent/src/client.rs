@@ -87,7 +87,9 @@ impl CpClient {
             .wrap_connector(http);
         Ok(CpClient {
             http: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                // Under the control plane's 10 s idle limit, so the agent never sends on
+                // a connection the server is closing at that moment.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build(connector),
             base: base_url.trim_end_matches('/').to_owned(),
             timeout,

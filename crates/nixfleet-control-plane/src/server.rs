@@ -29,6 +29,8 @@ pub enum Peer {
 /// A TLS handshake that takes longer than this is dropped: a slow client cannot hold a
 /// connection slot.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Also the idle limit of a kept-alive connection: the wait for the next request's head
+/// starts when the previous response is sent. Agents drop idle connections sooner (5 s).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve_tls(

@@ -869,3 +869,50 @@ async fn manifests_by_url_template_and_metrics_on_loopback() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_kept_alive_connection_is_closed_after_ten_seconds() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let (_cp, port, _hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 0).await;
+    let config = nixfleet_pki::client_tls_config(&s.pki.read("etc/ca.pem"), None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // Read the whole answer, then nothing more is sent: the connection sits idle.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&buf).contains("\r\n\r\n{") || !buf.ends_with(b"}") {
+        let n = tls.read(&mut chunk).await.unwrap();
+        assert_ne!(n, 0, "closed before answering");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        buf.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    let idle = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut chunk))
+        .await
+        .expect("an idle connection was kept for 30 s");
+    // An orderly TLS close reads as end of stream; a reset is a close too.
+    if let Ok(n) = read {
+        assert_eq!(n, 0, "unexpected bytes: {:?}", &chunk[..n]);
+    }
+    let after = idle.elapsed();
+    // Agents drop idle connections after 5 s, so the server must not close them sooner.
+    assert!(
+        after >= Duration::from_secs(9),
+        "closed after {after:?}, before the 10 s idle limit"
+    );
+}

@@ -125,6 +125,11 @@ enum Tls {
     Verified(MakeRustlsConnect),
 }
 
+/// Server-side keep-alives for the leadership session: silent for 5 s, then 3 probes 2 s
+/// apart, and at most 10 s of unacknowledged data.
+const LEASE_KEEPALIVES: &str = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000";
+
 pub struct PgStore {
     pool: Pool,
     config: tokio_postgres::Config,
@@ -333,7 +338,7 @@ impl PgStore {
                 }
             });
         }
-        Ok(match &self.tls {
+        let client = match &self.tls {
             Tls::Plain => {
                 let (client, connection) = timed(OP_TIMEOUT, self.config.connect(NoTls)).await?;
                 watch(connection);
@@ -345,7 +350,33 @@ impl PgStore {
                 watch(connection);
                 client
             }
-        })
+        };
+        // The lock lives as long as this session on the server. A leader that vanishes
+        // without closing it (a network cut, a machine powered off) would keep it until
+        // the server's own keep-alives gave up, two hours by default; these settings
+        // apply to this session only and end it about 11 s after the leader goes silent.
+        if let Err(e) = timed(OP_TIMEOUT, client.simple_query(LEASE_KEEPALIVES)).await {
+            tracing::warn!(
+                error = %e,
+                "could not shorten the leadership session's TCP keep-alives; a leader cut off \
+                 from PostgreSQL keeps the leadership until the server's keep-alives end its \
+                 session (set tcp_keepalives_idle in postgresql.conf)"
+            );
+        }
+        Ok(client)
+    }
+
+    /// A setting as the leadership session sees it.
+    #[cfg(test)]
+    pub(super) async fn lease_setting(&self, name: &str) -> Option<String> {
+        let guard = self.lease.lock().await;
+        let lease = guard.as_ref()?;
+        let row = lease
+            .client
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .ok()?;
+        row.get(0)
     }
 
     async fn write_tick_on(

@@ -657,6 +657,30 @@ async fn postgres_over_tls_is_verified_against_the_given_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leadership_session_is_dropped_by_the_server_soon_after_it_goes_silent() {
+    let test_db = TestDb::create("nixfleet_keepalive");
+    let store = PgStore::open(pg(&test_db.url, "replica-a", 2))
+        .await
+        .unwrap();
+    assert!(store.lead().await.unwrap());
+    // Server defaults (two hours of silence before the first probe) would leave a leader
+    // behind a network cut holding the lock for that long.
+    for (name, want) in [
+        ("tcp_keepalives_idle", "5"),
+        ("tcp_keepalives_interval", "2"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "10000"),
+    ] {
+        assert_eq!(
+            store.lease_setting(name).await.as_deref(),
+            Some(want),
+            "{name} on the leadership session"
+        );
+    }
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_session_is_ended_cannot_write_and_another_takes_over() {
     let f = Fixture::postgres().await;
     let Backing::Postgres(test_db) = &f.backing else {
