@@ -516,12 +516,21 @@ let
         ++ (if channels ? ${channel} then [ ] else [ "host ${name}: unknown channel ${quote channel}" ])
       ) hostNames;
 
+      # Channel names become file names and URL path segments.
+      validChannelName = name: match "[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}" name != null;
+
       channelErrors = concatMap (
         name:
         let
           c = channels.${name};
         in
         (
+          if validChannelName name then
+            [ ]
+          else
+            [ "channel name ${quote name} is not valid; use letters, digits, '-', '_' and '.' (at most 64)" ]
+        )
+        ++ (
           if rolloutPolicies ? ${c.rolloutPolicy} then
             [ ]
           else

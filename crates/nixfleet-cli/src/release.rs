@@ -465,6 +465,32 @@ mod tests {
     }
 
     #[test]
+    fn channel_names_must_be_safe_path_segments() {
+        let mut fleet: FleetResolved =
+            serde_json::from_str(include_str!("../../../examples/fleet.json")).unwrap();
+        let stable = fleet.channels["stable"].clone();
+        let long = "c".repeat(65);
+        let bad = ["../edge", ".hidden", "a/b", "", long.as_str()];
+        for name in bad {
+            fleet.channels.insert(name.to_owned(), stable.clone());
+        }
+        fleet.channels.insert("ok-1_2.3".into(), stable.clone());
+        let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+        validate_structure(&fleet, &mut errors, &mut warnings);
+        let mut refused: Vec<String> = errors
+            .iter()
+            .filter_map(|e| match e {
+                FleetError::BadChannelName { channel } => Some(channel.clone()),
+                _ => None,
+            })
+            .collect();
+        refused.sort();
+        let mut want = bad.to_vec();
+        want.sort();
+        assert_eq!(refused, want);
+    }
+
+    #[test]
     fn closures_must_be_store_basenames() {
         let good = "0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web-01-24.05";
         assert_eq!(normalize_closure(good).as_deref(), Some(good));
