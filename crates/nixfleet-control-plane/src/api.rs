@@ -518,6 +518,18 @@ async fn confirm(
         )));
     }
     let now = OffsetDateTime::now_utc();
+    // With replicas the leader fails the host a grace period after the deadline, and only
+    // a confirm taken before the deadline is sure to reach it by then.
+    if let (true, Some(HostState::ConfirmWindow { deadline })) = (app.shared.replicated(), &state) {
+        if now >= *deadline {
+            return Err(gone(format!(
+                "the confirm window of {} in rollout {} closed at {}; roll back",
+                req.hostname,
+                req.rollout_id,
+                crate::clock::rfc3339(*deadline)
+            )));
+        }
+    }
     // No dispatch record (e.g. after a wipe) is an orphan confirm: accepted, because the
     // signed manifest says this host should run this closure.
     let event = if state.is_none() {

@@ -18,6 +18,11 @@ use crate::tick;
 const LEAD_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a replica exchanges check-in state with the database.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Replicas take confirms only before a host's deadline, and the leader fails the host
+/// this long after it. A confirm taken in time is written before it is answered and
+/// reaches the leader at its next sync, a second later; the rest is room for a slow
+/// database and for clocks that disagree.
+pub const LATE_CONFIRM_GRACE: Duration = Duration::from_secs(10);
 /// Incremental reads can miss a row committed very late; re-read everything this often.
 const FULL_RESYNC: Duration = Duration::from_secs(60);
 

@@ -22,6 +22,7 @@ use crate::store::{Db, DbError, Event, TickWrites};
 pub struct TickConfig {
     pub confirm_window_secs: u64,
     pub offline_after_secs: u64,
+    pub late_confirm_grace_secs: u64,
 }
 
 /// Deadlines are checked at least this often while any host is mid-activation.
@@ -112,6 +113,7 @@ fn compute(
     let rc = reconciler::Config {
         confirm_window_secs: config.confirm_window_secs,
         offline_after_secs: config.offline_after_secs,
+        late_confirm_grace_secs: config.late_confirm_grace_secs,
     };
     let mut plan = reconciler::reconcile(
         &snapshot.fleet.value,

@@ -39,18 +39,25 @@ impl std::ops::DerefMut for Replicated {
 impl Replicated {
     /// Starts replica `name` against `url`, with `tick` seconds between ticks.
     fn replica(&self, name: &str, url: &str, tick: u64) -> Cp {
+        self.replica_with(name, url, tick, &[])
+    }
+
+    /// Like `replica`, with more flags.
+    fn replica_with(&self, name: &str, url: &str, tick: u64, flags: &[&str]) -> Cp {
+        let mut extra = vec![
+            "--replica-name".to_owned(),
+            name.to_owned(),
+            "--tick-interval-secs".to_owned(),
+            tick.to_string(),
+        ];
+        extra.extend(flags.iter().map(|f| f.to_string()));
         let mut cp = Cp::start(
             &self.pki,
             &self.forge,
             &self.tmp.path().join(name),
             &CpOptions {
                 database_url: Some(url.to_owned()),
-                extra: vec![
-                    "--replica-name".into(),
-                    name.into(),
-                    "--tick-interval-secs".into(),
-                    tick.to_string(),
-                ],
+                extra,
                 ..CpOptions::default()
             },
         );
@@ -188,6 +195,135 @@ async fn a_target_from_one_replica_is_confirmed_on_another() {
             ["web-02", "delivered", "1"],
         ]
     );
+}
+
+/// The host's record in `rollout` as the leader last wrote it.
+fn stored_record(db: &TestDb, rollout: &str, host: &str) -> Option<Value> {
+    let rows = db.query(&format!(
+        "SELECT record FROM host_rollout_state WHERE rollout_id = '{rollout}' AND hostname = '{host}'"
+    ));
+    rows.first().map(|r| serde_json::from_str(&r[0]).unwrap())
+}
+
+fn rfc3339(v: &Value) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(
+        v.as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+}
+
+/// Waits until the leader has written `host`'s confirm deadline, and returns it.
+async fn stored_deadline(db: &TestDb, rollout: &str, host: &str) -> time::OffsetDateTime {
+    let start = Instant::now();
+    loop {
+        let record = stored_record(db, rollout, host);
+        if let Some(deadline) = record
+            .as_ref()
+            .map(|r| &r["state"]["confirmWindow"]["deadline"])
+            .filter(|d| d.is_string())
+        {
+            return rfc3339(deadline);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{host} has no confirm deadline: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn sleep_until(t: time::OffsetDateTime) {
+    let wait = t - time::OffsetDateTime::now_utc();
+    if wait.is_positive() {
+        tokio::time::sleep(wait.try_into().unwrap()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn confirms_are_taken_until_the_deadline_and_the_leader_fails_a_host_only_after_a_grace() {
+    const GRACE: time::Duration = time::Duration::seconds(10);
+    let mut s = setup(&["web-01", "web-02"]);
+    let flags = ["--confirm-deadline-secs", "6"];
+    let a = s.replica_with("cp-a", &s.db.url, 1, &flags);
+    wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
+    let b = s.replica_with("cp-b", &s.db.url, 1, &flags);
+    assert_eq!(role(&s.pki, b.port).await, "follower");
+    let mut hosts = std::mem::take(&mut s.hosts);
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, b.port, h).await.status, 200);
+    }
+    let rollout = rollout_id(&s.forge_dir, "stable");
+
+    // The canary confirms on the follower just before its deadline: the leader, which
+    // learns of it through the database, must not fail it.
+    let web01 = Client::host(&s.pki, b.port, &hosts[0]);
+    let target = until_target(&web01, "web-01", &closure("web-01", 0)).await;
+    let deadline = stored_deadline(&s.db, &rollout, "web-01").await;
+    sleep_until(deadline - time::Duration::milliseconds(300)).await;
+    assert_eq!(activate(&web01, "web-01", &target).await, 204);
+    let op = Client::operator(&s.pki, a.port);
+    wait_for_async("web-01 soaked", Duration::from_secs(30), || {
+        let op = op.clone();
+        let rollout = rollout.clone();
+        async move {
+            let state = host_state(&op, &rollout, "web-01").await;
+            assert_ne!(
+                state, "failed",
+                "the leader failed a host confirmed in time"
+            );
+            state == "soaked" || state == "converged"
+        }
+    })
+    .await;
+
+    // The next host confirms after its deadline: the follower refuses, while the leader
+    // still holds the failure back for the grace period.
+    let web02 = Client::host(&s.pki, b.port, &hosts[1]);
+    let target = until_target(&web02, "web-02", &closure("web-02", 0)).await;
+    let deadline = stored_deadline(&s.db, &rollout, "web-02").await;
+    sleep_until(deadline + time::Duration::milliseconds(300)).await;
+    let late = web02
+        .post(
+            "/v1/agent/confirm",
+            &confirm_body(
+                "web-02",
+                &rollout,
+                target["waveIndex"].as_u64().unwrap() as u32,
+                target["closureHash"].as_str().unwrap(),
+            ),
+        )
+        .await;
+    assert_eq!(late.status, 410, "{}", String::from_utf8_lossy(&late.body));
+    assert!(
+        late.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("confirm window"),
+        "{}",
+        String::from_utf8_lossy(&late.body)
+    );
+    let record = stored_record(&s.db, &rollout, "web-02").unwrap();
+    assert!(
+        record["state"]["confirmWindow"].is_object(),
+        "the refusal came before the leader's failure: {record}"
+    );
+    // The leader fails it once the grace is over, dated at the deadline.
+    let (db, id) = (&s.db, rollout.as_str());
+    wait_for_async("web-02 failed", Duration::from_secs(30), || async move {
+        stored_record(db, id, "web-02").is_some_and(|r| r["state"]["failed"].is_object())
+    })
+    .await;
+    let record = stored_record(&s.db, &rollout, "web-02").unwrap();
+    assert_eq!(rfc3339(&record["state"]["failed"]["at"]), deadline);
+    assert!(
+        rfc3339(&record["since"]) >= deadline + GRACE,
+        "failed before the grace was over: {record}"
+    );
+    let history = s
+        .db
+        .query("SELECT hostname, event FROM dispatch_history WHERE event = 'confirmed' ORDER BY 1");
+    assert_eq!(history, [["web-01", "confirmed"]]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -252,6 +252,7 @@ fn input() -> Input {
         config: Config {
             confirm_window_secs: 600,
             offline_after_secs: 300,
+            late_confirm_grace_secs: 0,
         },
     }
 }

@@ -78,4 +78,9 @@ pub struct Config {
     /// A host not seen for longer than this is offline: it is not dispatched and does not
     /// hold its wave back.
     pub offline_after_secs: u64,
+    /// How long after a host's deadline it is failed for want of a confirm. Replicas set
+    /// this: a confirm another replica took before the deadline may still be on its way
+    /// through the database. A single control plane fails the host at the deadline (0).
+    #[serde(default)]
+    pub late_confirm_grace_secs: u64,
 }

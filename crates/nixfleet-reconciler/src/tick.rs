@@ -61,6 +61,7 @@ pub(crate) fn reconcile(
 struct Ctx<'a> {
     now: OffsetDateTime,
     confirm_window: Duration,
+    late_confirm_grace: Duration,
     offline_after: Duration,
     attestations_since: OffsetDateTime,
     /// Seen at or after this instant means online.
@@ -97,6 +98,7 @@ impl<'a> Ctx<'a> {
         Ctx {
             now,
             confirm_window: secs(config.confirm_window_secs),
+            late_confirm_grace: secs(config.late_confirm_grace_secs),
             offline_after,
             attestations_since: observed.attestations_since,
             online_since: now
@@ -951,10 +953,12 @@ fn next_event(
             Some(at) => Some(HostEvent::Confirm {
                 since: at.min(ctx.now),
             }),
-            None if ctx.now >= *deadline => Some(HostEvent::Fail {
-                reason: "confirm deadline passed".to_owned(),
-                at: *deadline,
-            }),
+            None if ctx.now >= ctx.later(*deadline, ctx.late_confirm_grace) => {
+                Some(HostEvent::Fail {
+                    reason: "confirm deadline passed".to_owned(),
+                    at: *deadline,
+                })
+            }
             None => None,
         },
         HostState::Healthy => {

@@ -353,6 +353,7 @@ impl World {
             config: Config {
                 confirm_window_secs: 600,
                 offline_after_secs: 300,
+                late_confirm_grace_secs: 0,
             },
             now: START,
             tick: Duration::seconds(60),
