@@ -717,3 +717,140 @@ async fn a_leader_whose_session_is_ended_cannot_write_and_another_takes_over() {
     ));
     other.close().await.unwrap();
 }
+
+/// Prints the median of three runs of `op`.
+async fn timed_median<T, F: std::future::Future<Output = T>>(
+    what: &str,
+    mut op: impl FnMut() -> F,
+) {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        op().await;
+        runs.push(start.elapsed());
+    }
+    runs.sort();
+    eprintln!("| {what} | {:.1} ms |", runs[1].as_secs_f64() * 1e3);
+}
+
+/// What a replica's database work costs at 100,000 hosts (PostgreSQL): the leader's
+/// writes, and what every follower reads each second. Run it in release mode:
+/// `cargo test --release -p nixfleet-control-plane --bin nixfleet-control-plane
+/// replica_sync_at_100k_hosts -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; see docs/benchmarks.md"]
+async fn replica_sync_at_100k_hosts() {
+    const HOSTS: usize = 100_000;
+    let f = Fixture::postgres().await;
+    let t = now();
+    lead(&f).await;
+    let name = |i: usize| format!("host-{i:06}");
+    let writes = TickWrites {
+        rollouts: (0..10)
+            .map(|i| {
+                (
+                    format!("r{i}"),
+                    format!("ch-{i}"),
+                    json(&rollout("stable", t)),
+                )
+            })
+            .collect(),
+        hosts: (0..HOSTS)
+            .map(|i| {
+                (
+                    format!("r{}", i % 10),
+                    name(i),
+                    json(&host_record(HostState::Healthy, t)),
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    f.db.write_tick(writes, t).await.unwrap();
+    eprintln!(
+        "| leader: a tick writing every host's record (once) | {:.1} ms |",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    timed_median(
+        "follower: reload the rollout state (on every state change)",
+        || async {
+            assert_eq!(f.db.load_stored().await.unwrap().rollouts.len(), 10);
+        },
+    )
+    .await;
+    let closure = "0123456789abcdfghijklmnpqrsvwxyz-nixos-system";
+    let rows: Vec<(String, Attestation)> = (0..HOSTS)
+        .map(|i| (name(i), attestation(t, closure)))
+        .collect();
+    let start = std::time::Instant::now();
+    for chunk in rows.chunks(5_000) {
+        f.db.save_attestations(chunk.to_vec()).await.unwrap();
+    }
+    eprintln!(
+        "| every host's attestation saved, 5,000 a statement (once) | {:.1} ms |",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    timed_median(
+        "any replica: re-read every attestation (every 60 s)",
+        || async {
+            assert_eq!(f.db.attestations_since(0).await.unwrap().rows.len(), HOSTS);
+        },
+    )
+    .await;
+    // Steady state at a 60 s interval: about 1,700 check-ins a second across the
+    // replicas, and each replica re-reads the last 10 s of them.
+    let touched = |at: OffsetDateTime, offset: usize| -> Vec<(String, OffsetDateTime)> {
+        (0..1_700).map(|i| (name(i * 50 + offset), at)).collect()
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let cursor = f.db.attestations_since(0).await.unwrap().next;
+    let mut offset = 0;
+    for _ in 0..10 {
+        f.db.touch_attestations(touched(OffsetDateTime::now_utc(), offset))
+            .await
+            .unwrap();
+        offset += 1;
+    }
+    timed_median(
+        "any replica: push 1,700 check-ins' last_seen (every second)",
+        || {
+            offset += 1;
+            let rows = touched(OffsetDateTime::now_utc(), offset);
+            async { f.db.touch_attestations(rows).await.unwrap() }
+        },
+    )
+    .await;
+    timed_median(
+        "any replica: read the attestations changed in the last 10 s (every second)",
+        || async {
+            assert!(f.db.attestations_since(cursor).await.unwrap().rows.len() >= 17_000);
+        },
+    )
+    .await;
+    let reasons: std::collections::BTreeMap<String, String> = (0..HOSTS)
+        .map(|i| (name(i), "waiting: wave 2 not reached".to_owned()))
+        .collect();
+    let text = serde_json::to_string(&reasons).unwrap();
+    timed_median(
+        "leader: publish every host's waiting reason (when they change)",
+        || {
+            let writes = TickWrites {
+                reasons: Some(text.clone()),
+                ..Default::default()
+            };
+            async { f.db.write_tick(writes, t).await.unwrap() }
+        },
+    )
+    .await;
+    timed_median(
+        "follower: load and parse them (when they change)",
+        || async {
+            let text = f.db.load_reasons().await.unwrap().unwrap();
+            let parsed: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(&text).unwrap();
+            assert_eq!(parsed.len(), HOSTS);
+        },
+    )
+    .await;
+}
