@@ -657,7 +657,7 @@ async fn postgres_over_tls_is_verified_against_the_given_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leadership_session_is_dropped_by_the_server_soon_after_it_goes_silent() {
+async fn the_leadership_session_asks_the_server_to_drop_it_soon_after_it_goes_silent() {
     let test_db = TestDb::create("nixfleet_keepalive");
     let store = PgStore::open(pg(&test_db.url, "replica-a", 2))
         .await
