@@ -272,7 +272,8 @@ async fn healthz(State(app): State<Arc<App>>) -> Json<Healthz> {
     let revocations = app.shared.revocations();
     let replicated = app.shared.replicated();
     Json(Healthz {
-        ok: fleet.is_some() && app.shared.database_fresh(),
+        // Whether agents are served here: a load balancer's check reads it.
+        ok: fleet.is_some() && app.shared.database_fresh() && app.shared.revocations_ready(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         primed: fleet.is_some(),
         last_tick_at: app.shared.last_tick_at(),

@@ -10,6 +10,7 @@ use nixfleet_trust::verify::{self, Limits, ManifestContext, Verified, VerifyErro
 use time::OffsetDateTime;
 
 use crate::fetch::{self, FetchError, Fetched, Fetcher, Validators};
+use crate::store::{SignedArtifact, MANIFEST_PREFIX};
 
 /// Where a signed artifact comes from.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub enum SourceError {
 #[derive(Debug)]
 pub struct FleetSnapshot {
     pub fleet: Verified<FleetResolved>,
+    /// The fleet's raw signature (replicas publish it with the bytes).
+    pub fleet_signature: Vec<u8>,
     /// Where it came from, for logs (URL or file path).
     pub origin: String,
     /// Verified manifests of this fleet, by rollout id.
@@ -53,6 +56,7 @@ pub struct FleetSnapshot {
 impl FleetSnapshot {
     pub fn new(
         fleet: Verified<FleetResolved>,
+        fleet_signature: Vec<u8>,
         origin: String,
         manifests: BTreeMap<String, Arc<Verified<RolloutManifest>>>,
         signatures: BTreeMap<String, Vec<u8>>,
@@ -63,6 +67,7 @@ impl FleetSnapshot {
             .collect();
         FleetSnapshot {
             fleet,
+            fleet_signature,
             origin,
             manifests,
             signatures,
@@ -188,13 +193,12 @@ pub fn load_manifests(
     trust: &TrustFile,
     now: OffsetDateTime,
 ) -> Manifests {
-    let mut out = BTreeMap::new();
-    let mut signatures = BTreeMap::new();
+    let mut manifests = Manifests::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "rollouts directory unreadable; no manifests loaded");
-            return (out, signatures);
+            return manifests;
         }
     };
     let limits = Limits::default();
@@ -224,22 +228,75 @@ pub fn load_manifests(
                 continue;
             }
         };
-        let context = ManifestContext {
-            rollout_id: Some(&id),
-            fleet: Some(fleet),
-        };
-        match verify::verify_manifest(&bytes, &signature, trust, now, context, &limits) {
-            Ok(v) => {
-                signatures.insert(id.clone(), signature);
-                out.insert(id, Arc::new(v));
-            }
-            Err(VerifyError::FleetMismatch { .. }) => {}
-            Err(e) => {
-                tracing::warn!(manifest = %path.display(), error = %e, "rollout manifest refused");
-            }
+        let origin = path.display().to_string();
+        add_manifest(
+            &mut manifests,
+            &origin,
+            &id,
+            &bytes,
+            signature,
+            fleet,
+            trust,
+            now,
+        );
+    }
+    manifests
+}
+
+/// The manifests of `fleet` among artifacts another replica stored, verified here.
+pub fn stored_manifests(
+    stored: &[SignedArtifact],
+    fleet: &Verified<FleetResolved>,
+    trust: &TrustFile,
+    now: OffsetDateTime,
+) -> Manifests {
+    let mut manifests = Manifests::default();
+    for a in stored {
+        if let Some(id) = a.name.strip_prefix(MANIFEST_PREFIX) {
+            let origin = format!("the database's {}", a.name);
+            let signature = a.signature.clone();
+            add_manifest(
+                &mut manifests,
+                &origin,
+                id,
+                &a.body,
+                signature,
+                fleet,
+                trust,
+                now,
+            );
         }
     }
-    (out, signatures)
+    manifests
+}
+
+/// Verifies rollout `id`'s manifest against `fleet` and adds it. One of another release
+/// is skipped quietly; an invalid one is logged with the reason.
+#[allow(clippy::too_many_arguments)]
+fn add_manifest(
+    (out, signatures): &mut Manifests,
+    origin: &str,
+    id: &str,
+    bytes: &[u8],
+    signature: Vec<u8>,
+    fleet: &Verified<FleetResolved>,
+    trust: &TrustFile,
+    now: OffsetDateTime,
+) {
+    let context = ManifestContext {
+        rollout_id: Some(id),
+        fleet: Some(fleet),
+    };
+    match verify::verify_manifest(bytes, &signature, trust, now, context, &Limits::default()) {
+        Ok(v) => {
+            signatures.insert(id.to_owned(), signature);
+            out.insert(id.to_owned(), Arc::new(v));
+        }
+        Err(VerifyError::FleetMismatch { .. }) => {}
+        Err(e) => {
+            tracing::warn!(manifest = %origin, error = %e, "rollout manifest refused");
+        }
+    }
 }
 
 /// Fetches one channel's current manifest by URL and verifies it against the fleet in use

@@ -14,8 +14,11 @@ use crate::clock::{rfc3339, unix};
 use crate::config::Config;
 use crate::fetch::{Fetcher, Validators};
 use crate::metrics::Metrics;
-use crate::state::{replace, RevocationSet, Shared};
-use crate::store::Db;
+use crate::state::{replace, RevocationSet, Role, Shared};
+use crate::store::{Db, SignedArtifact, FLEET_ARTIFACT, MANIFEST_PREFIX, REVOCATIONS_ARTIFACT};
+
+/// Where a follower's artifacts come from, for logs.
+const DATABASE_ORIGIN: &str = "the database (as the leader published it)";
 
 pub struct Poller {
     config: Config,
@@ -25,6 +28,10 @@ pub struct Poller {
     fetcher: Fetcher,
     fleet_validators: Mutex<Option<Validators>>,
     revocation_validators: Mutex<Option<Validators>>,
+    /// The revocation list last applied, as signed, for a leader to publish.
+    applied_revocations: Mutex<Option<SignedArtifact>>,
+    /// The version of the published artifacts a follower last took.
+    followed_version: Mutex<Option<i64>>,
 }
 
 fn url_source(
@@ -59,6 +66,9 @@ fn file_source(
     })
 }
 
+/// How often a follower looks for newly published artifacts.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
@@ -82,6 +92,8 @@ impl Poller {
             fetcher,
             fleet_validators: Mutex::new(None),
             revocation_validators: Mutex::new(None),
+            applied_revocations: Mutex::new(None),
+            followed_version: Mutex::new(None),
         }
     }
 
@@ -128,6 +140,19 @@ impl Poller {
         } else {
             errors.push("channel-refs: no --channel-refs-artifact-url configured".into());
         }
+        if self.db.shared() {
+            match self.database_fleet().await {
+                Ok(fleet) => {
+                    tracing::info!(
+                        "primed verified fleet from {DATABASE_ORIGIN} (signed {})",
+                        rfc3339(fleet.signed_at())
+                    );
+                    self.install(fleet);
+                    return Ok(());
+                }
+                Err(e) => errors.push(format!("database: {e}")),
+            }
+        }
         match file_source(&self.config.artifact, &self.config.signature) {
             Some(source) => match self.read_fleet(&source).await {
                 Ok(fleet) => {
@@ -164,7 +189,8 @@ impl Poller {
         let now = OffsetDateTime::now_utc();
         let fleet = artifacts::verify_fleet(&source.artifact_url, &bytes, &signature, &trust, now)?;
         Ok(Some((
-            self.snapshot(fleet, source.artifact_url.clone()).await,
+            self.snapshot(fleet, signature, source.artifact_url.clone())
+                .await,
             validators,
         )))
     }
@@ -180,7 +206,7 @@ impl Poller {
             &trust,
             OffsetDateTime::now_utc(),
         )?;
-        Ok(self.snapshot(fleet, origin).await)
+        Ok(self.snapshot(fleet, signature, origin).await)
     }
 
     /// The manifests of `fleet`: from the rollouts directory and/or the URL template.
@@ -222,6 +248,7 @@ impl Poller {
     async fn snapshot(
         &self,
         fleet: nixfleet_trust::verify::Verified<nixfleet_proto::FleetResolved>,
+        fleet_signature: Vec<u8>,
         origin: String,
     ) -> FleetSnapshot {
         let (manifests, signatures) = self.manifests_for(&fleet).await;
@@ -230,7 +257,7 @@ impl Poller {
                 tracing::warn!(channel = %channel, "no verified rollout manifest for this channel of the fleet yet");
             }
         }
-        FleetSnapshot::new(fleet, origin, manifests, signatures)
+        FleetSnapshot::new(fleet, fleet_signature, origin, manifests, signatures)
     }
 
     /// Installs a snapshot unless it is older than the one in use.
@@ -238,7 +265,8 @@ impl Poller {
         if let Some(current) = self.shared.fleet() {
             if snapshot.signed_at() < current.signed_at() {
                 tracing::warn!(
-                    "channel-refs served a fleet signed {} but the verified fleet in use is newer ({}); keeping the newer one",
+                    "{} served a fleet signed {} but the verified fleet in use is newer ({}); keeping the newer one",
+                    snapshot.origin,
                     rfc3339(snapshot.signed_at()),
                     rfc3339(current.signed_at())
                 );
@@ -318,6 +346,7 @@ impl Poller {
         if manifests.len() > current.manifests.len() {
             self.install(FleetSnapshot::new(
                 current.fleet.clone(),
+                current.fleet_signature.clone(),
                 current.origin.clone(),
                 manifests,
                 signatures,
@@ -340,13 +369,161 @@ impl Poller {
         }
     }
 
+    /// The leader (or a single control plane) polls the forge; a follower takes what the
+    /// leader verified from the database and verifies it again.
     pub async fn run_fleet_polls(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let interval = Duration::from_secs(self.config.channel_refs_poll_secs.max(1));
         loop {
+            let wait = if self.shared.role() == Role::Follower {
+                FOLLOW_INTERVAL.min(interval)
+            } else {
+                interval
+            };
             tokio::select! {
-                _ = tokio::time::sleep(interval) => self.poll_fleet().await,
-                _ = self.shared.poll_now.notified() => self.poll_fleet().await,
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shared.poll_now.notified() => {}
                 _ = stop.changed() => return,
+            }
+            match self.shared.role() {
+                Role::Single => self.poll_fleet().await,
+                Role::Leader => {
+                    self.poll_fleet().await;
+                    self.publish().await;
+                }
+                Role::Follower => self.follow_database().await,
+            }
+        }
+    }
+
+    /// Stores the artifacts this leader verified, for the followers. Idempotent: only
+    /// what changed is written, and never over something signed later.
+    async fn publish(&self) {
+        let mut set = Vec::new();
+        if let Some(f) = self.shared.fleet() {
+            set.push(SignedArtifact {
+                name: FLEET_ARTIFACT.to_owned(),
+                body: f.fleet.canonical.clone(),
+                signature: f.fleet_signature.clone(),
+                sha256: f.fleet.sha256.clone(),
+                signed_at: f.fleet.signed_at,
+            });
+            for (id, m) in &f.manifests {
+                if let Some(signature) = f.signatures.get(id) {
+                    set.push(SignedArtifact {
+                        name: format!("{MANIFEST_PREFIX}{id}"),
+                        body: m.canonical.clone(),
+                        signature: signature.clone(),
+                        sha256: m.sha256.clone(),
+                        signed_at: m.signed_at,
+                    });
+                }
+            }
+        }
+        set.extend(lock(&self.applied_revocations).clone());
+        if set.is_empty() {
+            return;
+        }
+        match self.db.publish_artifacts(set).await {
+            Ok(true) => tracing::info!("published the verified artifacts to the database for the followers"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "cannot publish the verified artifacts to the database: {e}; followers keep what they verified last"
+            ),
+        }
+    }
+
+    /// The fleet and its manifests as the leader published them, verified here.
+    async fn database_fleet(&self) -> Result<FleetSnapshot, String> {
+        let (_, stored) = self
+            .db
+            .signed_artifacts()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.stored_fleet(&stored)
+    }
+
+    fn stored_fleet(&self, stored: &[SignedArtifact]) -> Result<FleetSnapshot, String> {
+        let fleet = stored
+            .iter()
+            .find(|a| a.name == FLEET_ARTIFACT)
+            .ok_or_else(|| "no fleet published yet".to_owned())?;
+        let trust = self.shared.trust();
+        let now = OffsetDateTime::now_utc();
+        let verified =
+            artifacts::verify_fleet(DATABASE_ORIGIN, &fleet.body, &fleet.signature, &trust, now)
+                .map_err(|e| e.to_string())?;
+        let (manifests, signatures) = artifacts::stored_manifests(stored, &verified, &trust, now);
+        Ok(FleetSnapshot::new(
+            verified,
+            fleet.signature.clone(),
+            DATABASE_ORIGIN.to_owned(),
+            manifests,
+            signatures,
+        ))
+    }
+
+    /// A follower's poll: when the published artifacts changed, verify and take them. A
+    /// refused artifact leaves the verified state in use as it is.
+    async fn follow_database(&self) {
+        let version = match self.db.artifacts_version().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!("cannot read the published artifacts' version: {e}");
+                return;
+            }
+        };
+        if *lock(&self.followed_version) == Some(version) {
+            return;
+        }
+        let (version, stored) = match self.db.signed_artifacts().await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the published artifacts: {e}; keeping the verified state in use"
+                );
+                return;
+            }
+        };
+        *lock(&self.followed_version) = Some(version);
+        if !stored.iter().any(|a| a.name == FLEET_ARTIFACT) {
+            tracing::debug!(
+                "no fleet published in the database yet; keeping the verified fleet in use"
+            );
+        } else {
+            match self.stored_fleet(&stored) {
+                Ok(snapshot) => {
+                    self.install(snapshot);
+                    self.success(true);
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.channel_refs_failed);
+                    tracing::error!("the fleet published in the database is refused: {e}; keeping the verified fleet in use");
+                }
+            }
+        }
+        if let Some(list) = stored.iter().find(|a| a.name == REVOCATIONS_ARTIFACT) {
+            let verified = artifacts::verify_revocations(
+                DATABASE_ORIGIN,
+                &list.body,
+                &list.signature,
+                &self.shared.trust(),
+                OffsetDateTime::now_utc(),
+                self.shared.revocations().signed_at,
+            );
+            match verified {
+                Ok(verified) => {
+                    match self
+                        .apply_revocations(verified, list.signature.clone(), DATABASE_ORIGIN)
+                        .await
+                    {
+                        Ok(()) => self.success(false),
+                        Err(e) => tracing::warn!("revocations from the database not applied: {e}"),
+                    }
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.revocations_failed);
+                    tracing::error!("the revocation list published in the database is refused: {e}; keeping the applied list");
+                }
             }
         }
     }
@@ -408,7 +585,8 @@ impl Poller {
                         last_applied,
                     ) {
                         Ok(list) => {
-                            self.apply_revocations(list, &source.artifact_url).await?;
+                            self.apply_revocations(list, signature, &source.artifact_url)
+                                .await?;
                             *lock(&self.revocation_validators) = Some(validators);
                             self.success(false);
                             return Ok(());
@@ -434,9 +612,10 @@ impl Poller {
                         OffsetDateTime::now_utc(),
                         last_applied,
                     )
+                    .map(|list| (list, signature))
                 }) {
-                    Ok(list) => {
-                        self.apply_revocations(list, &origin).await?;
+                    Ok((list, signature)) => {
+                        self.apply_revocations(list, signature, &origin).await?;
                         self.success(false);
                         return Ok(());
                     }
@@ -453,8 +632,16 @@ impl Poller {
     async fn apply_revocations(
         &self,
         list: nixfleet_trust::verify::Verified<nixfleet_proto::Revocations>,
+        signature: Vec<u8>,
         origin: &str,
     ) -> Result<(), String> {
+        *lock(&self.applied_revocations) = Some(SignedArtifact {
+            name: REVOCATIONS_ARTIFACT.to_owned(),
+            body: list.canonical.clone(),
+            signature,
+            sha256: list.sha256.clone(),
+            signed_at: list.signed_at,
+        });
         let current = self.shared.revocations();
         if current.sha256.as_deref() == Some(list.sha256.as_str())
             && self.shared.revocations_ready()
@@ -505,8 +692,19 @@ impl Poller {
                 interval.min(Duration::from_secs(2))
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => { let _ = self.poll_revocations(false).await; }
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
+            }
+            match self.shared.role() {
+                // Its list comes with the published artifacts; the forge only until then.
+                Role::Follower if self.shared.revocations_ready() => {}
+                Role::Follower | Role::Single => {
+                    let _ = self.poll_revocations(false).await;
+                }
+                Role::Leader => {
+                    let _ = self.poll_revocations(false).await;
+                    self.publish().await;
+                }
             }
         }
     }

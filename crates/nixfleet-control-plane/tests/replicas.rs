@@ -197,6 +197,115 @@ async fn a_target_from_one_replica_is_confirmed_on_another() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_verifies_what_the_leader_published_and_refuses_a_forged_fleet() {
+    let mut s = setup(&["web-01", "web-02"]);
+    let a = s.replica("cp-a", &s.db.url, 1);
+    wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
+    // B cannot reach the forge and has neither a build-time artifact nor a rollouts
+    // directory: everything it serves was published in the database by A and verified
+    // by B, from its start-up on.
+    let db = &s.db;
+    wait_for_async(
+        "A published the fleet",
+        Duration::from_secs(20),
+        || async move {
+            db.query("SELECT name FROM signed_artifacts WHERE name = 'fleet'")
+                .len()
+                == 1
+        },
+    )
+    .await;
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let mut b = Cp::start(
+        &s.pki,
+        &s.forge,
+        &s.tmp.path().join("cp-b"),
+        &CpOptions {
+            database_url: Some(s.db.url.clone()),
+            url: false,
+            build_time_artifact: false,
+            rollouts_dir: false,
+            with_revocations: false,
+            extra: vec![
+                "--replica-name".into(),
+                "cp-b".into(),
+                "--channel-refs-artifact-url".into(),
+                format!("{nowhere}/fleet.resolved.json"),
+                "--revocations-artifact-url".into(),
+                format!("{nowhere}/revocations.json"),
+            ],
+            ..CpOptions::default()
+        },
+    );
+    b.wait_ready(&s.pki);
+    assert_eq!(role(&s.pki, b.port).await, "follower");
+    // Its revocation list too: until it has verified one, agents get 503 there.
+    let pki = &s.pki;
+    wait_for_async(
+        "B verified a revocation list",
+        Duration::from_secs(20),
+        || async move { healthz(pki, b.port).await.is_some_and(|h| h["ok"] == true) },
+    )
+    .await;
+    let mut hosts = std::mem::take(&mut s.hosts);
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, a.port, h).await.status, 200);
+    }
+    // The manifest reached B only through the database.
+    let web01 = Client::host(&s.pki, b.port, &hosts[0]);
+    let target = until_target(&web01, "web-01", &closure("web-01", 0)).await;
+    assert_eq!(
+        target["rolloutId"],
+        rollout_id(&s.forge_dir, "stable").as_str()
+    );
+    assert!(b
+        .log_text()
+        .contains("primed verified fleet from the database"));
+
+    // A revocation signed after B started reaches it the same way.
+    let in_an_hour = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let in_an_hour = in_an_hour
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    sign_revocations(
+        &s.pki,
+        &s.forge_dir,
+        json!([{"hostname": "web-02", "notBefore": in_an_hour, "reason": "stolen", "revokedBy": "ops"}]),
+    );
+    let web02 = Client::host(&s.pki, b.port, &hosts[1]);
+    wait_for_async(
+        "B refuses the revoked web-02",
+        Duration::from_secs(20),
+        || {
+            let web02 = web02.clone();
+            async move { checkin_status(&web02, "web-02", &closure("web-02", 0)).await == 401 }
+        },
+    )
+    .await;
+
+    // Someone with write access to the database stores a fleet "signed" later: B refuses
+    // it, keeps serving what it verified, and the leader does not write over it.
+    s.db.query(
+        "UPDATE signed_artifacts SET body = overlay(body placing '9' from 40 for 1), sha256 = 'forged', signed_at_us = signed_at_us + 86400000000 WHERE name = 'fleet'; \
+         UPDATE signed_artifacts_version SET version = version + 1",
+    );
+    wait_for(
+        "B refuses the forged fleet",
+        Duration::from_secs(20),
+        || {
+            b.log_text()
+                .contains("the fleet published in the database is refused")
+        },
+    );
+    assert_eq!(
+        checkin_status(&web01, "web-01", &closure("web-01", 0)).await,
+        200
+    );
+    let health = healthz(&s.pki, b.port).await.unwrap();
+    assert_eq!(health["ok"], true, "{health}");
+}
+
 /// The host's record in `rollout` as the leader last wrote it.
 fn stored_record(db: &TestDb, rollout: &str, host: &str) -> Option<Value> {
     let rows = db.query(&format!(
@@ -510,7 +619,23 @@ async fn a_replica_that_has_not_verified_a_rollout_never_tells_an_agent_to_roll_
     let mut s = setup(&["web-01"]);
     let a = s.replica("cp-a", &s.db.url, 1);
     wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
-    // B has no source of rollout manifests: it can never verify the leader's rollout.
+    // B has no rollouts directory, and the manifest A stored in the database is damaged
+    // (its recorded hash left as it was, so A does not store it again): B can never
+    // verify the leader's rollout.
+    let db = &s.db;
+    wait_for_async(
+        "A published the manifest",
+        Duration::from_secs(20),
+        || async move {
+            !db.query("SELECT name FROM signed_artifacts WHERE name LIKE 'manifest/%'")
+                .is_empty()
+        },
+    )
+    .await;
+    s.db.query(
+        "UPDATE signed_artifacts SET body = overlay(body placing '9' from 40 for 1) WHERE name LIKE 'manifest/%'; \
+         UPDATE signed_artifacts_version SET version = version + 1",
+    );
     let mut b = Cp::start(
         &s.pki,
         &s.forge,
@@ -523,6 +648,11 @@ async fn a_replica_that_has_not_verified_a_rollout_never_tells_an_agent_to_roll_
         },
     );
     b.wait_ready(&s.pki);
+    wait_for(
+        "B to refuse the damaged manifest",
+        Duration::from_secs(20),
+        || b.log_text().contains("rollout manifest refused"),
+    );
     let mut hosts = std::mem::take(&mut s.hosts);
     assert_eq!(enroll(&s.pki, a.port, &mut hosts[0]).await.status, 200);
     let on_a = Client::host(&s.pki, a.port, &hosts[0]);

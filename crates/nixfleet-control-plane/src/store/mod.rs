@@ -137,6 +137,72 @@ pub struct LeaderInfo {
     pub last_tick_at: Option<OffsetDateTime>,
 }
 
+/// A signed artifact as a leader verified it, kept so that followers verify the same
+/// bytes themselves rather than fetch them again. The database is not trusted with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedArtifact {
+    /// [`FLEET_ARTIFACT`], [`REVOCATIONS_ARTIFACT`], or [`MANIFEST_PREFIX`] and a rollout id.
+    pub name: String,
+    /// The bytes the signature covers, as received.
+    pub body: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub sha256: String,
+    pub signed_at: OffsetDateTime,
+}
+
+pub const FLEET_ARTIFACT: &str = "fleet";
+pub const REVOCATIONS_ARTIFACT: &str = "revocations";
+pub const MANIFEST_PREFIX: &str = "manifest/";
+
+/// What publishing `set` changes, given the stored `(name, sha256, signed_at)` rows:
+/// the artifacts to write and the names to remove. A fleet older than the stored one
+/// changes nothing (a replica that lost the leadership may publish late). Manifests are
+/// added; those of a replaced fleet are removed, while a set with the same fleet but
+/// fewer manifests (a new leader still loading them) removes none. A revocation list
+/// replaces only an older one.
+pub fn plan_artifacts<'a>(
+    stored: &[(String, String, OffsetDateTime)],
+    set: &'a [SignedArtifact],
+) -> (Vec<&'a SignedArtifact>, Vec<String>) {
+    let find = |name: &str| stored.iter().find(|(n, _, _)| n == name);
+    let replaces = |a: &SignedArtifact| match find(&a.name) {
+        None => true,
+        Some((_, sha, at)) => *sha != a.sha256 && a.signed_at >= *at,
+    };
+    let mut write = Vec::new();
+    let mut remove = Vec::new();
+    if let Some(fleet) = set.iter().find(|a| a.name == FLEET_ARTIFACT) {
+        let stale = find(FLEET_ARTIFACT).is_some_and(|(_, _, at)| fleet.signed_at < *at);
+        if !stale {
+            if replaces(fleet) {
+                write.push(fleet);
+            }
+            for a in set.iter().filter(|a| a.name.starts_with(MANIFEST_PREFIX)) {
+                if find(&a.name).is_none_or(|(_, sha, _)| *sha != a.sha256) {
+                    write.push(a);
+                }
+            }
+            let same_fleet = find(FLEET_ARTIFACT).is_some_and(|(_, sha, _)| *sha == fleet.sha256);
+            if !same_fleet {
+                remove.extend(
+                    stored
+                        .iter()
+                        .filter(|(n, _, _)| {
+                            n.starts_with(MANIFEST_PREFIX) && !set.iter().any(|a| &a.name == n)
+                        })
+                        .map(|(n, _, _)| n.clone()),
+                );
+            }
+        }
+    }
+    if let Some(list) = set.iter().find(|a| a.name == REVOCATIONS_ARTIFACT) {
+        if replaces(list) {
+            write.push(list);
+        }
+    }
+    (write, remove)
+}
+
 /// Attestations changed since a cursor, and the cursor to pass next time.
 #[derive(Debug, Default)]
 pub struct AttestationPage {
@@ -223,6 +289,14 @@ pub trait Store: Send + Sync {
     fn touch_attestations(&self, rows: Vec<(String, OffsetDateTime)>) -> Fut<'_, ()>;
     /// Attestations written since `cursor` (0: all of them).
     fn attestations_since(&self, cursor: i64) -> Fut<'_, AttestationPage>;
+
+    /// Stores what [`plan_artifacts`] says `set` changes, in one transaction, and moves
+    /// the artifacts' version when anything changed. Returns whether anything did.
+    fn publish_artifacts(&self, set: Vec<SignedArtifact>) -> Fut<'_, bool>;
+    /// The stored artifacts' version: it moves whenever they change.
+    fn artifacts_version(&self) -> Fut<'_, i64>;
+    /// Every stored artifact, with the version they make up.
+    fn signed_artifacts(&self) -> Fut<'_, (i64, Vec<SignedArtifact>)>;
 }
 
 pub type Db = dyn Store;

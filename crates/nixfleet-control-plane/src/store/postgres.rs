@@ -13,10 +13,10 @@ use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    decode_json, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut, LeaderInfo,
-    PgOptions, Store, TickWrites, ATTESTATION_OVERLAP_US,
+    decode_json, plan_artifacts, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut,
+    LeaderInfo, PgOptions, SignedArtifact, Store, TickWrites, ATTESTATION_OVERLAP_US,
 };
-use crate::clock::rfc3339 as ts;
+use crate::clock::{from_micros, micros, rfc3339 as ts};
 
 /// Advisory lock keys (per database): the leadership, and schema migration.
 const LEADER_KEY: i64 = 0x6e69_7866_6c65_6574; // "nixfleet"
@@ -30,7 +30,8 @@ const TICK_TIMEOUT: Duration = Duration::from_secs(30);
 const SERVER_NOW_US: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
 
 /// Migrations, applied in order; `nixfleet_schema.version` is the number applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE cert_revocations (
     hostname    TEXT PRIMARY KEY,
     not_before  TEXT NOT NULL,
@@ -110,7 +111,22 @@ CREATE TABLE cp_leader (
     reasons         TEXT,
     last_tick_at    TEXT
 );
-"#];
+"#,
+    r#"
+CREATE TABLE signed_artifacts (
+    name         TEXT PRIMARY KEY,
+    body         BYTEA NOT NULL,
+    signature    BYTEA NOT NULL,
+    sha256       TEXT NOT NULL,
+    signed_at_us BIGINT NOT NULL
+);
+CREATE TABLE signed_artifacts_version (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version BIGINT NOT NULL
+);
+INSERT INTO signed_artifacts_version VALUES (1, 0);
+"#,
+];
 
 /// The dedicated leadership session.
 struct Lease {
@@ -665,12 +681,7 @@ impl Store for PgStore {
             let mut client = self.client().await?;
             timed(TICK_TIMEOUT, async {
                 // One snapshot for both tables.
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await?;
+                let tx = read_snapshot(&mut client).await?;
                 let mut stored = StoredState::default();
                 for r in tx
                     .query("SELECT rollout_id, record FROM rollouts", &[])
@@ -975,4 +986,114 @@ impl Store for PgStore {
             Ok(page)
         })
     }
+
+    fn publish_artifacts(&self, set: Vec<SignedArtifact>) -> Fut<'_, bool> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            timed(TICK_TIMEOUT, async {
+                let tx = client.transaction().await?;
+                // Serialises replicas publishing at the same moment.
+                let version: i64 = tx
+                    .query_one(
+                        "SELECT version FROM signed_artifacts_version WHERE id = 1 FOR UPDATE",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                let mut stored = Vec::new();
+                for r in tx
+                    .query("SELECT name, sha256, signed_at_us FROM signed_artifacts", &[])
+                    .await?
+                {
+                    stored.push((r.get(0), r.get(1), artifact_time(r.get(2))?));
+                }
+                let (write, remove) = plan_artifacts(&stored, &set);
+                if write.is_empty() && remove.is_empty() {
+                    return Ok(false);
+                }
+                for a in write {
+                    tx.execute(
+                        "INSERT INTO signed_artifacts (name, body, signature, sha256, signed_at_us) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (name) DO UPDATE SET body = excluded.body, signature = excluded.signature, sha256 = excluded.sha256, signed_at_us = excluded.signed_at_us",
+                        &[&a.name, &a.body, &a.signature, &a.sha256, &micros(a.signed_at)],
+                    )
+                    .await?;
+                }
+                tx.execute("DELETE FROM signed_artifacts WHERE name = ANY($1)", &[&remove])
+                    .await?;
+                tx.execute(
+                    "UPDATE signed_artifacts_version SET version = $1 WHERE id = 1",
+                    &[&(version + 1)],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok::<_, DbError>(true)
+            })
+            .await
+        })
+    }
+
+    fn artifacts_version(&self) -> Fut<'_, i64> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let row = timed(
+                OP_TIMEOUT,
+                client.query_one(
+                    "SELECT version FROM signed_artifacts_version WHERE id = 1",
+                    &[],
+                ),
+            )
+            .await?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn signed_artifacts(&self) -> Fut<'_, (i64, Vec<SignedArtifact>)> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            timed(TICK_TIMEOUT, async {
+                let tx = read_snapshot(&mut client).await?;
+                let version: i64 = tx
+                    .query_one("SELECT version FROM signed_artifacts_version WHERE id = 1", &[])
+                    .await?
+                    .get(0);
+                let mut out = Vec::new();
+                for r in tx
+                    .query(
+                        "SELECT name, body, signature, sha256, signed_at_us FROM signed_artifacts ORDER BY name",
+                        &[],
+                    )
+                    .await?
+                {
+                    out.push(SignedArtifact {
+                        name: r.get(0),
+                        body: r.get(1),
+                        signature: r.get(2),
+                        sha256: r.get(3),
+                        signed_at: artifact_time(r.get(4))?,
+                    });
+                }
+                tx.commit().await?;
+                Ok::<_, DbError>((version, out))
+            })
+            .await
+        })
+    }
+}
+
+/// A read-only transaction that sees every table as of one moment.
+async fn read_snapshot(
+    client: &mut Client,
+) -> Result<tokio_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
+fn artifact_time(us: i64) -> Result<OffsetDateTime, DbError> {
+    from_micros(us)
+        .ok_or_else(|| DbError::Corrupt(format!("signed_artifacts: time {us} out of range")))
 }

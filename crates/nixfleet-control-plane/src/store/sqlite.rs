@@ -17,8 +17,8 @@ use nixfleet_proto::Revocation;
 use nixfleet_reconciler::{Attestation, HostRecord, RolloutRecord, StoredState};
 
 use super::{
-    decode_json, micros, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut,
-    LeaderInfo, Store, TickWrites, ATTESTATION_OVERLAP_US,
+    decode_json, micros, plan_artifacts, AttestationPage, AttestationRow, DbError, Event, EventsOf,
+    Fut, LeaderInfo, SignedArtifact, Store, TickWrites, ATTESTATION_OVERLAP_US,
 };
 
 /// Migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -114,6 +114,20 @@ CREATE TABLE cp_leader (
     reasons         TEXT,
     last_tick_at    TEXT
 );
+"#,
+    r#"
+CREATE TABLE signed_artifacts (
+    name         TEXT PRIMARY KEY,
+    body         BLOB NOT NULL,
+    signature    BLOB NOT NULL,
+    sha256       TEXT NOT NULL,
+    signed_at_us INTEGER NOT NULL
+);
+CREATE TABLE signed_artifacts_version (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+INSERT INTO signed_artifacts_version VALUES (1, 0);
 "#,
 ];
 
@@ -648,6 +662,99 @@ impl Store for SqliteStore {
             })
         })
     }
+
+    fn publish_artifacts(&self, set: Vec<SignedArtifact>) -> Fut<'_, bool> {
+        Box::pin(self.write(move |conn| {
+            let mut stored = Vec::new();
+            let mut stmt = conn.prepare("SELECT name, sha256, signed_at_us FROM signed_artifacts")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            for row in rows {
+                let (name, sha, us) = row?;
+                stored.push((name, sha, artifact_time(us)?));
+            }
+            let (write, remove) = plan_artifacts(&stored, &set);
+            if write.is_empty() && remove.is_empty() {
+                return Ok(false);
+            }
+            for a in write {
+                conn.execute(
+                    "INSERT OR REPLACE INTO signed_artifacts (name, body, signature, sha256, signed_at_us) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![a.name, a.body, a.signature, a.sha256, micros(a.signed_at)],
+                )?;
+            }
+            for name in &remove {
+                conn.execute("DELETE FROM signed_artifacts WHERE name = ?1", params![name])?;
+            }
+            conn.execute(
+                "UPDATE signed_artifacts_version SET version = version + 1 WHERE id = 1",
+                [],
+            )?;
+            Ok(true)
+        }))
+    }
+
+    fn artifacts_version(&self) -> Fut<'_, i64> {
+        Box::pin(async move {
+            self.read(|conn| {
+                Ok(conn.query_row(
+                    "SELECT version FROM signed_artifacts_version WHERE id = 1",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+        })
+    }
+
+    fn signed_artifacts(&self) -> Fut<'_, (i64, Vec<SignedArtifact>)> {
+        Box::pin(async move {
+            self.read(|conn| {
+                let tx = conn.unchecked_transaction()?;
+                let version: i64 = tx.query_row(
+                    "SELECT version FROM signed_artifacts_version WHERE id = 1",
+                    [],
+                    |r| r.get(0),
+                )?;
+                let mut stmt = tx.prepare(
+                    "SELECT name, body, signature, sha256, signed_at_us FROM signed_artifacts ORDER BY name",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let (name, body, signature, sha256, us) = row?;
+                    out.push(SignedArtifact {
+                        name,
+                        body,
+                        signature,
+                        sha256,
+                        signed_at: artifact_time(us)?,
+                    });
+                }
+                drop(stmt);
+                tx.commit()?;
+                Ok((version, out))
+            })
+        })
+    }
+}
+
+fn artifact_time(us: i64) -> rusqlite::Result<OffsetDateTime> {
+    crate::clock::from_micros(us).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            4,
+            rusqlite::types::Type::Integer,
+            format!("signed_artifacts: time {us} out of range").into(),
+        )
+    })
 }
 
 fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {

@@ -12,7 +12,8 @@ use nixfleet_reconciler::{
 use time::{Duration, OffsetDateTime};
 
 use super::{
-    postgres::PgStore, sqlite::SqliteStore, Db, DbError, Event, PgOptions, Store, TickWrites,
+    postgres::PgStore, sqlite::SqliteStore, Db, DbError, Event, PgOptions, SignedArtifact, Store,
+    TickWrites,
 };
 
 fn pg<'a>(url: &'a str, replica: &'a str, pool_size: usize) -> PgOptions<'a> {
@@ -108,11 +109,100 @@ on_both!(
     attestations_merge_forward_only,
     attestations_since_a_cursor,
     the_leader_writes_ticks,
+    signed_artifacts_only_move_forward,
 );
 
 fn now() -> OffsetDateTime {
     // Whole seconds: RFC 3339 round trips exactly.
     OffsetDateTime::now_utc().replace_nanosecond(0).unwrap()
+}
+
+fn artifact(name: &str, body: &str, signed_at: OffsetDateTime) -> SignedArtifact {
+    SignedArtifact {
+        name: name.into(),
+        body: body.as_bytes().to_vec(),
+        signature: vec![7; 64],
+        sha256: format!("sha-of-{body}"),
+        signed_at,
+    }
+}
+
+async fn stored_artifacts(f: &Fixture) -> (i64, Vec<String>) {
+    let (version, rows) = f.db.signed_artifacts().await.unwrap();
+    assert_eq!(f.db.artifacts_version().await.unwrap(), version);
+    let names = rows
+        .iter()
+        .map(|a| format!("{}={}", a.name, String::from_utf8_lossy(&a.body)))
+        .collect();
+    (version, names)
+}
+
+async fn signed_artifacts_only_move_forward(f: &Fixture) {
+    let t = now();
+    let (t0, t1, t2) = (t - Duration::hours(1), t, t + Duration::hours(1));
+    assert_eq!(stored_artifacts(f).await, (0, vec![]));
+    let first = vec![
+        artifact("fleet", "f1", t1),
+        artifact("manifest/a", "a1", t1),
+        artifact("revocations", "r1", t1),
+    ];
+    assert!(f.db.publish_artifacts(first.clone()).await.unwrap());
+    let (v1, names) = stored_artifacts(f).await;
+    assert_eq!(names, ["fleet=f1", "manifest/a=a1", "revocations=r1"]);
+    // The bytes come back as stored.
+    let (_, rows) = f.db.signed_artifacts().await.unwrap();
+    assert_eq!(rows, {
+        let mut sorted = first.clone();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        sorted
+    });
+    // The same set again changes nothing, and the version stays.
+    assert!(!f.db.publish_artifacts(first).await.unwrap());
+    assert_eq!(stored_artifacts(f).await.0, v1);
+    // A manifest published later for the same fleet is added.
+    let more = vec![
+        artifact("fleet", "f1", t1),
+        artifact("manifest/a", "a1", t1),
+        artifact("manifest/b", "b1", t1),
+    ];
+    assert!(f.db.publish_artifacts(more).await.unwrap());
+    let (v2, names) = stored_artifacts(f).await;
+    assert!(v2 > v1);
+    assert_eq!(names.len(), 4);
+    // A new leader that has not loaded every manifest yet removes none.
+    assert!(!f
+        .db
+        .publish_artifacts(vec![artifact("fleet", "f1", t1)])
+        .await
+        .unwrap());
+    // A replica publishing an older fleet late changes nothing.
+    let stale = vec![
+        artifact("fleet", "f0", t0),
+        artifact("manifest/z", "z0", t0),
+    ];
+    assert!(!f.db.publish_artifacts(stale).await.unwrap());
+    assert_eq!(stored_artifacts(f).await.0, v2);
+    // A newer fleet takes its own manifests; the old fleet's go.
+    let newer = vec![
+        artifact("fleet", "f2", t2),
+        artifact("manifest/c", "c2", t2),
+    ];
+    assert!(f.db.publish_artifacts(newer).await.unwrap());
+    let (_, names) = stored_artifacts(f).await;
+    assert_eq!(names, ["fleet=f2", "manifest/c=c2", "revocations=r1"]);
+    // Revocation lists: never an older one, always a newer one.
+    assert!(!f
+        .db
+        .publish_artifacts(vec![artifact("revocations", "r0", t0)])
+        .await
+        .unwrap());
+    assert!(f
+        .db
+        .publish_artifacts(vec![artifact("revocations", "r2", t2)])
+        .await
+        .unwrap());
+    let (_, names) = stored_artifacts(f).await;
+    assert_eq!(names, ["fleet=f2", "manifest/c=c2", "revocations=r2"]);
 }
 
 async fn token_nonce_is_claimed_once(f: &Fixture) {
@@ -588,7 +678,18 @@ async fn replicas_migrate_one_database_together() {
     }
     assert_eq!(
         test_db.query("SELECT version FROM nixfleet_schema"),
-        vec![vec!["1".to_owned()]]
+        vec![vec!["2".to_owned()]]
+    );
+    // A database of the first schema is brought forward when a newer replica opens it.
+    test_db.query(
+        "DROP TABLE signed_artifacts, signed_artifacts_version; UPDATE nixfleet_schema SET version = 1",
+    );
+    let store = PgStore::open(pg(&test_db.url, "r3", 2)).await.unwrap();
+    assert_eq!(store.artifacts_version().await.unwrap(), 0);
+    store.close().await.unwrap();
+    assert_eq!(
+        test_db.query("SELECT version FROM nixfleet_schema"),
+        vec![vec!["2".to_owned()]]
     );
 }
 
