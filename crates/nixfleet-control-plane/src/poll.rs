@@ -501,7 +501,16 @@ impl Poller {
                 }
             }
         }
-        if let Some(list) = stored.iter().find(|a| a.name == REVOCATIONS_ARTIFACT) {
+        let applied = self.shared.revocations();
+        let newer_applied = |list: &SignedArtifact| {
+            applied.signed_at.is_some_and(|at| at > list.signed_at)
+                || applied.sha256.as_deref() == Some(list.sha256.as_str())
+        };
+        // A list this replica applied itself may be newer than the leader's last one.
+        if let Some(list) = stored
+            .iter()
+            .find(|a| a.name == REVOCATIONS_ARTIFACT && !newer_applied(a))
+        {
             let verified = artifacts::verify_revocations(
                 DATABASE_ORIGIN,
                 &list.body,
