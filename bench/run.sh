@@ -179,7 +179,7 @@ replica_db() {
 }
 measure_replicas() {
   local name=$1 n=$2; shift 2
-  local haport=$((PORT + 20)) backends="" pids=() i cpu0=0 cpu1=0 rss=0 t0 t1 hapid
+  local haport=$((PORT + 20)) backends="" pids=() i cpu0=0 cpu1=0 rss=0 t0 t1 hapid drops0
   replica_db
   for i in $(seq 1 "$n"); do
     mkdir -p "replica-$i"
@@ -205,6 +205,7 @@ measure_replicas() {
   hapid=$!
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$haport") 2>/dev/null && break; sleep 0.1; done
   for i in "${pids[@]}"; do cpu0=$(awk -v a="$cpu0" -v b="$(cpu_of "$i")" 'BEGIN { print a + b }'); done
+  drops0=$(listen_overflows)
   t0=$(now)
   "$loadgen" run --connect "127.0.0.1:$haport" --server-name localhost --ca-cert "$etc/fleet-ca-cert.pem" \
     --ca-key "$etc/fleet-ca-key.pem" "$@" --json "$res/$name.json" >&2
@@ -214,8 +215,8 @@ measure_replicas() {
     rss=$(awk -v a="$rss" -v b="$(rss_peak_of "$i")" 'BEGIN { print (b > a ? b : a) }')
   done
   jq -n --argjson cpu "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')" --argjson wall "$(elapsed "$t0" "$t1")" \
-    --argjson replicas "$n" --argjson rss "$rss" \
-    '{replicas: $replicas, cp_cpu_secs: $cpu, wall_secs: $wall, cp_rss_peak_mib: $rss}' > "$res/$name-cp.json"
+    --argjson replicas "$n" --argjson rss "$rss" --argjson drops "$(($(listen_overflows) - drops0))" \
+    '{replicas: $replicas, cp_cpu_secs: $cpu, wall_secs: $wall, cp_rss_peak_mib: $rss, listen_overflows: $drops}' > "$res/$name-cp.json"
   kill -TERM "$hapid" "${pids[@]}" 2>/dev/null || true
   wait "$hapid" "${pids[@]}" 2>/dev/null || true
   psql -X -q "$admin" -c "DROP DATABASE IF EXISTS nixfleet_bench WITH (FORCE)"

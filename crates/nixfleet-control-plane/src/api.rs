@@ -398,7 +398,34 @@ async fn share_attestation(app: &App, hostname: &str) -> ApiResult<()> {
         .map_err(database_unavailable)
 }
 
+/// Lets a warning through at most once every 10 s: at fleet scale a line per refused
+/// request would drown the log.
+struct Throttle(std::sync::atomic::AtomicU64);
+
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    fn allow(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = crate::clock::unix(OffsetDateTime::now_utc());
+        let last = self.0.load(Ordering::Relaxed);
+        now >= last + 10
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 fn database_unavailable(e: crate::store::DbError) -> ApiError {
+    static WARN: Throttle = Throttle::new();
+    if WARN.allow() {
+        tracing::warn!(
+            "answering 503: a database write or read failed: {e} (logged at most every 10 s)"
+        );
+    }
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("this control plane cannot record the request: {e}; retry later"),
@@ -409,9 +436,16 @@ fn database_unavailable(e: crate::store::DbError) -> ApiError {
 /// A replica that has lost its shared database answers 503 rather than from state that
 /// may be stale; the agent retries (through the load balancer, another replica).
 fn require_fresh_database(app: &App) -> ApiResult<()> {
+    static WARN: Throttle = Throttle::new();
     if app.shared.database_fresh() {
         Ok(())
     } else {
+        if WARN.allow() {
+            tracing::warn!(
+                "answering agents 503: the database has not answered this replica for {:?} (logged at most every 10 s)",
+                crate::state::DB_STALE_AFTER
+            );
+        }
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "this control-plane replica cannot reach its database, so its answers could be stale; retry later",

@@ -161,6 +161,8 @@ async fn sync_once(
     let seen = shared.attestations.seen_since(synced.pushed_since);
     db.touch_attestations(seen).await?;
     synced.pushed_since = scan_from;
+    // Every answer counts: a slow reload further down must not look like a lost database.
+    shared.database_answered();
 
     // Check-ins and confirms any replica answered.
     if synced.full_at.elapsed() > FULL_RESYNC {
@@ -168,6 +170,7 @@ async fn sync_once(
         synced.full_at = Instant::now();
     }
     let page = db.attestations_since(synced.cursor).await?;
+    shared.database_answered();
     synced.cursor = page.next;
     let mut material = false;
     for (host, attestation) in page.rows {
@@ -198,34 +201,46 @@ async fn sync_once(
     let state_changed = synced.state_version != Some(info.state_version);
     if state_changed {
         let stored = db.load_stored().await?;
+        shared.database_answered();
         replace(&shared.stored, Arc::new(stored));
     }
     let reasons = if synced.reasons_version != Some(info.reasons_version) {
         let text = db.load_reasons().await?;
-        Some(
-            text.and_then(|t| serde_json::from_str::<tick::Reasons>(&t).ok())
-                .unwrap_or_default(),
-        )
+        shared.database_answered();
+        Some(text)
     } else {
         None
     };
     if state_changed || reasons.is_some() || synced.fleet_seen != fleet_seen {
         let stored = shared.stored();
         let previous = shared.directives();
-        let mut directives = match &fleet {
-            Some(f) => tick::directives(&stored, &f.manifests, confirm_window_secs),
-            None => Default::default(),
-        };
-        match reasons {
-            Some(r) => {
-                directives.reasons = r.hosts;
-                directives.channel_reasons = r.channels;
+        let manifests = fleet.clone();
+        // At 100,000 hosts this is a large computation: off the threads that answer agents.
+        let directives = tokio::task::spawn_blocking(move || {
+            let mut directives = match &manifests {
+                Some(f) => tick::directives(&stored, &f.manifests, confirm_window_secs),
+                None => Default::default(),
+            };
+            match reasons {
+                Some(text) => {
+                    let r = text
+                        .and_then(|t| serde_json::from_str::<tick::Reasons>(&t).ok())
+                        .unwrap_or_default();
+                    directives.reasons = r.hosts;
+                    directives.channel_reasons = r.channels;
+                }
+                None => {
+                    directives.reasons = previous.reasons.clone();
+                    directives.channel_reasons = previous.channel_reasons.clone();
+                }
             }
-            None => {
-                directives.reasons = previous.reasons.clone();
-                directives.channel_reasons = previous.channel_reasons.clone();
-            }
-        }
+            directives
+        })
+        .await
+        .map_err(|e| {
+            crate::store::DbError::Corrupt(format!("deriving the targets stopped: {e}"))
+        })?;
+        let stored = shared.stored();
         let unverified = stored
             .rollouts
             .keys()
@@ -238,7 +253,7 @@ async fn sync_once(
         if unverified > 0 {
             tracing::info!(
                 unverified,
-                "the leader runs rollouts this replica has not verified yet; polling the forge now"
+                "the leader runs rollouts this replica has not verified yet; looking for newly published artifacts now"
             );
             shared.poll_now.notify_one();
         }

@@ -154,6 +154,108 @@ pub struct PgStore {
     target: String,
     replica: String,
     lease: tokio::sync::Mutex<Option<Lease>>,
+    /// Check-ins' attestations, written in batches: one transaction for all the requests
+    /// waiting at that moment, rather than one each.
+    attestations: tokio::sync::mpsc::UnboundedSender<AttestationWrite>,
+}
+
+/// Rows to save, and who waits for them to be durable.
+type AttestationWrite = (
+    Vec<(String, Attestation)>,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// At most this many rows go into one batch.
+const ATTESTATION_BATCH: usize = 5_000;
+
+/// Saves queued attestations until every sender is gone. A batch holds whatever was
+/// queued when the previous one finished; every waiter hears the batch's outcome.
+async fn attestation_writer(
+    pool: Pool,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<AttestationWrite>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut rows = first.0;
+        let mut waiters = vec![first.1];
+        while rows.len() < ATTESTATION_BATCH {
+            match queue.try_recv() {
+                Ok((more, waiter)) => {
+                    rows.extend(more);
+                    waiters.push(waiter);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcome = save_attestation_rows(&pool, rows)
+            .await
+            .map_err(|e| e.to_string());
+        for waiter in waiters {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+}
+
+/// One upsert per round of distinct hosts (a statement may touch a row only once).
+async fn save_attestation_rows(
+    pool: &Pool,
+    rows: Vec<(String, Attestation)>,
+) -> Result<(), DbError> {
+    // The hosts in a round, and its rows.
+    type Round = (
+        std::collections::HashSet<String>,
+        Vec<(String, Attestation)>,
+    );
+    let mut rounds: Vec<Round> = Vec::new();
+    for row in rows {
+        match rounds.iter_mut().find(|(hosts, _)| !hosts.contains(&row.0)) {
+            Some((hosts, round)) => {
+                hosts.insert(row.0.clone());
+                round.push(row);
+            }
+            None => rounds.push((std::collections::HashSet::from([row.0.clone()]), vec![row])),
+        }
+    }
+    let rounds = rounds.into_iter().map(|(_, round)| round);
+    let client = timed(OP_TIMEOUT, pool.get()).await?;
+    for round in rounds {
+        let mut hosts = Vec::with_capacity(round.len());
+        let mut bodies = Vec::with_capacity(round.len());
+        let mut observed = Vec::with_capacity(round.len());
+        let mut seen = Vec::with_capacity(round.len());
+        let mut confirmed = Vec::with_capacity(round.len());
+        let mut d_rollout = Vec::with_capacity(round.len());
+        let mut d_us = Vec::with_capacity(round.len());
+        for (host, a) in &round {
+            let row = AttestationRow::of(a);
+            hosts.push(host.as_str());
+            bodies.push(row.body);
+            observed.push(row.observed_us);
+            seen.push(row.last_seen_us);
+            confirmed.push(row.confirmed_us);
+            d_rollout.push(row.delivered_rollout);
+            d_us.push(row.delivered_us);
+        }
+        timed(
+            OP_TIMEOUT,
+            client.execute(
+                &format!(
+                    "INSERT INTO host_attestations AS h (hostname, body, observed_us, last_seen_us, confirmed_us, delivered_rollout, delivered_us, updated_us)
+                     SELECT v.*, {SERVER_NOW_US} FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) AS v
+                     ON CONFLICT (hostname) DO UPDATE SET
+                       body = CASE WHEN excluded.observed_us >= h.observed_us THEN excluded.body ELSE h.body END,
+                       observed_us = GREATEST(h.observed_us, excluded.observed_us),
+                       last_seen_us = GREATEST(h.last_seen_us, excluded.last_seen_us),
+                       confirmed_us = GREATEST(h.confirmed_us, excluded.confirmed_us),
+                       delivered_rollout = CASE WHEN excluded.delivered_us > h.delivered_us THEN excluded.delivered_rollout ELSE h.delivered_rollout END,
+                       delivered_us = GREATEST(h.delivered_us, excluded.delivered_us),
+                       updated_us = excluded.updated_us"
+                ),
+                &[&hosts, &bodies, &observed, &seen, &confirmed, &d_rollout, &d_us],
+            ),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn timed<T, E: Into<DbError>>(
@@ -259,6 +361,8 @@ impl PgStore {
                 path: target.clone(),
                 message: e.to_string(),
             })?;
+        let (attestations, queue) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(attestation_writer(pool.clone(), queue));
         let store = PgStore {
             pool,
             config,
@@ -266,6 +370,7 @@ impl PgStore {
             target,
             replica: options.replica.to_owned(),
             lease: tokio::sync::Mutex::new(None),
+            attestations,
         };
         store.migrate().await?;
         Ok(store)
@@ -891,44 +996,15 @@ impl Store for PgStore {
             if rows.is_empty() {
                 return Ok(());
             }
-            let mut hosts = Vec::with_capacity(rows.len());
-            let mut bodies = Vec::with_capacity(rows.len());
-            let mut observed = Vec::with_capacity(rows.len());
-            let mut seen = Vec::with_capacity(rows.len());
-            let mut confirmed = Vec::with_capacity(rows.len());
-            let mut d_rollout = Vec::with_capacity(rows.len());
-            let mut d_us = Vec::with_capacity(rows.len());
-            for (host, a) in &rows {
-                let row = AttestationRow::of(a);
-                hosts.push(host.as_str());
-                bodies.push(row.body);
-                observed.push(row.observed_us);
-                seen.push(row.last_seen_us);
-                confirmed.push(row.confirmed_us);
-                d_rollout.push(row.delivered_rollout);
-                d_us.push(row.delivered_us);
+            let (done, wait) = tokio::sync::oneshot::channel();
+            self.attestations
+                .send((rows, done))
+                .map_err(|_| DbError::WriterGone)?;
+            match wait.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(DbError::Write(e)),
+                Err(_) => Err(DbError::WriterGone),
             }
-            let client = self.client().await?;
-            timed(
-                OP_TIMEOUT,
-                client.execute(
-                    &format!(
-                        "INSERT INTO host_attestations AS h (hostname, body, observed_us, last_seen_us, confirmed_us, delivered_rollout, delivered_us, updated_us)
-                         SELECT v.*, {SERVER_NOW_US} FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) AS v
-                         ON CONFLICT (hostname) DO UPDATE SET
-                           body = CASE WHEN excluded.observed_us >= h.observed_us THEN excluded.body ELSE h.body END,
-                           observed_us = GREATEST(h.observed_us, excluded.observed_us),
-                           last_seen_us = GREATEST(h.last_seen_us, excluded.last_seen_us),
-                           confirmed_us = GREATEST(h.confirmed_us, excluded.confirmed_us),
-                           delivered_rollout = CASE WHEN excluded.delivered_us > h.delivered_us THEN excluded.delivered_rollout ELSE h.delivered_rollout END,
-                           delivered_us = GREATEST(h.delivered_us, excluded.delivered_us),
-                           updated_us = excluded.updated_us"
-                    ),
-                    &[&hosts, &bodies, &observed, &seen, &confirmed, &d_rollout, &d_us],
-                ),
-            )
-            .await?;
-            Ok(())
         })
     }
 

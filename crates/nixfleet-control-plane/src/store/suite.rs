@@ -110,6 +110,7 @@ on_both!(
     attestations_since_a_cursor,
     the_leader_writes_ticks,
     signed_artifacts_only_move_forward,
+    concurrent_saves_all_land_and_merge,
 );
 
 fn now() -> OffsetDateTime {
@@ -495,6 +496,36 @@ async fn stored_attestation(db: &Db, host: &str) -> Attestation {
         .find(|(h, _)| h == host)
         .map(|(_, a)| a)
         .unwrap_or_else(|| panic!("no attestation for {host}"))
+}
+
+async fn concurrent_saves_all_land_and_merge(f: &Fixture) {
+    // Many check-ins at once, several of them about one host (as replicas batch them).
+    let t = now();
+    let saves: Vec<_> = (0..200i64)
+        .map(|i| {
+            let db = f.db.clone();
+            let host = if i % 4 == 0 {
+                "busy".to_owned()
+            } else {
+                format!("host-{i}")
+            };
+            let seen = t + Duration::seconds(i);
+            tokio::spawn(async move {
+                db.save_attestations(vec![(host, attestation(seen, "/nix/store/x"))])
+                    .await
+            })
+        })
+        .collect();
+    for save in saves {
+        save.await.unwrap().unwrap();
+    }
+    let page = f.db.attestations_since(0).await.unwrap();
+    assert_eq!(page.rows.len(), 151, "150 distinct hosts and the busy one");
+    assert_eq!(
+        stored_attestation(f.db.as_ref(), "busy").await.last_seen,
+        t + Duration::seconds(196),
+        "the newest of the busy host's check-ins wins"
+    );
 }
 
 async fn attestations_merge_forward_only(f: &Fixture) {
