@@ -500,7 +500,7 @@ let
       select = sel: filter (n: matches sel n hosts.${n}) hostNames;
 
       # ---- meaning: the checks of release.rs, in its order
-      validHostname = name: match "[A-Za-z0-9_.-]{1,253}" name != null;
+      validHostname = name: match "[A-Za-z0-9_-][A-Za-z0-9_.-]{0,252}" name != null;
 
       hostErrors = concatMap (
         name:
@@ -511,7 +511,7 @@ let
           if validHostname name then
             [ ]
           else
-            [ "host name ${quote name} is not valid; use letters, digits, '-', '_' and '.' (at most 253)" ]
+            [ "host name ${quote name} is not valid; use letters, digits, '-', '_' and '.', not first (at most 253)" ]
         )
         ++ (if channels ? ${channel} then [ ] else [ "host ${name}: unknown channel ${quote channel}" ])
       ) hostNames;
@@ -528,7 +528,7 @@ let
           if validChannelName name then
             [ ]
           else
-            [ "channel name ${quote name} is not valid; use letters, digits, '-', '_' and '.' (at most 64)" ]
+            [ "channel name ${quote name} is not valid; use letters, digits, '-', '_' and '.', not first (at most 64)" ]
         )
         ++ (
           if rolloutPolicies ? ${c.rolloutPolicy} then

@@ -56,11 +56,11 @@ pub enum FleetError {
     )]
     BadClosure { host: String, closure: String },
     #[error(
-        "host name {host:?} is not valid; use letters, digits, '-', '_' and '.' (at most 253)"
+        "host name {host:?} is not valid; use letters, digits, '-', '_' and '.', not first (at most 253)"
     )]
     BadHostname { host: String },
     #[error(
-        "channel name {channel:?} is not valid; use letters, digits, '-', '_' and '.' (at most 64)"
+        "channel name {channel:?} is not valid; use letters, digits, '-', '_' and '.', not first (at most 64)"
     )]
     BadChannelName { channel: String },
     #[error(
@@ -83,9 +83,11 @@ pub fn normalize_closure(closure: &str) -> Option<String> {
     (hash.chars().all(nix32) && name_ok).then(|| base.to_owned())
 }
 
+/// Host and channel names become file names and URL path segments: no "." or "..".
 fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
+        && !name.starts_with('.')
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -169,7 +171,7 @@ fn validate_structure(
     }
     for (name, channel) in &fleet.channels {
         // Channel names become file names and URL path segments.
-        if name.len() > 64 || !valid_hostname(name) || name.starts_with('.') {
+        if name.len() > 64 || !valid_hostname(name) {
             errors.push(FleetError::BadChannelName {
                 channel: name.clone(),
             });
@@ -462,6 +464,16 @@ mod tests {
             find_cycle(long.iter().map(|(a, b)| (a.as_str(), b.as_str()))),
             None
         );
+    }
+
+    #[test]
+    fn host_names_must_be_safe_path_segments() {
+        for bad in ["", ".", "..", ".web", "web 01", "a/b", &"h".repeat(254)] {
+            assert!(!valid_hostname(bad), "{bad:?} passed");
+        }
+        for good in ["web-01", "db_02.example.org", "h"] {
+            assert!(valid_hostname(good), "{good:?} refused");
+        }
     }
 
     #[test]

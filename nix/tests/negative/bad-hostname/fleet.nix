@@ -5,5 +5,6 @@ in
 example // {
   hosts = example.hosts // {
     "web 04/a" = { system = "x86_64-linux"; channel = "stable"; };
+    ".." = { system = "x86_64-linux"; channel = "stable"; };
   };
 }
