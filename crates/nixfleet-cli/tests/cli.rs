@@ -8,8 +8,22 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const SIGNED_AT: &str = "2026-11-27T10:00:00Z";
-const SOON_AFTER: &str = "2026-11-27T10:05:00Z";
+/// When the test releases are signed: now, since `release --trust-file` checks what it
+/// signed against the clock, and a fixed instant would go stale a day later.
+static SIGNED: std::sync::LazyLock<time::OffsetDateTime> = std::sync::LazyLock::new(|| {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+});
+static SIGNED_AT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| at(0));
+static SOON_AFTER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| at(300));
+
+/// RFC 3339 of `secs` seconds after the signing time.
+fn at(secs: i64) -> String {
+    (*SIGNED + time::Duration::seconds(secs))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,7 +72,7 @@ fn release(dir: &Path, out: &str, sign: &[&str]) -> String {
         "--ci-commit",
         "0123456789abcdef0123456789abcdef01234567",
         "--signed-at",
-        SIGNED_AT,
+        &SIGNED_AT,
         "--out",
         out,
         "--trust-file",
@@ -91,7 +105,7 @@ fn verify_all(dir: &Path, release_dir: &str) -> Vec<(bool, String)> {
             "--trust-file",
             "trust.json",
             "--now",
-            SOON_AFTER,
+            &SOON_AFTER,
         ],
     );
     results.push((
@@ -110,7 +124,7 @@ fn verify_all(dir: &Path, release_dir: &str) -> Vec<(bool, String)> {
                 "--fleet",
                 &fleet,
                 "--now",
-                SOON_AFTER,
+                &SOON_AFTER,
             ],
         );
         results.push((
@@ -141,7 +155,7 @@ fn release_round_trip_with_key_file_and_tamper_detection() {
     // The written fleet is canonical, stamped, and has resolved waves.
     let fleet: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("rel/fleet.resolved.json")).unwrap()).unwrap();
-    assert_eq!(fleet["meta"]["signedAt"], SIGNED_AT);
+    assert_eq!(fleet["meta"]["signedAt"], SIGNED_AT.as_str());
     assert_eq!(fleet["meta"]["signatureAlgorithm"], "ed25519");
     assert_eq!(
         fleet["hosts"]["web-03"]["closureHash"],
@@ -170,7 +184,7 @@ fn release_round_trip_with_key_file_and_tamper_detection() {
             "--trust-file",
             "trust.json",
             "--now",
-            SOON_AFTER,
+            &SOON_AFTER,
         ],
     );
     assert!(
@@ -195,7 +209,7 @@ fn release_round_trip_with_key_file_and_tamper_detection() {
             "--trust-file",
             "trust.json",
             "--now",
-            SOON_AFTER,
+            &SOON_AFTER,
         ],
     );
     assert!(err.contains("does not verify"), "{err}");
@@ -452,7 +466,7 @@ fn revocations_sign_and_verify_with_rollback_check() {
             "--out",
             "rev",
             "--signed-at",
-            SIGNED_AT,
+            &SIGNED_AT,
         ],
     );
     let out = ok(
@@ -464,7 +478,7 @@ fn revocations_sign_and_verify_with_rollback_check() {
             "--trust-file",
             "trust.json",
             "--now",
-            SOON_AFTER,
+            &SOON_AFTER,
         ],
     );
     assert!(out.contains("1 revocation(s)"), "{out}");
@@ -477,9 +491,9 @@ fn revocations_sign_and_verify_with_rollback_check() {
             "--trust-file",
             "trust.json",
             "--now",
-            SOON_AFTER,
+            &SOON_AFTER,
             "--last-applied",
-            SOON_AFTER,
+            &SOON_AFTER,
         ],
     );
     assert!(err.contains("older than the list already applied"), "{err}");
@@ -491,22 +505,29 @@ fn verify_refuses_stale_and_future_artifacts_by_now() {
     let dir = tmp.path();
     setup(dir, "ed25519");
     release(dir, "rel", &["--key", "ci.pem"]);
-    let args = |now: &'static str| {
-        vec![
+    let args = |secs: i64| {
+        [
             "verify",
             "fleet",
             "rel/fleet.resolved.json",
             "--trust-file",
             "trust.json",
             "--now",
-            now,
         ]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([at(secs)])
+        .collect::<Vec<String>>()
     };
-    // freshnessWindow 1440 minutes.
-    assert!(fails(dir, &args("2026-11-28T10:01:01Z")).contains("stale"));
-    ok(dir, &args("2026-11-28T10:01:00Z"));
-    assert!(fails(dir, &args("2026-11-27T09:58:59Z")).contains("more than 60 s after now"));
-    ok(dir, &args("2026-11-27T09:59:01Z"));
+    let run = |secs: i64, check: fn(&Path, &[&str]) -> String| {
+        let args = args(secs);
+        check(dir, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // freshnessWindow 1440 minutes, 60 s of clock skew either way.
+    assert!(run(1440 * 60 + 61, fails).contains("stale"));
+    run(1440 * 60 + 60, ok);
+    assert!(run(-61, fails).contains("more than 60 s after now"));
+    run(-59, ok);
 }
 
 #[test]
@@ -528,7 +549,7 @@ fn manifest_from_another_release_is_refused_with_fleet() {
             "--ci-commit",
             "ffffffffffffffffffffffffffffffffffffffff",
             "--signed-at",
-            SIGNED_AT,
+            &SIGNED_AT,
             "--out",
             "b",
             "--key",
@@ -547,7 +568,7 @@ fn manifest_from_another_release_is_refused_with_fleet() {
             "--fleet",
             "b/fleet.resolved.json",
             "--now",
-            SOON_AFTER,
+            &SOON_AFTER,
         ],
     );
     assert!(err.contains("mix-and-match"), "{err}");
@@ -568,7 +589,7 @@ fn manifest_from_another_release_is_refused_with_fleet() {
             "--trust-file",
             "trust.json",
             "--now",
-            SOON_AFTER,
+            &SOON_AFTER,
         ],
     );
     assert!(err.contains("not to its id"), "{err}");

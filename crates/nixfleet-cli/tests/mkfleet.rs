@@ -15,8 +15,18 @@ use std::process::Output;
 
 use serde_json::Value;
 
-const SIGNED_AT: &str = "2026-11-27T10:00:00Z";
-const SOON_AFTER: &str = "2026-11-27T10:05:00Z";
+/// Now, and five minutes later. A fixed instant would go stale once the fixtures'
+/// freshness window has passed, and `release` checks what it signed against the clock.
+fn signing_times() -> (String, String) {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    (rfc3339(now), rfc3339(now + time::Duration::minutes(5)))
+}
 /// Set to rewrite every positive fixture's expected.json from mkFleet's output.
 const BLESS: &str = "NIXFLEET_BLESS";
 
@@ -279,6 +289,7 @@ fn golden_fleets_round_trip_through_release_and_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     trust_roots(dir);
+    let (signed_at, soon_after) = signing_times();
     for (name, fixture) in fixtures("positive") {
         let fleet = eval_fixture(&fixture, "resolved").unwrap_or_else(|e| panic!("{name}: {e}"));
         let nix_warnings = eval_fixture(&fixture, "warnings").unwrap_or_else(|e| panic!("{e}"));
@@ -301,7 +312,7 @@ fn golden_fleets_round_trip_through_release_and_verify() {
                 "--ci-commit",
                 "0123456789abcdef0123456789abcdef01234567",
                 "--signed-at",
-                SIGNED_AT,
+                &signed_at,
                 "--key",
                 "ci.pem",
                 "--trust-file",
@@ -334,7 +345,7 @@ fn golden_fleets_round_trip_through_release_and_verify() {
             "--trust-file",
             "trust.json",
             "--now",
-            SOON_AFTER,
+            &soon_after,
         ]);
         let mut manifests: Vec<PathBuf> = fs::read_dir(dir.join(&out_dir).join("rollouts"))
             .unwrap()
@@ -358,7 +369,7 @@ fn golden_fleets_round_trip_through_release_and_verify() {
                 "--fleet",
                 &signed,
                 "--now",
-                SOON_AFTER,
+                &soon_after,
             ]);
             // Each host's wave in the manifest is the wave mkFleet put it in.
             let manifest = read_json(manifest);
@@ -387,7 +398,7 @@ fn golden_fleets_round_trip_through_release_and_verify() {
             assert_eq!(entry["closureHash"], closure.as_str(), "{name}: {host}");
             entry["closureHash"] = Value::Null;
         }
-        assert_eq!(round_tripped["meta"]["signedAt"], SIGNED_AT);
+        assert_eq!(round_tripped["meta"]["signedAt"], signed_at.as_str());
         round_tripped["meta"] = fleet["meta"].clone();
         assert_eq!(round_tripped, fleet, "{name}: release changed the fleet");
     }
