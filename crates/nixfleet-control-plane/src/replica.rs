@@ -236,10 +236,15 @@ async fn sync_once(
             }
             directives
         })
-        .await
-        .map_err(|e| {
-            crate::store::DbError::Corrupt(format!("deriving the targets stopped: {e}"))
-        })?;
+        .await;
+        let directives = match directives {
+            Ok(d) => d,
+            Err(e) => {
+                // Versions stay unrecorded, so the next sync derives them again.
+                tracing::error!("deriving the targets from the leader's state stopped: {e}; keeping the previous targets");
+                return Ok(());
+            }
+        };
         let stored = shared.stored();
         let unverified = stored
             .rollouts
