@@ -221,7 +221,7 @@ async fn run(config: Config) -> Result<(), String> {
     let tick_config = tick::TickConfig {
         confirm_window_secs: config.confirm_deadline_secs,
         offline_after_secs: u64::from(config.checkin_interval_secs) * 3,
-        late_confirm_grace_secs: if config.database_url.is_some() {
+        late_confirm_grace_secs: if db.shared() {
             replica::LATE_CONFIRM_GRACE.as_secs()
         } else {
             0

@@ -44,26 +44,41 @@ impl Replicated {
 
     /// Like `replica`, with more flags.
     fn replica_with(&self, name: &str, url: &str, tick: u64, flags: &[&str]) -> Cp {
-        let mut extra = vec![
-            "--replica-name".to_owned(),
-            name.to_owned(),
-            "--tick-interval-secs".to_owned(),
-            tick.to_string(),
-        ];
+        let mut extra = vec!["--tick-interval-secs".to_owned(), tick.to_string()];
         extra.extend(flags.iter().map(|f| f.to_string()));
-        let mut cp = Cp::start(
-            &self.pki,
-            &self.forge,
-            &self.tmp.path().join(name),
-            &CpOptions {
+        self.start(
+            name,
+            CpOptions {
                 database_url: Some(url.to_owned()),
                 extra,
                 ..CpOptions::default()
             },
-        );
+        )
+    }
+
+    /// Starts replica `name` with `opts` (its name added) and waits until it is ready.
+    fn start(&self, name: &str, mut opts: CpOptions) -> Cp {
+        opts.extra
+            .splice(0..0, ["--replica-name".to_owned(), name.to_owned()]);
+        let mut cp = Cp::start(&self.pki, &self.forge, &self.tmp.path().join(name), &opts);
         cp.wait_ready(&self.pki);
         cp
     }
+}
+
+/// Waits until the leader has stored an artifact whose name is LIKE `pattern`.
+async fn wait_published(db: &TestDb, pattern: &str) {
+    wait_for_async(
+        &format!("the leader to publish {pattern}"),
+        Duration::from_secs(20),
+        || async move {
+            !db.query(&format!(
+                "SELECT name FROM signed_artifacts WHERE name LIKE '{pattern}'"
+            ))
+            .is_empty()
+        },
+    )
+    .await;
 }
 
 async fn healthz(pki: &Pki, port: u16) -> Option<Value> {
@@ -205,31 +220,17 @@ async fn a_follower_verifies_what_the_leader_published_and_refuses_a_forged_flee
     // B cannot reach the forge and has neither a build-time artifact nor a rollouts
     // directory: everything it serves was published in the database by A and verified
     // by B, from its start-up on.
-    let db = &s.db;
-    wait_for_async(
-        "A published the fleet",
-        Duration::from_secs(20),
-        || async move {
-            db.query("SELECT name FROM signed_artifacts WHERE name = 'fleet'")
-                .len()
-                == 1
-        },
-    )
-    .await;
+    wait_published(&s.db, "fleet").await;
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let mut b = Cp::start(
-        &s.pki,
-        &s.forge,
-        &s.tmp.path().join("cp-b"),
-        &CpOptions {
+    let b = s.start(
+        "cp-b",
+        CpOptions {
             database_url: Some(s.db.url.clone()),
             url: false,
             build_time_artifact: false,
             rollouts_dir: false,
             with_revocations: false,
             extra: vec![
-                "--replica-name".into(),
-                "cp-b".into(),
                 "--channel-refs-artifact-url".into(),
                 format!("{nowhere}/fleet.resolved.json"),
                 "--revocations-artifact-url".into(),
@@ -238,7 +239,6 @@ async fn a_follower_verifies_what_the_leader_published_and_refuses_a_forged_flee
             ..CpOptions::default()
         },
     );
-    b.wait_ready(&s.pki);
     assert_eq!(role(&s.pki, b.port).await, "follower");
     // Its revocation list too: until it has verified one, agents get 503 there.
     let pki = &s.pki;
@@ -622,32 +622,19 @@ async fn a_replica_that_has_not_verified_a_rollout_never_tells_an_agent_to_roll_
     // B has no rollouts directory, and the manifest A stored in the database is damaged
     // (its recorded hash left as it was, so A does not store it again): B can never
     // verify the leader's rollout.
-    let db = &s.db;
-    wait_for_async(
-        "A published the manifest",
-        Duration::from_secs(20),
-        || async move {
-            !db.query("SELECT name FROM signed_artifacts WHERE name LIKE 'manifest/%'")
-                .is_empty()
-        },
-    )
-    .await;
+    wait_published(&s.db, "manifest/%").await;
     s.db.query(
         "UPDATE signed_artifacts SET body = overlay(body placing '9' from 40 for 1) WHERE name LIKE 'manifest/%'; \
          UPDATE signed_artifacts_version SET version = version + 1",
     );
-    let mut b = Cp::start(
-        &s.pki,
-        &s.forge,
-        &s.tmp.path().join("cp-b"),
-        &CpOptions {
+    let b = s.start(
+        "cp-b",
+        CpOptions {
             database_url: Some(s.db.url.clone()),
             rollouts_dir: false,
-            extra: vec!["--replica-name".into(), "cp-b".into()],
             ..CpOptions::default()
         },
     );
-    b.wait_ready(&s.pki);
     wait_for(
         "B to refuse the damaged manifest",
         Duration::from_secs(20),
