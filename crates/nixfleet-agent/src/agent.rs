@@ -603,7 +603,13 @@ impl Agent {
             });
             return None;
         }
-        let (manifest, signature, source) = match self.dir.cached_manifest(&target.rollout_id) {
+        // A re-sign keeps the rollout id: a cached copy older than the target's signature
+        // is fetched again, so that freshness is judged on the newest signature.
+        let cached = self
+            .dir
+            .cached_manifest(&target.rollout_id)
+            .filter(|(m, _)| signed_at_of(m).is_some_and(|at| at >= target.signed_at));
+        let (manifest, signature, source) = match cached {
             Some((m, s)) => (
                 m,
                 s,
@@ -827,7 +833,11 @@ impl Agent {
             self.state.failed_targets.iter().any(|f| {
                 f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash
             });
-        if already_failed || target == activation.target {
+        // The same activation re-offered (a re-sign only moves its signedAt).
+        let same = target.rollout_id == activation.target.rollout_id
+            && target.closure_hash == activation.target.closure_hash
+            && target.wave_index == activation.target.wave_index;
+        if already_failed || same {
             return;
         }
         match gate::precheck(&target, Some(activation), &self.state.failed_targets) {
@@ -900,4 +910,17 @@ impl Agent {
         self.apply(event);
         Duration::ZERO
     }
+}
+
+/// `meta.signedAt` of manifest bytes, read without verifying them (that is the gate's job).
+fn signed_at_of(manifest: &[u8]) -> Option<OffsetDateTime> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Probe {
+        meta: nixfleet_proto::Meta,
+    }
+    serde_json::from_slice::<Probe>(manifest)
+        .ok()?
+        .meta
+        .signed_at
 }

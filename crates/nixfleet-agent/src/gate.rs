@@ -2,7 +2,7 @@
 //! believed when the CI-signed rollout manifest says it too. Pure: the manifest bytes, the
 //! trust roots and the time are arguments.
 
-use nixfleet_proto::wire::{FailedTarget, ReportKind, Target};
+use nixfleet_proto::wire::{closure_blocked, FailedTarget, ReportKind, Target};
 use nixfleet_proto::{RolloutManifest, TrustFile};
 use nixfleet_trust::verify::{self, Limits, ManifestContext, VerifyError};
 use time::OffsetDateTime;
@@ -48,8 +48,24 @@ pub fn is_rollout_id(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Why a closure that already failed here is not activated again.
+pub fn already_failed(target: &Target, f: &FailedTarget) -> String {
+    if f.rollout_id == target.rollout_id {
+        format!(
+            "closure {} already failed on this host in rollout {} ({}); it is never activated again in that rollout",
+            target.closure_hash, target.rollout_id, f.reason
+        )
+    } else {
+        format!(
+            "closure {} already failed on this host in rollout {} ({}); a later rollout does not send it again by itself (to retry it on purpose, see docs/release.md)",
+            target.closure_hash, f.rollout_id, f.reason
+        )
+    }
+}
+
 /// Checks done before anything is fetched: the shape of the ids, a rollout swapped under
-/// an activation in flight, and a closure that already failed in this rollout.
+/// an activation in flight, and a closure that already failed on this host
+/// ([`closure_blocked`]).
 pub fn precheck(
     target: &Target,
     in_flight: Option<&Activation>,
@@ -75,14 +91,8 @@ pub fn precheck(
             )));
         }
     }
-    if let Some(f) = failed_targets
-        .iter()
-        .find(|f| f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash)
-    {
-        return Err(manifest_rejected(format!(
-            "closure {} already failed on this host in rollout {} ({}); it is never activated again in that rollout",
-            target.closure_hash, target.rollout_id, f.reason
-        )));
+    if let Some(f) = closure_blocked(failed_targets, &target.rollout_id, &target.closure_hash) {
+        return Err(manifest_rejected(already_failed(target, f)));
     }
     Ok(())
 }
@@ -137,6 +147,7 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nixfleet_proto::wire::FailureCause;
     use time::macros::datetime;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -182,15 +193,41 @@ mod tests {
         assert!(precheck(&target(ID, CLOSURE), Some(&in_flight), &[]).is_ok());
     }
 
+    fn failure(rollout: &str, cause: FailureCause) -> FailedTarget {
+        FailedTarget {
+            rollout_id: rollout.into(),
+            closure_hash: CLOSURE.into(),
+            reason: "switch-to-configuration exited with status 1".into(),
+            at: datetime!(2026-11-27 10:00 UTC),
+            cause: Some(cause),
+        }
+    }
+
     #[test]
     fn a_closure_that_failed_in_the_rollout_is_refused() {
-        let failed = FailedTarget {
-            rollout_id: ID.into(),
-            closure_hash: CLOSURE.into(),
-            reason: "confirm window".into(),
-            at: datetime!(2026-11-27 10:00 UTC),
-        };
+        let failed = failure(ID, FailureCause::ConfirmTimeout);
         assert!(precheck(&target(ID, CLOSURE), None, &[failed]).is_err());
+    }
+
+    #[test]
+    fn a_closure_whose_activation_failed_here_is_refused_in_a_later_rollout() {
+        let later = ID.replace('0', "f");
+        let r = precheck(
+            &target(&later, CLOSURE),
+            None,
+            &[failure(ID, FailureCause::Activation)],
+        )
+        .unwrap_err();
+        assert_eq!(r.kind, ReportKind::ManifestRejected);
+        assert!(r.reason.contains("does not send it again"), "{}", r.reason);
+        assert!(
+            r.reason.contains("status 1"),
+            "the original reason: {}",
+            r.reason
+        );
+        // A rollback on the control plane's signal says nothing about the closure here.
+        let signalled = failure(ID, FailureCause::RollbackSignal);
+        assert!(precheck(&target(&later, CLOSURE), None, &[signalled]).is_ok());
     }
 
     #[test]

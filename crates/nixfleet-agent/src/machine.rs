@@ -3,7 +3,7 @@
 //! shell gathers an [`Event`], calls [`transition`], persists the result and carries out
 //! its [`Effect`]s. Crash recovery is reading the persisted [`Phase`] back.
 
-use nixfleet_proto::wire::{FailedTarget, ReportKind, RollbackSignal, Target};
+use nixfleet_proto::wire::{FailedTarget, FailureCause, ReportKind, RollbackSignal, Target};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
@@ -42,6 +42,17 @@ pub enum RollbackCause {
 }
 
 impl RollbackCause {
+    /// What the rollback says about the closure, for later rollouts.
+    pub fn failure(&self) -> FailureCause {
+        match self {
+            RollbackCause::ConfirmWindowExpired | RollbackCause::ConfirmGone { .. } => {
+                FailureCause::ConfirmTimeout
+            }
+            RollbackCause::Signal { .. } => FailureCause::RollbackSignal,
+            RollbackCause::SwitchFailed { .. } => FailureCause::Activation,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             RollbackCause::ConfirmWindowExpired => {
@@ -195,12 +206,18 @@ pub struct Unexpected {
     pub event: String,
 }
 
-fn failed(activation: &Activation, reason: &str, now: OffsetDateTime) -> Effect {
+fn failed(
+    activation: &Activation,
+    cause: FailureCause,
+    reason: &str,
+    now: OffsetDateTime,
+) -> Effect {
     Effect::RecordFailed(FailedTarget {
         rollout_id: activation.target.rollout_id.clone(),
         closure_hash: activation.target.closure_hash.clone(),
         reason: reason.to_owned(),
         at: now,
+        cause: Some(cause),
     })
 }
 
@@ -260,6 +277,7 @@ pub fn transition(
                     closure_hash: target.closure_hash.clone(),
                     reason: reason.clone(),
                     at: now,
+                    cause: Some(FailureCause::Refused),
                 }),
             ];
             step(machine.phase.clone(), last, effects, why)
@@ -307,7 +325,7 @@ pub fn transition(
                 last,
                 vec![
                     report(ReportKind::ActivationFailed, &activation.target, &reason),
-                    failed(activation, &reason, now),
+                    failed(activation, FailureCause::RollbackSignal, &reason, now),
                 ],
                 reason,
             )
@@ -346,7 +364,7 @@ pub fn transition(
             last,
             vec![
                 report(ReportKind::ClosureRejected, &activation.target, &reason),
-                failed(activation, &reason, now),
+                failed(activation, FailureCause::Refused, &reason, now),
             ],
             format!(
                 "closure {} refused, nothing activated: {reason}",
@@ -485,7 +503,7 @@ pub fn transition(
                 Phase::Idle,
                 None,
                 vec![
-                    failed(activation, &cause.describe(), now),
+                    failed(activation, cause.failure(), &cause.describe(), now),
                     report(ReportKind::RolledBack, &activation.target, &reason),
                 ],
                 reason,
@@ -502,7 +520,7 @@ pub fn transition(
                 Phase::Idle,
                 None,
                 vec![
-                    failed(activation, &cause.describe(), now),
+                    failed(activation, cause.failure(), &cause.describe(), now),
                     report(ReportKind::RollbackFailed, &activation.target, &why),
                 ],
                 why,

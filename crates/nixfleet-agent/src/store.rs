@@ -234,6 +234,7 @@ mod tests {
             closure_hash: "c".into(),
             reason: "x".into(),
             at: OffsetDateTime::UNIX_EPOCH,
+            cause: None,
         };
         state.record_failed(f.clone());
         state.record_failed(f);

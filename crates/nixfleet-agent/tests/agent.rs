@@ -503,8 +503,20 @@ impl Fleet {
         closures: Value,
         extra: &[&str],
     ) -> (PathBuf, String) {
+        self.other_release_with(single_wave(), name, hosts, closures, extra)
+    }
+
+    /// A release under another rollout policy: the same closures, another intent.
+    fn other_release_with(
+        &self,
+        policy: Value,
+        name: &str,
+        hosts: &[&Host],
+        closures: Value,
+        extra: &[&str],
+    ) -> (PathBuf, String) {
         let dir = self.tmp.path().join(name);
-        let fleet = fleet_json(hosts, single_wave());
+        let fleet = fleet_json(hosts, policy);
         let commit = "2222222222222222222222222222222222222222";
         release_closures(&self.pki, &dir, &fleet, &closures, commit, extra);
         let id = rollout_id(&dir, "stable");
@@ -576,6 +588,7 @@ fn stale_target_is_refused_and_reported() {
     f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
     // The same plan, signed three days ago: older than its 1440-minute freshness window.
+    // Same intent, so the same rollout id: only the signature is old.
     let (dir, stale) = f.other_release(
         "stale",
         &[&f.host],
@@ -600,7 +613,13 @@ fn rollout_id_swapped_mid_rollout_is_refused_and_the_activation_still_confirms()
     let gen1 = f.closure(1, |c, p| c.push(p));
     let rollout = f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
-    let (dir, other) = f.other_release("swap", &[&f.host], json!({ HOST: gen1.clone() }), &[]);
+    let (dir, other) = f.other_release_with(
+        canary_policy("halt", 1),
+        "swap",
+        &[&f.host],
+        json!({ HOST: gen1.clone() }),
+        &[],
+    );
     assert_ne!(rollout, other);
     let (evil, mut agent) = f.compromised();
     evil.serve_manifests_from(dir);

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use nixfleet_proto::{
-    Algorithm, BootstrapToken, FleetResolved, KeySlot, PublicKeyEntry, Revocations, TokenClaims,
-    TrustFile, REVOCATIONS_SCHEMA_VERSION, TOKEN_VERSION, TRUST_SCHEMA_VERSION,
+    Algorithm, BootstrapToken, FleetResolved, Introduced, KeySlot, PublicKeyEntry, Revocations,
+    RolloutManifest, TokenClaims, TrustFile, REVOCATIONS_SCHEMA_VERSION, TOKEN_VERSION,
+    TRUST_SCHEMA_VERSION,
 };
 use nixfleet_trust::jcs;
 use nixfleet_trust::keys::{self, PrivateKey, PublicKey};
@@ -212,10 +213,15 @@ pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
         stamp.ci_commit,
     )];
     let mut written = Vec::new();
-    for manifest in release::manifests(&fleet, &fleet_hash) {
-        let canonical = canonical_of(&manifest, &args.out)?;
-        let rollout_id = jcs::sha256_hex(&canonical);
+    for mut manifest in release::manifests(&fleet, &fleet_hash) {
+        let rollout_id = verify::rollout_id(&canonical_of(&manifest, &args.out)?)
+            .map_err(|e| json_error(&args.out, e))?;
         let path = args.out.join("rollouts").join(format!("{rollout_id}.json"));
+        // A re-sign of an unchanged intent keeps the provenance of its first release.
+        if let Some(first) = earlier_introduction(&path, &rollout_id) {
+            manifest.introduced = Some(first);
+        }
+        let canonical = canonical_of(&manifest, &args.out)?;
         // Also under the channel's name, for control planes that fetch the current
         // manifest of each channel by URL (the id cannot be known before the bytes).
         let by_channel = args
@@ -249,6 +255,22 @@ pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
         ));
     }
     Ok((lines.join("\n"), resolved.warnings))
+}
+
+/// The `introduced` of the manifest already at `path` when it carries the same intent;
+/// anything unreadable is ignored (this release then counts as the first).
+fn earlier_introduction(path: &Path, rollout_id: &str) -> Option<Introduced> {
+    let bytes = std::fs::read(path).ok()?;
+    if verify::rollout_id(&bytes).ok()? != rollout_id {
+        return None;
+    }
+    let earlier: RolloutManifest = serde_json::from_slice(&bytes).ok()?;
+    earlier.introduced.or_else(|| {
+        earlier.meta.signed_at.map(|signed_at| Introduced {
+            ci_commit: earlier.meta.ci_commit.clone(),
+            signed_at,
+        })
+    })
 }
 
 pub struct RevocationsSignArgs {
@@ -410,12 +432,21 @@ pub fn verify_artifact(
                 .map(|f| verify_fleet_file(f, fleet_sig.as_deref(), &trust, now))
                 .transpose()?;
             let v = verify_manifest_file(path, sig, &trust, now, fleet.as_ref())?;
+            let first = match &v.value.introduced {
+                Some(i) => format!(
+                    ", intent first released {} for commit {}",
+                    rfc3339(i.signed_at),
+                    i.ci_commit.as_deref().unwrap_or("?")
+                ),
+                None => String::new(),
+            };
             format!(
-                "ok: rollout {} ({}) signed {} by ciReleaseKey.{}: {} host(s) in {} wave(s){}",
-                v.sha256,
+                "ok: rollout {} ({}) signed {} by ciReleaseKey.{} for commit {}{first}: {} host(s) in {} wave(s){}",
+                v.id,
                 v.value.display_name,
                 rfc3339(v.signed_at),
                 signed_by(v.signed_by),
+                v.value.meta.ci_commit.as_deref().unwrap_or("?"),
                 v.value.host_set.len(),
                 v.value.waves.len(),
                 if fleet.is_some() {

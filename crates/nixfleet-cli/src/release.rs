@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nixfleet_proto::{
-    Algorithm, FleetResolved, HostSetEntry, ManifestBudget, ManifestWave, Meta, ResolvedWave,
-    RolloutManifest, Selector, FLEET_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION,
+    Algorithm, FleetResolved, HostSetEntry, Introduced, ManifestBudget, ManifestWave, Meta,
+    ResolvedWave, RolloutManifest, Selector, FLEET_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION,
 };
 use time::OffsetDateTime;
 
@@ -369,7 +369,8 @@ fn resolve_waves(
 }
 
 /// One manifest per channel, projected from the resolved and stamped fleet whose
-/// canonical bytes hash to `fleet_hash`.
+/// canonical bytes hash to `fleet_hash`. `introduced` is this release; the caller keeps
+/// an earlier release's when the intent is unchanged.
 pub fn manifests(fleet: &FleetResolved, fleet_hash: &str) -> Vec<RolloutManifest> {
     let commit = fleet.meta.ci_commit.clone().unwrap_or_default();
     let short: String = commit.chars().take(7).collect();
@@ -405,17 +406,26 @@ pub fn manifests(fleet: &FleetResolved, fleet_hash: &str) -> Vec<RolloutManifest
             .collect();
         host_set.sort_by(|a, b| a.hostname.cmp(&b.hostname));
         let members: BTreeSet<&str> = host_set.iter().map(|e| e.hostname.as_str()).collect();
+        // Only this channel's hosts: the budget's hosts in other channels are theirs, so a
+        // change there leaves this channel's intent (and rollout id) as it is.
         let disruption_budgets = budgets
             .iter()
-            .filter(|(_, hosts)| hosts.iter().any(|h| members.contains(h.as_str())))
-            .map(|(i, hosts)| {
+            .filter_map(|(i, hosts)| {
+                let mine: Vec<String> = hosts
+                    .iter()
+                    .filter(|h| members.contains(h.as_str()))
+                    .cloned()
+                    .collect();
+                if mine.is_empty() {
+                    return None;
+                }
                 let budget = &fleet.disruption_budgets[*i];
-                ManifestBudget {
+                Some(ManifestBudget {
                     selector: budget.selector.clone(),
-                    hosts: hosts.clone(),
+                    hosts: mine,
                     max_in_flight: budget.max_in_flight,
                     max_in_flight_pct: budget.max_in_flight_pct,
-                }
+                })
             })
             .collect();
         out.push(RolloutManifest {
@@ -436,6 +446,10 @@ pub fn manifests(fleet: &FleetResolved, fleet_hash: &str) -> Vec<RolloutManifest
             compliance_frameworks: channel.compliance.frameworks.clone(),
             disruption_budgets,
             freshness_window: Some(channel.freshness_window),
+            introduced: fleet.meta.signed_at.map(|signed_at| Introduced {
+                ci_commit: fleet.meta.ci_commit.clone(),
+                signed_at,
+            }),
             meta: fleet.meta.clone(),
         });
     }

@@ -572,8 +572,11 @@ fn manifest_from_another_release_is_refused_with_fleet() {
         ],
     );
     assert!(err.contains("mix-and-match"), "{err}");
-    // Renamed to another id: refused by content hash.
-    let other = manifests(&dir.join("b")).remove(0);
+    // Renamed to another rollout's id: refused, its intent hashes to its own id.
+    let other = manifests(&dir.join("b"))
+        .into_iter()
+        .find(|p| p.file_name() != old.file_name())
+        .unwrap();
     fs::copy(&old, &other).unwrap();
     fs::copy(
         old.with_extension("json.sig"),
@@ -772,4 +775,135 @@ fn canonicalize_is_rfc8785() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(out.stdout, "{\"a\":null,\"b\":[1,1e+21,\"é\"]}".as_bytes());
+}
+
+/// Signs `fleet` + `closures` into `out` at `signed_at` for `commit`; returns the rollout
+/// id of each channel, read from the manifests written under the channel's name.
+fn release_ids(
+    dir: &Path,
+    out: &str,
+    fleet: &serde_json::Value,
+    closures: &serde_json::Value,
+    commit: &str,
+    signed_at: &str,
+) -> std::collections::BTreeMap<String, String> {
+    fs::write(dir.join("f.json"), fleet.to_string()).unwrap();
+    fs::write(dir.join("c.json"), closures.to_string()).unwrap();
+    #[rustfmt::skip]
+    ok(dir, &["release", "--fleet", "f.json", "--closures", "c.json", "--ci-commit", commit,
+              "--signed-at", signed_at, "--out", out, "--key", "ci.pem", "--trust-file", "trust.json"]);
+    let mut ids = std::collections::BTreeMap::new();
+    for channel in fleet["channels"].as_object().unwrap().keys() {
+        let by_name = dir
+            .join(out)
+            .join(format!("rollouts/channel/{channel}.json"));
+        let bytes = fs::read(&by_name).unwrap();
+        let id = nixfleet_trust::verify::rollout_id(&bytes).unwrap();
+        let by_id = dir.join(out).join(format!("rollouts/{id}.json"));
+        assert_eq!(
+            fs::read(&by_id).unwrap(),
+            bytes,
+            "{channel}: written under its id"
+        );
+        ids.insert(channel.clone(), id);
+    }
+    ids
+}
+
+fn examples() -> (serde_json::Value, serde_json::Value) {
+    let read = |name| serde_json::from_slice(&fs::read(fixture(name)).unwrap()).unwrap();
+    (read("fleet.json"), read("closures.json"))
+}
+
+#[test]
+fn a_re_sign_keeps_every_rollout_id_and_the_first_release_s_provenance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir, "ed25519");
+    let (fleet, closures) = examples();
+    const C1: &str = "1111111111111111111111111111111111111111";
+    const C2: &str = "2222222222222222222222222222222222222222";
+    let first = release_ids(dir, "out", &fleet, &closures, C1, &at(0));
+    let fleet_1 = fs::read(dir.join("out/fleet.resolved.json")).unwrap();
+    // CI's hourly re-sign, even from another commit that changed nothing for the fleet.
+    let again = release_ids(dir, "out", &fleet, &closures, C2, &at(60));
+    assert_eq!(first, again);
+    assert_ne!(
+        fs::read(dir.join("out/fleet.resolved.json")).unwrap(),
+        fleet_1
+    );
+    let stable = dir.join(format!("out/rollouts/{}.json", again["stable"]));
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(&stable).unwrap()).unwrap();
+    assert_eq!(
+        m["meta"]["ciCommit"], C2,
+        "the newest signature is the one on disk"
+    );
+    assert_eq!(m["meta"]["signedAt"], at(60));
+    assert_eq!(
+        m["introduced"]["ciCommit"], C1,
+        "provenance of the first release"
+    );
+    assert_eq!(m["introduced"]["signedAt"], at(0));
+    #[rustfmt::skip]
+    let line = ok(dir, &["verify", "manifest", stable.to_str().unwrap(), "--trust-file", "trust.json",
+                         "--fleet", "out/fleet.resolved.json", "--now", &at(90)]);
+    assert!(line.contains(&again["stable"]), "{line}");
+    assert!(line.contains(&format!("for commit {C2}")), "{line}");
+    assert!(
+        line.contains(&format!("first released {} for commit {C1}", at(0))),
+        "{line}"
+    );
+    // Into a fresh directory the same intent has the same id; this release is its first.
+    let fresh = release_ids(dir, "fresh", &fleet, &closures, C2, &at(60));
+    assert_eq!(fresh, first);
+    let m: serde_json::Value = serde_json::from_slice(
+        &fs::read(dir.join(format!("fresh/rollouts/{}.json", fresh["stable"]))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["introduced"]["ciCommit"], C2);
+}
+
+#[test]
+fn a_changed_closure_wave_or_policy_is_a_new_rollout_of_that_channel_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir, "ed25519");
+    let (fleet, closures) = examples();
+    let commit = "1111111111111111111111111111111111111111";
+    let base = release_ids(dir, "base", &fleet, &closures, commit, &at(0));
+    assert_eq!(base.len(), 2);
+    let changed = |what: &str, fleet: &serde_json::Value, closures: &serde_json::Value| {
+        let ids = release_ids(dir, what, fleet, closures, commit, &at(0));
+        ids.into_iter()
+            .filter(|(channel, id)| base[channel] != *id)
+            .map(|(channel, _)| channel)
+            .collect::<Vec<_>>()
+    };
+    // A closure of a stable host.
+    let mut c = closures.clone();
+    c["web-02"] = "00000000000000000000000000000009-nixos-system-web-02".into();
+    assert_eq!(changed("closure", &fleet, &c), ["stable"]);
+    // A host moved to another wave (web-02 becomes a canary).
+    let mut f = fleet.clone();
+    f["hosts"]["web-02"]["tags"] = serde_json::json!(["web", "canary"]);
+    assert_eq!(changed("wave", &f, &closures), ["stable"]);
+    // The soak of a wave, and what a health failure does.
+    let mut f = fleet.clone();
+    f["rolloutPolicies"]["canary"]["waves"][0]["soakMinutes"] = 45.into();
+    assert_eq!(changed("soak", &f, &closures), ["stable"]);
+    let mut f = fleet.clone();
+    f["rolloutPolicies"]["all-at-once"]["onHealthFailure"] = "rollback-and-halt".into();
+    assert_eq!(changed("policy", &f, &closures), ["edge"]);
+    // Another channel's new host matches a fleet-wide budget (not db, 50%) that covers
+    // stable's web hosts too: only edge changes.
+    let mut f = fleet.clone();
+    let mut c = closures.clone();
+    f["hosts"]["lab-02"] = f["hosts"]["lab-01"].clone();
+    f["hosts"]["lab-02"]["pubkey"] = serde_json::Value::Null;
+    c["lab-02"] = "00000000000000000000000000000008-nixos-system-lab-02".into();
+    assert_eq!(changed("other-channel", &f, &c), ["edge"]);
+    // Signing times, commits and freshness are not intent.
+    let mut f = fleet.clone();
+    f["channels"]["stable"]["freshnessWindow"] = 2880.into();
+    assert!(changed("freshness", &f, &closures).is_empty());
 }

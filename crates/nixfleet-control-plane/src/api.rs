@@ -16,7 +16,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use nixfleet_pki::{FleetCa, HostExpectation, Role};
 use nixfleet_proto::api::{
-    state_name, ChannelStatus, Healthz, HostDetail, HostStatus, RolloutEventRecord, RolloutStatus,
+    state_name, ChannelStatus, Healthz, HostDetail, HostStatus, Provenance, RolloutEventRecord,
+    RolloutStatus,
 };
 use nixfleet_proto::wire::{
     CheckinRequest, CheckinResponse, ConfirmRequest, EnrollRequest, EnrollResponse, ErrorBody,
@@ -1078,25 +1079,35 @@ async fn list_rollouts(
         stored
             .rollouts
             .iter()
-            .map(|(id, r)| RolloutStatus {
-                rollout_id: id.clone(),
-                channel: r.channel.clone(),
-                display_name: fleet
-                    .as_ref()
-                    .and_then(|f| f.manifests.get(id))
-                    .map(|m| m.value.display_name.clone()),
-                state: serde_json::to_value(&r.state).unwrap_or_default(),
-                opened_at: r.opened_at,
-                hosts: r
-                    .hosts
-                    .iter()
-                    .map(|(h, rec)| {
-                        (
-                            h.clone(),
-                            serde_json::to_value(&rec.state).unwrap_or_default(),
-                        )
-                    })
-                    .collect(),
+            .map(|(id, r)| {
+                let manifest = fleet.as_ref().and_then(|f| f.manifests.get(id));
+                RolloutStatus {
+                    rollout_id: id.clone(),
+                    channel: r.channel.clone(),
+                    display_name: manifest.map(|m| m.value.display_name.clone()),
+                    introduced: manifest.and_then(|m| {
+                        m.value.introduced.as_ref().map(|i| Provenance {
+                            ci_commit: i.ci_commit.clone(),
+                            signed_at: i.signed_at,
+                        })
+                    }),
+                    latest: manifest.map(|m| Provenance {
+                        ci_commit: m.value.meta.ci_commit.clone(),
+                        signed_at: m.signed_at,
+                    }),
+                    state: serde_json::to_value(&r.state).unwrap_or_default(),
+                    opened_at: r.opened_at,
+                    hosts: r
+                        .hosts
+                        .iter()
+                        .map(|(h, rec)| {
+                            (
+                                h.clone(),
+                                serde_json::to_value(&rec.state).unwrap_or_default(),
+                            )
+                        })
+                        .collect(),
+                }
             })
             .collect(),
     ))

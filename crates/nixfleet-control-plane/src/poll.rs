@@ -233,8 +233,8 @@ impl Poller {
                 };
                 match artifacts::fetch_manifest(&self.fetcher, &source, fleet, &trust, now).await {
                     Ok((manifest, signature)) => {
-                        signatures.insert(manifest.sha256.clone(), signature);
-                        manifests.insert(manifest.sha256.clone(), Arc::new(manifest));
+                        signatures.insert(manifest.id.clone(), signature);
+                        manifests.insert(manifest.id.clone(), Arc::new(manifest));
                     }
                     Err(e) => {
                         tracing::warn!("rollout manifest of channel {channel} not loaded: {e}")

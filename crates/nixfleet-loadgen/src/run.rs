@@ -9,8 +9,8 @@ use base64::Engine as _;
 use hyper::body::Bytes;
 use nixfleet_pki::rustls::ClientConfig;
 use nixfleet_proto::wire::{
-    CheckinRequest, CheckinResponse, ConfirmRequest, CurrentGeneration, FailedTarget, Generation,
-    Health, Report, ReportKind, ReportRequest, Target,
+    closure_blocked, CheckinRequest, CheckinResponse, ConfirmRequest, CurrentGeneration,
+    FailedTarget, FailureCause, Generation, Health, Report, ReportKind, ReportRequest, Target,
 };
 use nixfleet_trust::jcs;
 use nixfleet_trust::keys::PrivateKey;
@@ -284,10 +284,12 @@ impl Agent {
         target: &Target,
         deadline: Instant,
     ) -> bool {
-        let failed_before = self
-            .failed_targets
-            .iter()
-            .any(|f| f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash);
+        let failed_before = closure_blocked(
+            &self.failed_targets,
+            &target.rollout_id,
+            &target.closure_hash,
+        )
+        .is_some();
         if target.closure_hash == self.closure || failed_before {
             return true;
         }
@@ -359,6 +361,7 @@ impl Agent {
             closure_hash: target.closure_hash.clone(),
             reason: reason.to_owned(),
             at: OffsetDateTime::now_utc(),
+            cause: Some(FailureCause::Activation),
         });
     }
 

@@ -111,6 +111,21 @@ pub struct RolloutStatus {
     pub opened_at: OffsetDateTime,
     /// Hostname → the host's state in this rollout, in the same form as `state`.
     pub hosts: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The release that first carried this rollout's intent (null when its manifest is
+    /// not loaded, or predates the field).
+    #[serde(default)]
+    pub introduced: Option<Provenance>,
+    /// The newest signature of this intent the control plane serves: CI's latest re-sign.
+    #[serde(default)]
+    pub latest: Option<Provenance>,
+}
+
+/// Which commit a release was built from and when it was signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub ci_commit: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub signed_at: OffsetDateTime,
 }
 
 /// The name of a state stored as `"name"` or `{"name": {…}}`.

@@ -20,7 +20,8 @@ pub use fleet::{
     FLEET_SCHEMA_VERSION,
 };
 pub use manifest::{
-    HostSetEntry, ManifestBudget, ManifestWave, RolloutManifest, MANIFEST_SCHEMA_VERSION,
+    HostSetEntry, Introduced, ManifestBudget, ManifestWave, RolloutManifest,
+    MANIFEST_SCHEMA_VERSION,
 };
 pub use meta::Meta;
 pub use revocations::{Revocation, Revocations, REVOCATIONS_SCHEMA_VERSION};

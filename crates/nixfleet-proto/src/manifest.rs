@@ -9,7 +9,10 @@ use crate::meta::Meta;
 /// The only manifest schema this build understands.
 pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
 
-/// `rolloutId` is the lowercase hex SHA-256 of the manifest's canonical bytes.
+/// `rolloutId` is the lowercase hex SHA-256 of the canonical bytes of the manifest's
+/// intent (channel, hostSet, waves, healthGate, onHealthFailure, complianceFrameworks,
+/// disruptionBudgets), not of `meta` or anything else a re-sign changes; see
+/// `nixfleet_trust::verify::rollout_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutManifest {
@@ -34,7 +37,21 @@ pub struct RolloutManifest {
     /// does not have to take the control plane's word for it.
     #[serde(default)]
     pub freshness_window: Option<u32>,
+    /// The release that first carried this intent; `nixfleet release` keeps it across
+    /// re-signs. Signed, but outside the identity. Null in manifests from before it.
+    #[serde(default)]
+    pub introduced: Option<Introduced>,
     pub meta: Meta,
+}
+
+/// Provenance of a rollout's intent: the commit and signing time of its first release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Introduced {
+    #[serde(default)]
+    pub ci_commit: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub signed_at: time::OffsetDateTime,
 }
 
 impl RolloutManifest {
@@ -44,6 +61,14 @@ impl RolloutManifest {
             .binary_search_by(|e| e.hostname.as_str().cmp(hostname))
             .ok()
             .map(|i| &self.host_set[i])
+    }
+
+    /// When this intent was first signed: `introduced`, else this signature's time.
+    pub fn first_signed_at(&self) -> Option<time::OffsetDateTime> {
+        self.introduced
+            .as_ref()
+            .map(|i| i.signed_at)
+            .or(self.meta.signed_at)
     }
 
     /// Whether `(hostname, waveIndex, closure)` is part of the signed plan.

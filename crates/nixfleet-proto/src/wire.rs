@@ -70,6 +70,67 @@ pub struct FailedTarget {
     pub reason: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// Null from agents that predate it; such a failure is taken as an activation failure.
+    #[serde(default)]
+    pub cause: Option<FailureCause>,
+}
+
+/// Why a closure failed on a host. It decides whether a later rollout may send the same
+/// closure to the same host again ([`closure_blocked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureCause {
+    /// Switching to it failed, or the running system was not it afterwards.
+    Activation,
+    /// No confirm was accepted within the confirm window (the control plane could not be
+    /// reached), or the control plane answered the confirm with 410.
+    ConfirmTimeout,
+    /// The control plane told the host to roll back: its rollout tripped the health gate.
+    RollbackSignal,
+    /// Refused before activation: the manifest, its freshness, or the closure's cache
+    /// signature. Says nothing about the closure itself.
+    Refused,
+    /// A cause this build does not know (a newer agent); treated as an activation failure.
+    #[serde(other)]
+    Other,
+}
+
+/// The failure that keeps `closure` from being sent to a host by rollout `rollout_id`,
+/// given every failure recorded on that host (SPEC.md §4: a closure that failed on a host
+/// is never sent to it again by itself). Within its own rollout any failure counts; across
+/// rollouts only what says something about the closure on this host does: an activation
+/// failure at once (and a failure of unknown cause, conservatively), a confirm timeout from
+/// the second one on (the first may have been the network, so one later rollout may retry).
+pub fn closure_blocked<'a>(
+    failed: &'a [FailedTarget],
+    rollout_id: &str,
+    closure: &str,
+) -> Option<&'a FailedTarget> {
+    let mut same: Vec<&FailedTarget> = failed
+        .iter()
+        .filter(|f| f.closure_hash == closure)
+        .collect();
+    same.sort_by(|a, b| (a.at, &a.rollout_id).cmp(&(b.at, &b.rollout_id)));
+    if let Some(own) = same.iter().find(|f| f.rollout_id == rollout_id) {
+        return Some(own);
+    }
+    let closure_level = |f: &&&FailedTarget| {
+        matches!(
+            f.cause,
+            None | Some(FailureCause::Activation | FailureCause::Other)
+        )
+    };
+    if let Some(f) = same.iter().find(closure_level) {
+        return Some(f);
+    }
+    let timeouts: Vec<&&FailedTarget> = same
+        .iter()
+        .filter(|f| f.cause == Some(FailureCause::ConfirmTimeout))
+        .collect();
+    match timeouts.as_slice() {
+        [_, second, ..] => Some(second),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

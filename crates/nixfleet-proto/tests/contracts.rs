@@ -117,6 +117,7 @@ fn manifest_membership_uses_the_sorted_host_set() {
         compliance_frameworks: vec![],
         disruption_budgets: vec![],
         freshness_window: Some(60),
+        introduced: None,
         meta: Meta::unsigned(1),
     };
     assert!(m.contains("b", 1, "c2"));
@@ -150,4 +151,52 @@ fn operator_host_detail_is_the_host_plus_its_events_in_snake_case() {
         "halted"
     );
     assert_eq!(state_name(&serde_json::json!("converged")), "converged");
+}
+
+#[test]
+fn a_closure_that_failed_on_a_host_is_blocked_by_cause() {
+    use nixfleet_proto::wire::{closure_blocked, FailedTarget, FailureCause};
+    let f = |rollout: &str, closure: &str, cause: Option<FailureCause>, minute: u8| FailedTarget {
+        rollout_id: rollout.into(),
+        closure_hash: closure.into(),
+        reason: format!("{cause:?} in {rollout}"),
+        at: time::macros::datetime!(2026-11-27 10:00 UTC) + time::Duration::minutes(minute.into()),
+        cause,
+    };
+    use FailureCause::*;
+    // Any failure blocks its own rollout.
+    for cause in [Activation, ConfirmTimeout, RollbackSignal, Refused] {
+        let list = [f("A", "c", Some(cause), 0)];
+        assert!(closure_blocked(&list, "A", "c").is_some(), "{cause:?}");
+        assert!(closure_blocked(&list, "A", "other").is_none(), "{cause:?}");
+    }
+    // Across rollouts: an activation failure, or an unknown cause, blocks at once.
+    for cause in [Some(Activation), None, Some(Other)] {
+        let list = [f("A", "c", cause, 0)];
+        let hit = closure_blocked(&list, "B", "c").unwrap();
+        assert_eq!(hit.rollout_id, "A", "{cause:?}");
+    }
+    // What says nothing about the closure on this host does not.
+    for cause in [RollbackSignal, Refused] {
+        assert!(closure_blocked(&[f("A", "c", Some(cause), 0)], "B", "c").is_none());
+    }
+    // A confirm timeout may be retried once by one later rollout, not twice.
+    let once = [f("A", "c", Some(ConfirmTimeout), 0)];
+    assert!(closure_blocked(&once, "B", "c").is_none());
+    let twice = [
+        f("A", "c", Some(ConfirmTimeout), 0),
+        f("B", "c", Some(ConfirmTimeout), 5),
+    ];
+    assert_eq!(closure_blocked(&twice, "C", "c").unwrap().rollout_id, "B");
+    // Older agents send no cause; a newer one may send a cause this build does not know.
+    let parsed: FailedTarget = serde_json::from_str(
+        r#"{"rolloutId":"A","closureHash":"c","reason":"x","at":"2026-11-27T10:00:00Z","cause":"compliance"}"#,
+    )
+    .unwrap();
+    assert_eq!(parsed.cause, Some(Other));
+    let old: FailedTarget = serde_json::from_str(
+        r#"{"rolloutId":"A","closureHash":"c","reason":"x","at":"2026-11-27T10:00:00Z"}"#,
+    )
+    .unwrap();
+    assert_eq!(old.cause, None);
 }

@@ -158,6 +158,7 @@ fn input() -> Input {
                 },
             ],
             freshness_window: Some(1440),
+            introduced: None,
             meta: meta(),
         };
         let mut records = BTreeMap::new();
@@ -221,6 +222,7 @@ fn input() -> Input {
                         closure_hash: format!("new-{h}"),
                         reason: "activation failed".into(),
                         at: NOW - Duration::minutes(3),
+                        cause: None,
                     });
                 }
             }

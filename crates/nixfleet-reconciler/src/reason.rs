@@ -44,6 +44,12 @@ pub(crate) fn soaking(elapsed_minutes: i64, soak_minutes: u32) -> String {
     format!("soaking: {elapsed_minutes}m of {soak_minutes}m")
 }
 
+/// A host whose target closure already failed on it in another rollout.
+pub(crate) fn already_failed(rollout: &str, reason: &str) -> String {
+    let short: String = rollout.chars().take(12).collect();
+    format!("closure already failed on this host in rollout {short} ({reason}); not sent again by itself")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use nixfleet_proto::wire::{closure_blocked, FailedTarget};
 use nixfleet_proto::{ChannelEdge, FleetResolved, HostSetEntry, RolloutManifest, Selector};
 use time::{Duration, OffsetDateTime};
 
@@ -67,6 +68,7 @@ struct Ctx<'a> {
     /// Seen at or after this instant means online.
     online_since: OffsetDateTime,
     hosts: &'a BTreeMap<String, Attestation>,
+    fleet: &'a FleetResolved,
     /// Host edges: `after` → its `before`s, sorted.
     edges: BTreeMap<&'a str, Vec<&'a str>>,
     /// Channel edges: `after` → its `before`s, sorted.
@@ -105,6 +107,7 @@ impl<'a> Ctx<'a> {
                 .checked_sub(offline_after)
                 .unwrap_or_else(|| time::PrimitiveDateTime::MIN.assume_utc()),
             hosts: &observed.hosts,
+            fleet,
             edges,
             channel_preds,
         }
@@ -192,9 +195,17 @@ struct Slot<'a> {
     note: Option<String>,
 }
 
-impl Slot<'_> {
+impl<'a> Slot<'a> {
     fn hostname(&self) -> &str {
         &self.entry.hostname
+    }
+
+    /// A failure of this host's target closure recorded in another rollout that keeps it
+    /// from being sent again ([`closure_blocked`]).
+    fn inherited_failure(&self, rollout_id: &str) -> Option<&'a FailedTarget> {
+        let failed = &self.obs?.failed_targets;
+        closure_blocked(failed, rollout_id, &self.entry.target_closure)
+            .filter(|f| f.rollout_id != rollout_id)
     }
 
     fn on_target(&self) -> bool {
@@ -204,12 +215,13 @@ impl Slot<'_> {
     }
 
     /// Activated this rollout's closure, so a rollback concerns it. A host that confirmed
-    /// the closure before the manifest was signed already ran it: leave it alone.
+    /// the closure before the intent was first signed already ran it: leave it alone. (Not
+    /// this signature's time: a re-sign must not make the rollout's own hosts look older.)
     fn activated(&self, manifest: &RolloutManifest) -> bool {
         if self.dispatched_at.is_some() || matches!(self.state, HostState::ConfirmWindow { .. }) {
             return true;
         }
-        match (self.confirmed_at, manifest.meta.signed_at) {
+        match (self.confirmed_at, manifest.first_signed_at()) {
             (Some(confirmed), Some(signed)) => confirmed >= signed,
             (Some(_), None) => true,
             (None, _) => false,
@@ -731,12 +743,20 @@ impl<'a> Tick<'a> {
             view.members = pairs.into_iter().map(|(_, k)| k).collect();
             view.member_at = member_at;
         }
+        let fleet = self.ctx.fleet;
         for b in &mut budgets {
-            b.limit = budget::limit(
-                b.max_in_flight,
-                b.max_in_flight_pct,
-                budget::union_len(&b.lists),
-            );
+            // Fleet-wide: a percentage is of every host the current fleet's selector matches,
+            // whichever channel it is in (manifests list only their own channel's hosts).
+            let hosts = match b.max_in_flight_pct {
+                Some(_) => fleet
+                    .hosts
+                    .iter()
+                    .filter(|(name, host)| b.selector.matches(name, host))
+                    .count()
+                    .max(budget::union_len(&b.lists)),
+                None => 0,
+            };
+            b.limit = budget::limit(b.max_in_flight, b.max_in_flight_pct, hosts);
         }
         for view in self.views.iter().filter(|v| live(v)) {
             for (i, slot) in view.slots.iter().enumerate() {
@@ -917,6 +937,17 @@ fn next_event(
         }
     }
 
+    // A closure that already failed on this host is not sent to it again by a later
+    // rollout: the host counts as failed at once, with the original reason.
+    if matches!(slot.state, HostState::Queued | HostState::Dispatched) && !on_target {
+        if let Some(f) = slot.inherited_failure(rollout_id) {
+            return Some(HostEvent::Fail {
+                reason: reason::already_failed(&f.rollout_id, &f.reason),
+                at: f.at.min(ctx.now),
+            });
+        }
+    }
+
     match &slot.state {
         HostState::Queued => on_target.then(arrived),
         HostState::Dispatched => {
@@ -997,11 +1028,15 @@ fn next_event(
 /// which wave actually tripped. That keeps a rebuild after a wipe on the same wave.
 fn gate(view: &View) -> Option<(u32, u32)> {
     let max = view.manifest.health_gate.max_failures as usize;
+    // A failure carried over from another rollout is not this rollout's: it neither trips
+    // the gate nor holds the wave, so the other hosts' new closures still go out.
     let mut failures: Vec<(u32, OffsetDateTime)> = view
         .slots
         .iter()
         .filter_map(|s| match s.state {
-            HostState::Failed { at, .. } => Some((s.wave, at)),
+            HostState::Failed { at, .. } if s.inherited_failure(view.id).is_none() => {
+                Some((s.wave, at))
+            }
             _ => None,
         })
         .collect();

@@ -68,6 +68,7 @@ fn scramble(world: &mut World, seed: u64, share: f64) {
                 closure_hash: target.unwrap_or_default(),
                 reason: "scrambled".into(),
                 at: now + offset(&mut rng),
+                cause: None,
             });
         }
         if rng.chance(0.3) {

@@ -53,6 +53,25 @@ pub fn to_canonical<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, 
     canonicalize(&json)
 }
 
+/// The canonical form of the object `input` with only the top-level members named in
+/// `keep` (those present). `input` is parsed as received, so the projection is of the
+/// bytes a signature covers, never of a re-serialised struct.
+pub fn canonical_members(input: &[u8], keep: &[&str]) -> Result<Vec<u8>, JcsError> {
+    let text = std::str::from_utf8(input).map_err(|_| JcsError::NotUtf8)?;
+    let value = match parse(text)? {
+        Value::Object(members) => Value::Object(
+            members
+                .into_iter()
+                .filter(|(k, _)| keep.contains(&k.as_str()))
+                .collect(),
+        ),
+        _ => return Err(JcsError::Parse("expected a JSON object".to_owned())),
+    };
+    let mut out = Vec::with_capacity(input.len());
+    write_value(&value, &mut out);
+    Ok(out)
+}
+
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

@@ -150,7 +150,7 @@ pub enum VerifyError {
     },
     #[error("{artifact} has no freshness window (neither its own freshnessWindow nor its channel's); refusing it because it could be replayed forever")]
     NoFreshnessWindow { artifact: Artifact },
-    #[error("rollout manifest hashes to {actual}, not to its id {expected}; it was altered or served under the wrong id")]
+    #[error("rollout manifest's intent hashes to {actual}, not to its id {expected}; it was altered or served under the wrong id")]
     ManifestIdMismatch { expected: String, actual: String },
     #[error("rollout manifest belongs to fleet.resolved {manifest_fleet_hash}, but the fleet in use hashes to {fleet_hash}; a manifest from another release is refused (mix-and-match)")]
     FleetMismatch {
@@ -183,8 +183,11 @@ pub struct Verified<T> {
     pub value: T,
     /// The canonical bytes the signature covers, as received.
     pub canonical: Vec<u8>,
-    /// Lowercase hex SHA-256 of `canonical`: the artifact's identity.
+    /// Lowercase hex SHA-256 of `canonical`: names these exact signed bytes.
     pub sha256: String,
+    /// The artifact's identity: `sha256`, except for a rollout manifest, whose identity is
+    /// its rolloutId, the hash of its intent ([`rollout_id`]), which a re-sign keeps.
+    pub id: String,
     pub signed_at: OffsetDateTime,
     pub signed_by: SignedBy,
 }
@@ -357,8 +360,10 @@ pub fn verify_fleet(
         return Err(VerifyError::NoFreshnessWindow { artifact });
     }
     let signed_at = check_time(artifact, &value.meta, slot, Slot::CiReleaseKey, window, now)?;
+    let sha256 = jcs::sha256_hex(&canonical);
     Ok(Verified {
-        sha256: jcs::sha256_hex(&canonical),
+        id: sha256.clone(),
+        sha256,
         value,
         canonical,
         signed_at,
@@ -408,11 +413,12 @@ pub fn verify_manifest(
     }
     let signed_at = check_time(artifact, &value.meta, slot, Slot::CiReleaseKey, window, now)?;
     let sha256 = jcs::sha256_hex(&canonical);
+    let id = rollout_id(&canonical).map_err(|source| VerifyError::Parse { artifact, source })?;
     if let Some(expected) = context.rollout_id {
-        if expected != sha256 {
+        if expected != id {
             return Err(VerifyError::ManifestIdMismatch {
                 expected: expected.to_owned(),
-                actual: sha256,
+                actual: id,
             });
         }
     }
@@ -428,9 +434,30 @@ pub fn verify_manifest(
         value,
         canonical,
         sha256,
+        id,
         signed_at,
         signed_by,
     })
+}
+
+/// The members of a rollout manifest that make up its intent: what the hosts get and how.
+/// Never `meta`, `displayName`, `channelRef`, `fleetResolvedHash`, `freshnessWindow` or
+/// `schemaVersion`: a re-sign, or a commit that changes nothing for this channel, keeps
+/// the id (SPEC.md §4, docs/release.md "Rollout identity").
+pub const ROLLOUT_INTENT_MEMBERS: [&str; 7] = [
+    "channel",
+    "hostSet",
+    "waves",
+    "healthGate",
+    "onHealthFailure",
+    "complianceFrameworks",
+    "disruptionBudgets",
+];
+
+/// A manifest's rolloutId: lowercase hex SHA-256 of the canonical JSON object holding only
+/// the [`ROLLOUT_INTENT_MEMBERS`] present in `manifest` (its bytes as received).
+pub fn rollout_id(manifest: &[u8]) -> Result<String, JcsError> {
+    jcs::canonical_members(manifest, &ROLLOUT_INTENT_MEMBERS).map(|intent| jcs::sha256_hex(&intent))
 }
 
 /// Verifies `revocations.json` against `ciReleaseKey`. `last_applied` is the `signedAt` of
@@ -470,8 +497,10 @@ pub fn verify_revocations(
             });
         }
     }
+    let sha256 = jcs::sha256_hex(&canonical);
     Ok(Verified {
-        sha256: jcs::sha256_hex(&canonical),
+        id: sha256.clone(),
+        sha256,
         value,
         canonical,
         signed_at,
@@ -557,8 +586,10 @@ pub fn verify_token(
             now: rfc3339(now),
         });
     }
+    let sha256 = jcs::sha256_hex(&canonical);
     Ok(Verified {
-        sha256: jcs::sha256_hex(&canonical),
+        id: sha256.clone(),
+        sha256,
         signed_at: claims.issued_at,
         value: claims,
         canonical,
@@ -604,8 +635,10 @@ pub fn verify_report(
             artifact,
             slot: Slot::HostKey,
         })?;
+    let sha256 = jcs::sha256_hex(&canonical);
     Ok(Verified {
-        sha256: jcs::sha256_hex(&canonical),
+        id: sha256.clone(),
+        sha256,
         signed_at: request.report.at,
         value: request,
         canonical,

@@ -92,6 +92,7 @@ fn manifest(fleet_hash: &str, signed_at: OffsetDateTime) -> RolloutManifest {
         compliance_frameworks: vec![],
         disruption_budgets: vec![],
         freshness_window: Some(120),
+        introduced: None,
         meta: meta(Some(signed_at)),
     }
 }
@@ -372,13 +373,77 @@ fn manifest_verifies_with_its_id_and_fleet() {
     let k = keys();
     let f = verified_fleet(&k);
     let (bytes, sig) = signed(&manifest(&f.sha256, SIGNED_AT), &k.ci);
-    let id = jcs::sha256_hex(&bytes);
+    let id = rollout_id(&bytes).unwrap();
     let ctx = ManifestContext {
         rollout_id: Some(&id),
         fleet: Some(&f),
     };
     let v = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap();
-    assert_eq!(v.sha256, id);
+    assert_eq!(v.id, id);
+    assert_eq!(
+        v.sha256,
+        jcs::sha256_hex(&bytes),
+        "sha256 still names the bytes"
+    );
+    assert_ne!(v.sha256, v.id);
+}
+
+#[test]
+fn rollout_id_is_the_intent_and_a_re_sign_keeps_it() {
+    let first = manifest(&"1".repeat(64), SIGNED_AT);
+    let id = |m: &RolloutManifest| rollout_id(&jcs::to_canonical(m).unwrap()).unwrap();
+    // A re-sign: new time, commit, display name, fleet binding, freshness, provenance.
+    let mut resigned = manifest(&"2".repeat(64), SIGNED_AT + Duration::hours(1));
+    resigned.channel_ref = "fedcba9876543210".into();
+    resigned.display_name = "stable@fedcba9".into();
+    resigned.freshness_window = Some(240);
+    resigned.introduced = Some(Introduced {
+        ci_commit: Some("0123456789abcdef".into()),
+        signed_at: SIGNED_AT,
+    });
+    assert_eq!(id(&first), id(&resigned));
+    // Whitespace and member order of the received bytes do not matter either.
+    let pretty = serde_json::to_vec_pretty(&first).unwrap();
+    assert_eq!(rollout_id(&pretty).unwrap(), id(&first));
+    // Any change to what hosts get, or how, is a new intent.
+    type Change = fn(&mut RolloutManifest);
+    let changes: [(&str, Change); 6] = [
+        ("closure", |m| m.host_set[0].target_closure.push('2')),
+        ("wave", |m| m.host_set[0].wave_index = 1),
+        ("soak", |m| m.waves[0].soak_minutes = 5),
+        ("gate", |m| m.health_gate.max_failures = 1),
+        ("policy", |m| {
+            m.on_health_failure = OnHealthFailure::RollbackAndHalt
+        }),
+        ("channel", |m| m.channel = "edge".into()),
+    ];
+    for (what, change) in changes {
+        let mut changed = first.clone();
+        change(&mut changed);
+        assert_ne!(id(&changed), id(&first), "{what}");
+    }
+}
+
+#[test]
+fn manifest_whose_intent_was_altered_is_refused_under_its_id() {
+    let k = keys();
+    let f = verified_fleet(&k);
+    let original = manifest(&f.sha256, SIGNED_AT);
+    let id = rollout_id(&jcs::to_canonical(&original).unwrap()).unwrap();
+    let mut altered = original.clone();
+    altered.host_set[0].target_closure =
+        "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nixos-system-web-01".into();
+    // Even signed by the CI key, other intent served under this id is refused.
+    let (bytes, sig) = signed(&altered, &k.ci);
+    let ctx = ManifestContext {
+        rollout_id: Some(&id),
+        fleet: Some(&f),
+    };
+    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::ManifestIdMismatch { .. }),
+        "{err}"
+    );
 }
 
 #[test]

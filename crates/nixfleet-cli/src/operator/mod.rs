@@ -284,6 +284,8 @@ mod tests {
             state: serde_json::json!("converged"),
             opened_at: opened,
             hosts: Default::default(),
+            introduced: None,
+            latest: None,
         }
     }
 

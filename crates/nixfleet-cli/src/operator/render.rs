@@ -3,7 +3,7 @@
 //! after alignment is computed on the plain text.
 
 use nixfleet_proto::api::{
-    state_name, HostDetail, HostStatus, RolloutEventRecord, RolloutStatus, StatusReport,
+    state_name, HostDetail, HostStatus, Provenance, RolloutEventRecord, RolloutStatus, StatusReport,
 };
 use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset};
@@ -667,7 +667,10 @@ pub fn rollouts(list: &[RolloutStatus], now: OffsetDateTime, style: &Style) -> S
             .cmp(&a.opened_at)
             .then(a.rollout_id.cmp(&b.rollout_id))
     });
-    let mut table = Table::new(&["ROLLOUT", "NAME", "STATE", "OPENED", "HOSTS"], &[1, 2, 4]);
+    let mut table = Table::new(
+        &["ROLLOUT", "NAME", "STATE", "OPENED", "SIGNED", "HOSTS"],
+        &[1, 2, 5],
+    );
     for r in sorted {
         table.row(
             vec![
@@ -678,12 +681,53 @@ pub fn rollouts(list: &[RolloutStatus], now: OffsetDateTime, style: &Style) -> S
                 ),
                 cell(rollout_state_text(&r.state), rollout_tone(&r.state)),
                 cell(ago(now, r.opened_at), Tone::Dim),
+                cell(signed_text(r, now), Tone::Dim),
                 cell(host_counts(r), Tone::Plain),
             ],
             Vec::new(),
         );
     }
     table.render(style).join("\n") + "\n"
+}
+
+fn short_commit(p: &Provenance) -> String {
+    p.ci_commit
+        .as_deref()
+        .map_or_else(|| "?".to_owned(), |c| c.chars().take(7).collect())
+}
+
+/// "3m ago" when the intent was first signed by the latest signature, else "first 2h ago,
+/// latest 3m ago": a re-sign refreshes a rollout without making it a new one.
+fn signed_text(r: &RolloutStatus, now: OffsetDateTime) -> String {
+    match (&r.introduced, &r.latest) {
+        (Some(first), Some(latest)) if first.signed_at != latest.signed_at => format!(
+            "first {}, latest {}",
+            ago(now, first.signed_at),
+            ago(now, latest.signed_at)
+        ),
+        (_, Some(latest)) => ago(now, latest.signed_at),
+        (Some(first), None) => format!("first {}", ago(now, first.signed_at)),
+        (None, None) => "-".to_owned(),
+    }
+}
+
+/// The provenance line of a trace: the first release of the intent and its latest re-sign.
+fn provenance_line(r: &RolloutStatus) -> Option<String> {
+    let first = r.introduced.as_ref().map(|p| {
+        format!(
+            "first released {} at {}",
+            short_commit(p),
+            rfc3339(p.signed_at)
+        )
+    });
+    let latest = r
+        .latest
+        .as_ref()
+        .map(|p| format!("re-signed {} at {}", short_commit(p), rfc3339(p.signed_at)));
+    match (first, latest) {
+        (Some(a), Some(b)) => Some(format!("{a}, {b}")),
+        (a, b) => a.or(b),
+    }
 }
 
 /// `nixfleet rollout trace ID`: the rollout's head, then its events, oldest first.
@@ -704,6 +748,9 @@ pub fn trace(
         None => format!("rollout {}", short_id(rollout_id)),
     };
     out.push(elide(&head, style.width));
+    if let Some(line) = rollout.and_then(provenance_line) {
+        out.push(elide(&line, style.width));
+    }
     if events.is_empty() {
         out.push("No events recorded for this rollout.".to_owned());
     } else {
@@ -752,6 +799,8 @@ mod tests {
                 state: serde_json::json!({"executing": {"wave": 1, "phase": "active"}}),
                 opened_at: NOW,
                 hosts: Default::default(),
+                introduced: None,
+                latest: None,
             }],
             hosts,
         }
@@ -872,5 +921,34 @@ mod tests {
         let dispatch =
             serde_json::json!({"action": "dispatch", "wave": 0, "rollout": "r", "host": "h"});
         assert_eq!(event_summary(&dispatch), "wave 0");
+    }
+
+    #[test]
+    fn a_re_signed_rollout_shows_its_first_release_and_its_latest_signature() {
+        let signed = |commit: &str, minutes: i64| Provenance {
+            ci_commit: Some(commit.into()),
+            signed_at: NOW - time::Duration::minutes(minutes),
+        };
+        let r = RolloutStatus {
+            rollout_id: "a".repeat(64),
+            channel: "stable".into(),
+            display_name: Some("stable@2222222".into()),
+            state: serde_json::json!({"halted": {"wave": 0, "failures": 1}}),
+            opened_at: NOW - time::Duration::hours(3),
+            hosts: Default::default(),
+            introduced: Some(signed("1111111aaaa", 180)),
+            latest: Some(signed("2222222bbbb", 3)),
+        };
+        let style = Style {
+            width: 100,
+            colour: false,
+        };
+        let list = rollouts(std::slice::from_ref(&r), NOW, &style);
+        assert!(list.contains("first 3h ago, latest 3m ago"), "{list}");
+        let trace = trace(&r.rollout_id, Some(&r), &[], &style);
+        assert!(
+            trace.contains("first released 1111111 at 2026-11-27T07:00:00Z, re-signed 2222222 at 2026-11-27T09:57:00Z"),
+            "{trace}"
+        );
     }
 }

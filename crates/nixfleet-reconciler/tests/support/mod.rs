@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nixfleet_proto::wire::FailedTarget;
+use nixfleet_proto::wire::{FailedTarget, FailureCause};
 use nixfleet_proto::{
     Channel, ChannelEdge, Compliance, DisruptionBudget, Edge, FailedUnitsGate, FleetResolved,
     HealthGate, Host, HostSetEntry, ManifestBudget, ManifestWave, Meta, OnHealthFailure,
@@ -306,6 +306,7 @@ impl World {
                 compliance_frameworks: vec![],
                 disruption_budgets,
                 freshness_window: Some(1440),
+                introduced: None,
                 meta: meta(START - Duration::minutes(10)),
             };
             manifests.insert(format!("{channel}-r1"), manifest);
@@ -545,18 +546,24 @@ impl World {
                     Fate::Confirms { .. } => {
                         let at = job.received_at + window;
                         if at <= now {
-                            agent
-                                .failed_targets
-                                .push(failed(&job, "confirm timeout", at));
+                            agent.failed_targets.push(failed(
+                                &job,
+                                FailureCause::ConfirmTimeout,
+                                "confirm timeout",
+                                at,
+                            ));
                             agent.job = None;
                         }
                     }
                     Fate::FailsActivation { after } => {
                         let at = job.received_at + after;
                         if at <= now {
-                            agent
-                                .failed_targets
-                                .push(failed(&job, "activation failed", at));
+                            agent.failed_targets.push(failed(
+                                &job,
+                                FailureCause::Activation,
+                                "activation failed",
+                                at,
+                            ));
                             agent.job = None;
                         }
                     }
@@ -577,6 +584,7 @@ impl World {
                             closure_hash: target,
                             reason: "rollback signal".into(),
                             at: now,
+                            cause: Some(FailureCause::RollbackSignal),
                         });
                     }
                 }
@@ -613,12 +621,13 @@ impl World {
     }
 }
 
-fn failed(job: &Job, reason: &str, at: OffsetDateTime) -> FailedTarget {
+fn failed(job: &Job, cause: FailureCause, reason: &str, at: OffsetDateTime) -> FailedTarget {
     FailedTarget {
         rollout_id: job.rollout_id.clone(),
         closure_hash: job.closure.clone(),
         reason: reason.into(),
         at,
+        cause: Some(cause),
     }
 }
 
