@@ -20,8 +20,9 @@ use nixfleet_proto::api::{
     RolloutStatus,
 };
 use nixfleet_proto::wire::{
-    CheckinRequest, CheckinResponse, ConfirmRequest, EnrollRequest, EnrollResponse, ErrorBody,
-    RenewRequest, RenewResponse, ReportResponse, PROTOCOL_HEADER, PROTOCOL_MAJOR,
+    closure_blocked, CheckinRequest, CheckinResponse, ConfirmRequest, EnrollRequest,
+    EnrollResponse, ErrorBody, RenewRequest, RenewResponse, ReportResponse, PROTOCOL_HEADER,
+    PROTOCOL_MAJOR,
 };
 use nixfleet_reconciler::HostState;
 use nixfleet_trust::verify::{self, Limits, VerifyError};
@@ -333,10 +334,12 @@ async fn checkin(
     if let Some(signal) = directives.rollbacks.get(&req.hostname) {
         response.rollback = Some(signal.clone());
     } else if let Some(target) = directives.targets.get(&req.hostname) {
-        let failed_here = req
-            .failed_targets
-            .iter()
-            .any(|f| f.rollout_id == target.rollout_id && f.closure_hash == target.closure_hash);
+        let failed_here = closure_blocked(
+            &req.failed_targets,
+            &target.rollout_id,
+            &target.closure_hash,
+        )
+        .is_some();
         // A host already on the target needs nothing; one that failed it is never re-sent it.
         if target.closure_hash != req.current_generation.closure_hash
             && !failed_here

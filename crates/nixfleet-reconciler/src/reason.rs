@@ -50,6 +50,11 @@ pub(crate) fn already_failed(rollout: &str, reason: &str) -> String {
     format!("closure already failed on this host in rollout {short} ({reason}); not sent again by itself")
 }
 
+/// A live rollout whose signed manifest is not in the release the control plane serves.
+pub(crate) fn manifest_missing(id: &str) -> String {
+    format!("waiting: manifest of rollout {id} is not available (a rollout recorded under an id the current release does not carry, e.g. from before an upgrade; see docs/release.md \"Upgrading\")")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

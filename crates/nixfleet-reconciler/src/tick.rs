@@ -361,10 +361,7 @@ impl<'a> Tick<'a> {
                     }
                     None => {
                         run.latest = Some(Latest::Record(id, &record.state));
-                        self.note(
-                            name,
-                            format!("waiting: manifest of rollout {id} is not available"),
-                        );
+                        self.note(name, reason::manifest_missing(id));
                     }
                 }
             }
@@ -1029,12 +1026,17 @@ fn next_event(
 fn gate(view: &View) -> Option<(u32, u32)> {
     let max = view.manifest.health_gate.max_failures as usize;
     // A failure carried over from another rollout is not this rollout's: it neither trips
-    // the gate nor holds the wave, so the other hosts' new closures still go out.
+    // the gate nor holds the wave, so the other hosts' new closures still go out. One
+    // recorded without a cause (before rollout ids were intents) may have been this very
+    // intent under its old id, so it counts: a halt holds across the upgrade.
     let mut failures: Vec<(u32, OffsetDateTime)> = view
         .slots
         .iter()
         .filter_map(|s| match s.state {
-            HostState::Failed { at, .. } if s.inherited_failure(view.id).is_none() => {
+            HostState::Failed { at, .. }
+                if s.inherited_failure(view.id)
+                    .is_none_or(|f| f.cause.is_none()) =>
+            {
                 Some((s.wave, at))
             }
             _ => None,
