@@ -916,3 +916,106 @@ fn kill9_mid_rollback_finishes_the_rollback_with_exactly_one_switch_back() {
     assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
     f.wait_cp_log("kind=rolled-back");
 }
+
+#[test]
+fn a_cached_manifest_older_than_the_target_is_fetched_again() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    // The agent cached this rollout's manifest long ago; CI has re-signed it since. A
+    // re-sign keeps the rollout id, so only the signing time tells the copies apart.
+    let (old_dir, old_id) = f.other_release(
+        "old",
+        &[&f.host],
+        json!({ HOST: gen1.clone() }),
+        &["--signed-at", "2026-01-01T00:00:00Z"],
+    );
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    assert_eq!(old_id, rollout, "a re-sign of the same intent keeps the id");
+    let cache = f.machine.dir.join("agent-state/manifests");
+    std::fs::create_dir_all(&cache).unwrap();
+    let old = old_dir.join(format!("rollouts/{rollout}.json"));
+    std::fs::copy(&old, cache.join(format!("{rollout}.json"))).unwrap();
+    std::fs::copy(
+        old.with_extension("json.sig"),
+        cache.join(format!("{rollout}.sig")),
+    )
+    .unwrap();
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+    assert!(
+        !agent.log_text().contains("is stale"),
+        "{}",
+        agent.log_text()
+    );
+    let cached = std::fs::read(cache.join(format!("{rollout}.json"))).unwrap();
+    assert_ne!(
+        cached,
+        std::fs::read(&old).unwrap(),
+        "the newer copy is cached"
+    );
+}
+
+#[test]
+fn a_closure_whose_activation_failed_is_not_sent_again_by_a_later_rollout() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let name = gen1.split_once('-').unwrap().1.to_owned();
+    f.machine.set("fail", &name, true);
+    let first = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.state()["failedTargets"][0]["cause"], "activation");
+    // It would succeed now, so a second activation would show.
+    f.machine.set("fail", &name, false);
+    // A new intent (another health gate) that still gives this host that closure.
+    let fleet = fleet_json(&[&f.host], canary_policy("halt", 1));
+    release_closures(
+        &f.pki,
+        &f.forge_dir,
+        &fleet,
+        &json!({ HOST: gen1.clone() }),
+        "2222222222222222222222222222222222222222",
+        &[],
+    );
+    let second = rollout_id(&f.forge_dir, "stable");
+    assert_ne!(first, second);
+    let start = std::time::Instant::now();
+    loop {
+        let view = f.host_view();
+        if view["rollout"] == second.as_str()
+            && view["waiting"]
+                .as_str()
+                .is_some_and(|w| w.contains("closure already failed on this host"))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < LONG,
+            "the later rollout did not count the host failed: {view}\nagent:\n{}\ncp:\n{}",
+            agent.log_text(),
+            f.cp().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Two more check-ins, and nothing is offered.
+    for _ in 0..2 {
+        let seen = f.host_view()["last_checkin"].clone();
+        wait_for("a check-in", LONG, || f.host_view()["last_checkin"] != seen);
+    }
+    // gen1 once, then the rollback to gen0; never gen1 again.
+    assert_eq!(
+        f.machine.activations(),
+        vec![gen1.clone(), f.gen0.clone()],
+        "activated once"
+    );
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+}

@@ -78,6 +78,19 @@ impl FleetSnapshot {
     pub fn signed_at(&self) -> OffsetDateTime {
         self.fleet.signed_at
     }
+
+    /// Adds a manifest verified earlier, of a release before this one.
+    pub fn keep_manifest(
+        &mut self,
+        id: &str,
+        manifest: Arc<Verified<RolloutManifest>>,
+        signature: Vec<u8>,
+    ) {
+        self.manifest_values
+            .insert(id.to_owned(), manifest.value.clone());
+        self.manifests.insert(id.to_owned(), manifest);
+        self.signatures.insert(id.to_owned(), signature);
+    }
 }
 
 fn read_file(path: &Path, limit: usize) -> Result<Vec<u8>, SourceError> {

@@ -16,6 +16,7 @@ use crate::fetch::{Fetcher, Validators};
 use crate::metrics::Metrics;
 use crate::state::{replace, RevocationSet, Role, Shared};
 use crate::store::{Db, SignedArtifact, FLEET_ARTIFACT, MANIFEST_PREFIX, REVOCATIONS_ARTIFACT};
+use nixfleet_reconciler::RolloutState;
 
 /// Where a follower's artifacts come from, for logs.
 const DATABASE_ORIGIN: &str = "the database (as the leader published it)";
@@ -261,8 +262,25 @@ impl Poller {
     }
 
     /// Installs a snapshot unless it is older than the one in use.
-    fn install(&self, snapshot: FleetSnapshot) {
+    fn install(&self, mut snapshot: FleetSnapshot) {
         if let Some(current) = self.shared.fleet() {
+            // A rollout still on record keeps its signed plan when a release that no longer
+            // carries its intent arrives: it runs to its end (the newer one waits behind it,
+            // queue depth 1) rather than being stranded without a manifest.
+            let stored = self.shared.stored();
+            for (id, record) in &stored.rollouts {
+                if matches!(record.state, RolloutState::Superseded { .. })
+                    || snapshot.manifests.contains_key(id)
+                {
+                    continue;
+                }
+                if let (Some(m), Some(sig)) =
+                    (current.manifests.get(id), current.signatures.get(id))
+                {
+                    tracing::info!(rollout = %id, channel = %record.channel, "the new release does not carry this rollout's intent; keeping its verified manifest until the rollout ends");
+                    snapshot.keep_manifest(id, m.clone(), sig.clone());
+                }
+            }
             if snapshot.signed_at() < current.signed_at() {
                 tracing::warn!(
                     "{} served a fleet signed {} but the verified fleet in use is newer ({}); keeping the newer one",
@@ -343,7 +361,11 @@ impl Poller {
             return;
         };
         let (manifests, signatures) = self.manifests_for(&current.fleet).await;
-        if manifests.len() > current.manifests.len() {
+        // Only new ids matter (the one in use may also hold manifests kept from before).
+        if manifests
+            .keys()
+            .any(|id| !current.manifests.contains_key(id))
+        {
             self.install(FleetSnapshot::new(
                 current.fleet.clone(),
                 current.fleet_signature.clone(),

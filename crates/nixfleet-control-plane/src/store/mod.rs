@@ -157,7 +157,8 @@ pub const MANIFEST_PREFIX: &str = "manifest/";
 /// What publishing `set` changes, given the stored `(name, sha256, signed_at)` rows:
 /// the artifacts to write and the names to remove. A fleet older than the stored one
 /// changes nothing (a replica that lost the leadership may publish late). Manifests are
-/// added; those of a replaced fleet are removed, while a set with the same fleet but
+/// added, or replaced by a newer signature under the same rollout id (a re-sign); those
+/// of a replaced fleet are removed, while a set with the same fleet but
 /// fewer manifests (a new leader still loading them) removes none. A revocation list
 /// replaces only an older one.
 pub fn plan_artifacts<'a>(
@@ -177,8 +178,10 @@ pub fn plan_artifacts<'a>(
             if replaces(fleet) {
                 write.push(fleet);
             }
+            // A re-sign keeps a rollout's id: the newer signature replaces the stored one,
+            // an older one never does.
             for a in set.iter().filter(|a| a.name.starts_with(MANIFEST_PREFIX)) {
-                if find(&a.name).is_none_or(|(_, sha, _)| *sha != a.sha256) {
+                if replaces(a) {
                     write.push(a);
                 }
             }

@@ -204,6 +204,22 @@ async fn signed_artifacts_only_move_forward(f: &Fixture) {
         .unwrap());
     let (_, names) = stored_artifacts(f).await;
     assert_eq!(names, ["fleet=f2", "manifest/c=c2", "revocations=r2"]);
+    // CI's re-sign: a newer fleet with the same rollout id, newer bytes under it.
+    let t3 = t2 + Duration::hours(1);
+    let resigned = vec![
+        artifact("fleet", "f3", t3),
+        artifact("manifest/c", "c3", t3),
+    ];
+    assert!(f.db.publish_artifacts(resigned).await.unwrap());
+    let (v3, names) = stored_artifacts(f).await;
+    assert_eq!(names, ["fleet=f3", "manifest/c=c3", "revocations=r2"]);
+    // An older signature of that rollout never replaces the newer one.
+    let older = vec![
+        artifact("fleet", "f3", t3),
+        artifact("manifest/c", "c2", t2),
+    ];
+    assert!(!f.db.publish_artifacts(older).await.unwrap());
+    assert_eq!(stored_artifacts(f).await, (v3, names));
 }
 
 async fn token_nonce_is_claimed_once(f: &Fixture) {

@@ -205,6 +205,19 @@ impl Fleet {
         id
     }
 
+    /// A CI that can publish releases from another thread while the test keeps the fleet
+    /// (it owns copies of what it needs). It signs into one staging directory of its own.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            pki: Pki {
+                dir: self.pki.dir.clone(),
+            },
+            staging: self.tmp.path().join("ci-staging"),
+            forge_dir: self.forge_dir.clone(),
+            decl: self.decl.clone(),
+        }
+    }
+
     /// Sends `signal` (e.g. `STOP`, `CONT`) to the CP process.
     pub fn signal_cp(&self, signal: &str) {
         let pid = self
@@ -346,6 +359,39 @@ impl Fleet {
                 node.log()[*mark..].matches("checked in").count() >= n
             });
         }
+    }
+}
+
+/// CI publishing releases of the fleet declaration, as [`Fleet::release_next`] does, but
+/// usable from a thread of its own. Its release calls write the PKI directory's
+/// fleet.json and closures.json: callers serialise them with every other release.
+pub struct Publisher {
+    pki: Pki,
+    staging: PathBuf,
+    forge_dir: PathBuf,
+    decl: Value,
+}
+
+impl Publisher {
+    /// Signs `closures` ({host: closure}) as `commit` now and publishes it to the forge,
+    /// manifests before the fleet; returns the rollout id of `stable`.
+    pub fn publish(&self, closures: &Value, commit: &str) -> String {
+        release_closures(&self.pki, &self.staging, &self.decl, closures, commit, &[]);
+        let id = rollout_id(&self.staging, "stable");
+        for rel in [
+            format!("rollouts/{id}.json.sig"),
+            format!("rollouts/{id}.json"),
+            "rollouts/channel/stable.json.sig".to_owned(),
+            "rollouts/channel/stable.json".to_owned(),
+            "fleet.resolved.json.sig".to_owned(),
+            "fleet.resolved.json".to_owned(),
+        ] {
+            let dest = self.forge_dir.join(&rel);
+            let part = dest.with_extension("publishing");
+            std::fs::copy(self.staging.join(&rel), &part).unwrap();
+            std::fs::rename(&part, &dest).unwrap();
+        }
+        id
     }
 }
 
