@@ -555,9 +555,11 @@ impl Agent {
             backoff::checkin_delay(response.next_checkin_secs, self.poll_cap(), random_unit());
         tracing::debug!(current = %current, target = ?response.target.as_ref().map(|t| &t.closure_hash), rollback = ?response.rollback, "checked in");
         if let Some(signal) = response.rollback {
+            let unhealthy = self.over_health_gate(&signal.rollout_id, request.health.failed_units);
             self.apply(Event::RollbackSignal {
                 signal,
                 current: current.clone(),
+                unhealthy,
             });
             if !matches!(self.state.machine.phase, Phase::Idle) {
                 return Duration::ZERO;
@@ -811,6 +813,19 @@ impl Agent {
         }
     }
 
+    /// Whether `failed_units` is over the health gate of rollout `rollout_id`, as its
+    /// manifest (verified when it was cached) sets it: a rollback then says the closure
+    /// is unhealthy on this host, not only that its rollout halted.
+    fn over_health_gate(&self, rollout_id: &str, failed_units: u32) -> bool {
+        let Some((bytes, _)) = self.dir.cached_manifest(rollout_id) else {
+            return false;
+        };
+        serde_json::from_slice::<nixfleet_proto::RolloutManifest>(&bytes)
+            .ok()
+            .and_then(|m| m.health_gate.systemd_failed_units)
+            .is_some_and(|gate| failed_units > gate.max)
+    }
+
     /// A check-in while an activation awaits its confirm: only a rollback signal for it,
     /// or a refusal of a target that swaps its rollout, can come of it.
     async fn checkin_in_flight(&mut self, client: &CpClient, activation: &Activation) {
@@ -823,7 +838,12 @@ impl Agent {
             return;
         };
         if let Some(signal) = response.rollback {
-            self.apply(Event::RollbackSignal { signal, current });
+            let unhealthy = self.over_health_gate(&signal.rollout_id, request.health.failed_units);
+            self.apply(Event::RollbackSignal {
+                signal,
+                current,
+                unhealthy,
+            });
             return;
         }
         let Some(target) = response.target else {

@@ -35,8 +35,13 @@ pub enum RollbackCause {
     ConfirmWindowExpired,
     /// The control plane answered the confirm with 410.
     ConfirmGone { reason: String },
-    /// The control plane sent a rollback signal for the rollout.
-    Signal { reason: String },
+    /// The control plane sent a rollback signal for the rollout. `unhealthy`: this host's
+    /// own failed units were over the rollout's health gate when it came.
+    Signal {
+        reason: String,
+        #[serde(default)]
+        unhealthy: bool,
+    },
     /// switch-to-configuration failed, or the running system is not the target after it.
     SwitchFailed { reason: String },
 }
@@ -48,6 +53,9 @@ impl RollbackCause {
             RollbackCause::ConfirmWindowExpired | RollbackCause::ConfirmGone { .. } => {
                 FailureCause::ConfirmTimeout
             }
+            RollbackCause::Signal {
+                unhealthy: true, ..
+            } => FailureCause::Health,
             RollbackCause::Signal { .. } => FailureCause::RollbackSignal,
             RollbackCause::SwitchFailed { .. } => FailureCause::Activation,
         }
@@ -61,8 +69,13 @@ impl RollbackCause {
             RollbackCause::ConfirmGone { reason } => {
                 format!("the control plane refused the confirm (410): {reason}")
             }
-            RollbackCause::Signal { reason } => {
-                format!("the control plane sent a rollback signal: {reason}")
+            RollbackCause::Signal { reason, unhealthy } => {
+                let own = if *unhealthy {
+                    " (this host's failed units were over the health gate)"
+                } else {
+                    ""
+                };
+                format!("the control plane sent a rollback signal: {reason}{own}")
             }
             RollbackCause::SwitchFailed { reason } => format!("activation failed: {reason}"),
         }
@@ -144,10 +157,12 @@ pub enum Event {
         kind: ReportKind,
         reason: String,
     },
-    /// A check-in carried a rollback signal; `current` is the running closure.
+    /// A check-in carried a rollback signal; `current` is the running closure, and
+    /// `unhealthy` whether this host's failed units were over the rollout's health gate.
     RollbackSignal {
         signal: RollbackSignal,
         current: String,
+        unhealthy: bool,
     },
     /// The closure is in the local store, with a valid cache signature.
     Realised,
@@ -282,7 +297,14 @@ pub fn transition(
             ];
             step(machine.phase.clone(), last, effects, why)
         }
-        (Phase::Idle, Event::RollbackSignal { signal, current }) => match last {
+        (
+            Phase::Idle,
+            Event::RollbackSignal {
+                signal,
+                current,
+                unhealthy,
+            },
+        ) => match last {
             Some(activation)
                 if activation.target.rollout_id == signal.rollout_id
                     && activation.target.closure_hash == current =>
@@ -296,6 +318,7 @@ pub fn transition(
                         activation,
                         cause: RollbackCause::Signal {
                             reason: signal.reason,
+                            unhealthy,
                         },
                     },
                     None,
@@ -330,14 +353,18 @@ pub fn transition(
                 reason,
             )
         }
-        (Phase::AwaitingConfirm { activation, .. }, Event::RollbackSignal { signal, .. })
-            if activation.target.rollout_id == signal.rollout_id =>
-        {
+        (
+            Phase::AwaitingConfirm { activation, .. },
+            Event::RollbackSignal {
+                signal, unhealthy, ..
+            },
+        ) if activation.target.rollout_id == signal.rollout_id => {
             step(
                 Phase::RollingBack {
                     activation: activation.clone(),
                     cause: RollbackCause::Signal {
                         reason: signal.reason.clone(),
+                        unhealthy,
                     },
                 },
                 last,
@@ -659,17 +686,17 @@ mod tests {
             Event::RollbackSignal {
                 signal,
                 current: "new".into(),
+                unhealthy: true,
             },
             NOW,
         )
         .unwrap();
-        assert!(matches!(
-            s.machine.phase,
-            Phase::RollingBack {
-                cause: RollbackCause::Signal { .. },
-                ..
-            }
-        ));
+        let Phase::RollingBack { cause, .. } = &s.machine.phase else {
+            panic!("{:?}", s.machine.phase);
+        };
+        assert!(matches!(cause, RollbackCause::Signal { .. }));
+        // This host's own units were over the gate: the closure is unhealthy here.
+        assert_eq!(cause.failure(), FailureCause::Health);
     }
 
     #[test]
@@ -687,6 +714,7 @@ mod tests {
                         reason: "x".into(),
                     },
                     current: current.into(),
+                    unhealthy: false,
                 },
                 NOW,
             )
@@ -709,6 +737,7 @@ mod tests {
                     reason: "halted".into(),
                 },
                 current: "old".into(),
+                unhealthy: false,
             },
             NOW,
         )
@@ -728,17 +757,16 @@ mod tests {
                     reason: "halted".into(),
                 },
                 current: "new".into(),
+                unhealthy: false,
             },
             NOW,
         )
         .unwrap();
-        assert!(matches!(
-            s.machine.phase,
-            Phase::RollingBack {
-                cause: RollbackCause::Signal { .. },
-                ..
-            }
-        ));
+        let Phase::RollingBack { cause, .. } = &s.machine.phase else {
+            panic!("{:?}", s.machine.phase);
+        };
+        // Rolled back because the rollout halted: nothing said about the closure here.
+        assert_eq!(cause.failure(), FailureCause::RollbackSignal);
     }
 
     #[test]

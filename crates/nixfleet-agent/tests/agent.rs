@@ -1018,4 +1018,31 @@ fn a_closure_whose_activation_failed_is_not_sent_again_by_a_later_rollout() {
         "activated once"
     );
     assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+
+    // Retrying on purpose, as docs/release.md says: with the agent stopped, drop the
+    // failure from its state; the next rollout that names the closure sends it again.
+    agent.kill9();
+    let state = f.machine.dir.join("agent-state/state.json");
+    let script = r#"jq --arg c "$1" '.failedTargets |= map(select(.closureHash != $c))' "$2" > "$2.new" && install -m 0600 "$2.new" "$2""#;
+    let out = std::process::Command::new("sh")
+        .args(["-c", script, "sh", &gen1, state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.restart();
+    let fleet = fleet_json(&[&f.host], canary_policy("halt", 2));
+    release_closures(
+        &f.pki,
+        &f.forge_dir,
+        &fleet,
+        &json!({ HOST: gen1.clone() }),
+        "3333333333333333333333333333333333333333",
+        &[],
+    );
+    agent.wait_log(&format!("confirm of {gen1}"), LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
 }

@@ -85,7 +85,11 @@ pub enum FailureCause {
     /// No confirm was accepted within the confirm window (the control plane could not be
     /// reached), or the control plane answered the confirm with 410.
     ConfirmTimeout,
-    /// The control plane told the host to roll back: its rollout tripped the health gate.
+    /// The control plane told the host to roll back, and this host's own failed units
+    /// were over the rollout's health gate: the closure is unhealthy here.
+    Health,
+    /// The control plane told the host to roll back: its rollout tripped the health gate
+    /// (on another host, as far as this one can tell).
     RollbackSignal,
     /// Refused before activation: the manifest, its freshness, or the closure's cache
     /// signature. Says nothing about the closure itself.
@@ -99,7 +103,7 @@ pub enum FailureCause {
 /// given every failure recorded on that host (SPEC.md §4: a closure that failed on a host
 /// is never sent to it again by itself). Within its own rollout any failure counts; across
 /// rollouts only what says something about the closure on this host does: an activation
-/// failure at once (and a failure of unknown cause, conservatively), a confirm timeout from
+/// or health failure at once (and a failure of unknown cause, conservatively), a confirm timeout from
 /// the second one on (the first may have been the network, so one later rollout may retry).
 pub fn closure_blocked<'a>(
     failed: &'a [FailedTarget],
@@ -117,7 +121,7 @@ pub fn closure_blocked<'a>(
     let closure_level = |f: &&&FailedTarget| {
         matches!(
             f.cause,
-            None | Some(FailureCause::Activation | FailureCause::Other)
+            None | Some(FailureCause::Activation | FailureCause::Health | FailureCause::Other)
         )
     };
     if let Some(f) = same.iter().find(closure_level) {

@@ -171,7 +171,7 @@ fn a_closure_that_failed_on_a_host_is_blocked_by_cause() {
         assert!(closure_blocked(&list, "A", "other").is_none(), "{cause:?}");
     }
     // Across rollouts: an activation failure, or an unknown cause, blocks at once.
-    for cause in [Some(Activation), None, Some(Other)] {
+    for cause in [Some(Activation), Some(Health), None, Some(Other)] {
         let list = [f("A", "c", cause, 0)];
         let hit = closure_blocked(&list, "B", "c").unwrap();
         assert_eq!(hit.rollout_id, "A", "{cause:?}");
