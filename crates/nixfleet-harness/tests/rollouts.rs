@@ -251,6 +251,14 @@ fn rollback_and_halt_reverts_every_activated_host_and_dispatches_nothing_more() 
         );
     }
     summary.timing("both canaries back on gen0 after", started.elapsed());
+    // canary-01's own units failed: its closure is unhealthy there and is not sent to it
+    // again by a later rollout; canary-02 only followed the halt.
+    for (name, cause) in [("canary-01", "health"), ("canary-02", "rollback-signal")] {
+        let node = f.node(name);
+        wait_for(&format!("{name} to record why"), LONG, || {
+            node.state()["failedTargets"][0]["cause"] == cause
+        });
+    }
     wait_for("the rollout to be reverted", LONG, || {
         f.rollout_state().get("reverted").is_some()
     });
