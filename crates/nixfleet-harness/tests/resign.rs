@@ -165,15 +165,19 @@ fn release(closures: &BTreeMap<String, String>, commit: &str) -> Release {
     }
 }
 
-/// The rollouts of `stable` as `GET /v1/rollouts` lists them.
-fn stable_rollouts(f: &Fleet) -> Vec<Value> {
-    let list = f.operator_get("/v1/rollouts").json();
+/// The rollouts of channel `stable` in a rollout list (the API's or the CLI's).
+fn of_stable(list: &Value) -> Vec<Value> {
     list.as_array()
         .unwrap()
         .iter()
         .filter(|r| r["channel"] == "stable")
         .cloned()
         .collect()
+}
+
+/// The rollouts of `stable` as `GET /v1/rollouts` lists them.
+fn stable_rollouts(f: &Fleet) -> Vec<Value> {
+    of_stable(&f.operator_get("/v1/rollouts").json())
 }
 
 fn state_of(list: &[Value], id: &str) -> Value {
@@ -251,13 +255,7 @@ fn cli_rollout_list(f: &Fleet) -> Vec<Value> {
         "nixfleet rollout list: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["channel"] == "stable")
-        .cloned()
-        .collect()
+    of_stable(&serde_json::from_slice(&out.stdout).unwrap())
 }
 
 /// `fleet_signed_at` as the CP's /healthz reports it: the fleet it installed.

@@ -183,36 +183,22 @@ impl Fleet {
     /// a staging directory, then published to the forge manifests first, so that the CP
     /// never sees a fleet whose manifest is not there yet. Returns the new rollout id.
     pub fn release_next(&self, closures: &Value, commit: &str) -> String {
-        let staging = self.tmp.path().join(format!("release-{commit}"));
-        release_closures(&self.pki, &staging, &self.decl, closures, commit, &[]);
-        let id = rollout_id(&staging, "stable");
-        let copy = |rel: &str| {
-            let dest = self.forge_dir.join(rel);
-            let part = dest.with_extension("publishing");
-            std::fs::copy(staging.join(rel), &part).unwrap();
-            std::fs::rename(&part, &dest).unwrap();
-        };
-        for rel in [
-            format!("rollouts/{id}.json.sig"),
-            format!("rollouts/{id}.json"),
-            "rollouts/channel/stable.json.sig".to_owned(),
-            "rollouts/channel/stable.json".to_owned(),
-            "fleet.resolved.json.sig".to_owned(),
-            "fleet.resolved.json".to_owned(),
-        ] {
-            copy(&rel);
-        }
-        id
+        self.publisher_at(&format!("release-{commit}"))
+            .publish(closures, commit)
     }
 
     /// A CI that can publish releases from another thread while the test keeps the fleet
     /// (it owns copies of what it needs). It signs into one staging directory of its own.
     pub fn publisher(&self) -> Publisher {
+        self.publisher_at("ci-staging")
+    }
+
+    fn publisher_at(&self, staging: &str) -> Publisher {
         Publisher {
             pki: Pki {
                 dir: self.pki.dir.clone(),
             },
-            staging: self.tmp.path().join("ci-staging"),
+            staging: self.tmp.path().join(staging),
             forge_dir: self.forge_dir.clone(),
             decl: self.decl.clone(),
         }
