@@ -459,10 +459,23 @@ fn check_rollout(r: &Value) {
             "display_name",
             "state",
             "opened_at",
-            "hosts"
+            "hosts",
+            "introduced",
+            "latest"
         ]),
         "{r}"
     );
+    // Provenance: the first release of the intent and the signature served now.
+    for k in ["introduced", "latest"] {
+        let p = &r[k];
+        assert!(
+            p.is_null()
+                || (keys(p) == set(&["ci_commit", "signed_at"])
+                    && is_opt_str(&p["ci_commit"])
+                    && is_time(&p["signed_at"])),
+            "{k}: {r}"
+        );
+    }
     assert!(
         r["rollout_id"].is_string() && r["channel"].is_string(),
         "{r}"

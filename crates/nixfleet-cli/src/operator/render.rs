@@ -667,9 +667,10 @@ pub fn rollouts(list: &[RolloutStatus], now: OffsetDateTime, style: &Style) -> S
             .cmp(&a.opened_at)
             .then(a.rollout_id.cmp(&b.rollout_id))
     });
+    // The state is what an operator reads this for: it is never cut.
     let mut table = Table::new(
         &["ROLLOUT", "NAME", "STATE", "OPENED", "SIGNED", "HOSTS"],
-        &[1, 2, 5],
+        &[1, 4, 5],
     );
     for r in sorted {
         table.row(
@@ -696,14 +697,18 @@ fn short_commit(p: &Provenance) -> String {
         .map_or_else(|| "?".to_owned(), |c| c.chars().take(7).collect())
 }
 
-/// "3m ago" when the intent was first signed by the latest signature, else "first 2h ago,
-/// latest 3m ago": a re-sign refreshes a rollout without making it a new one.
+/// "3m ago" when the intent was first signed by the latest signature, else "first 2h,
+/// latest 3m": a re-sign refreshes a rollout without making it a new one.
 fn signed_text(r: &RolloutStatus, now: OffsetDateTime) -> String {
+    let short = |t| {
+        let text = ago(now, t);
+        text.strip_suffix(" ago").map(str::to_owned).unwrap_or(text)
+    };
     match (&r.introduced, &r.latest) {
         (Some(first), Some(latest)) if first.signed_at != latest.signed_at => format!(
             "first {}, latest {}",
-            ago(now, first.signed_at),
-            ago(now, latest.signed_at)
+            short(first.signed_at),
+            short(latest.signed_at)
         ),
         (_, Some(latest)) => ago(now, latest.signed_at),
         (Some(first), None) => format!("first {}", ago(now, first.signed_at)),
@@ -940,11 +945,24 @@ mod tests {
             latest: Some(signed("2222222bbbb", 3)),
         };
         let style = Style {
-            width: 100,
+            width: 120,
             colour: false,
         };
         let list = rollouts(std::slice::from_ref(&r), NOW, &style);
-        assert!(list.contains("first 3h ago, latest 3m ago"), "{list}");
+        assert!(list.contains("first 3h, latest 3m"), "{list}");
+        assert!(list.contains("halted: wave 0, 1 failure"), "{list}");
+        let narrow = rollouts(
+            std::slice::from_ref(&r),
+            NOW,
+            &Style {
+                width: 80,
+                colour: false,
+            },
+        );
+        assert!(narrow.contains("halted: wave 0, 1 failure"), "{narrow}");
+        for line in narrow.lines() {
+            assert!(width_of(line) <= 80, "{line:?}");
+        }
         let trace = trace(&r.rollout_id, Some(&r), &[], &style);
         assert!(
             trace.contains("first released 1111111 at 2026-11-27T07:00:00Z, re-signed 2222222 at 2026-11-27T09:57:00Z"),
