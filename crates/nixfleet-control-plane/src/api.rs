@@ -21,8 +21,8 @@ use nixfleet_proto::api::{
 };
 use nixfleet_proto::wire::{
     closure_blocked, CheckinRequest, CheckinResponse, ConfirmRequest, EnrollRequest,
-    EnrollResponse, ErrorBody, RenewRequest, RenewResponse, ReportResponse, PROTOCOL_HEADER,
-    PROTOCOL_MAJOR,
+    EnrollResponse, ErrorBody, RenewRequest, RenewResponse, ReportResponse, Target,
+    PROTOCOL_HEADER, PROTOCOL_MAJOR,
 };
 use nixfleet_reconciler::HostState;
 use nixfleet_trust::verify::{self, Limits, VerifyError};
@@ -343,6 +343,7 @@ async fn checkin(
         // A host already on the target needs nothing; one that failed it is never re-sent it.
         if target.closure_hash != req.current_generation.closure_hash
             && !failed_here
+            && !held_stale(target, now)
             && still_dispatched(&app, &req.hostname, &target.rollout_id).await?
         {
             delivered_now =
@@ -400,6 +401,26 @@ async fn share_attestation(app: &App, hostname: &str) -> ApiResult<()> {
         .save_attestations(vec![(hostname.to_owned(), attestation)])
         .await
         .map_err(database_unavailable)
+}
+
+/// Whether the newest signature of a target's rollout is past its freshness window (and
+/// the verifiers' 60 s of grace). The agent would refuse it and the refusal would fail
+/// the host, halting the rollout over a signing outage; the target is held instead (the
+/// host stays dispatched, with no confirm deadline running) until CI signs again.
+fn held_stale(target: &Target, now: OffsetDateTime) -> bool {
+    static WARN: Throttle = Throttle::new();
+    let window = i64::try_from(target.freshness_window_secs).unwrap_or(i64::MAX);
+    let stale =
+        window > 0 && now - target.signed_at > time::Duration::seconds(window.saturating_add(60));
+    if stale && WARN.allow() {
+        tracing::warn!(
+            rollout = %target.rollout_id,
+            "target held back: the newest signature of rollout {} (signed {}) is past its freshness window; CI must re-sign the release (logged at most every 10 s)",
+            target.rollout_id,
+            crate::clock::rfc3339(target.signed_at)
+        );
+    }
+    stale
 }
 
 /// Lets a warning through at most once every 10 s: at fleet scale a line per refused
@@ -1173,5 +1194,26 @@ mod tests {
         let active = next_checkin_secs(60, "web-01", true);
         assert!(active <= 16, "{active}");
         assert!(next_checkin_secs(5, "x", false) >= 4);
+    }
+
+    #[test]
+    fn a_target_whose_newest_signature_is_stale_is_held_back() {
+        let signed = time::macros::datetime!(2026-11-27 10:00 UTC);
+        let target = Target {
+            closure_hash: "c".into(),
+            rollout_id: "r".into(),
+            wave_index: 0,
+            signed_at: signed,
+            freshness_window_secs: 3600,
+            confirm_window_secs: 300,
+        };
+        let at = |secs| signed + time::Duration::seconds(secs);
+        assert!(!held_stale(&target, at(3600 + 60)), "the verifiers' grace");
+        assert!(held_stale(&target, at(3600 + 61)));
+        let unbounded = Target {
+            freshness_window_secs: 0,
+            ..target
+        };
+        assert!(!held_stale(&unbounded, at(86_400)));
     }
 }

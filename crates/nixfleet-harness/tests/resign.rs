@@ -180,11 +180,16 @@ fn stable_rollouts(f: &Fleet) -> Vec<Value> {
     of_stable(&f.operator_get("/v1/rollouts").json())
 }
 
-fn state_of(list: &[Value], id: &str) -> Value {
+/// Rollout `id`'s entry in a rollout list, or null.
+fn entry_of(list: &[Value], id: &str) -> Value {
     list.iter()
         .find(|r| r["rollout_id"] == id)
-        .map(|r| r["state"].clone())
+        .cloned()
         .unwrap_or(Value::Null)
+}
+
+fn state_of(list: &[Value], id: &str) -> Value {
+    entry_of(list, id)["state"].clone()
 }
 
 /// One rollout per intent: every listed rollout is one of `intents`' ids, each once.
@@ -443,6 +448,18 @@ fn re_signs_keep_the_rollout_halted_across_a_wipe_and_never_resend_a_failed_clos
     wait_for("the CP to serve the newest signature of gen2", LONG, || {
         served_signed_at(&f, &gen2_id) > served
     });
+    // Provenance: the operator sees when the intent was first released and the latest
+    // re-sign, from the signed manifest.
+    let entry = entry_of(&stable_rollouts(&f), &gen2_id);
+    let signed = |k: &str| {
+        OffsetDateTime::parse(
+            entry[k]["signed_at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    assert!(signed("introduced") < signed("latest"), "{entry:#}");
+    assert_eq!(entry["introduced"]["ci_commit"], COMMIT2, "{entry:#}");
 
     // The runbook's wipe, with CI still re-signing: the halt is rebuilt from the agents'
     // attestations and holds.

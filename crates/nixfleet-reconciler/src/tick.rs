@@ -1102,7 +1102,13 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
             RolloutState::Reverted { wave, failures } => reason::held("reverted", *failures, *wave),
             RolloutState::Superseded { by } => format!("held: superseded by {by}"),
         },
-        HostState::Dispatched => "dispatched: target goes out at the next check-in".to_owned(),
+        HostState::Dispatched => match stale_since(view.manifest) {
+            Some(since) if ctx.now > since => format!(
+                "dispatched: held until CI re-signs (the release went stale at {})",
+                reason::rfc3339(since)
+            ),
+            _ => "dispatched: target goes out at the next check-in".to_owned(),
+        },
         HostState::ConfirmWindow { deadline } => {
             format!("confirming: deadline {}", reason::rfc3339(*deadline))
         }
@@ -1130,6 +1136,13 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
         HostState::RollingBack => "rolling back: rollback signal sent".to_owned(),
         HostState::Reverted => "reverted".to_owned(),
     }
+}
+
+/// When the manifest's signature goes stale (its freshness window and the verifiers' 60 s
+/// of grace after `signedAt`): the control plane holds its targets back from then on.
+fn stale_since(manifest: &RolloutManifest) -> Option<OffsetDateTime> {
+    let window = Duration::minutes(i64::from(manifest.freshness_window?)) + Duration::seconds(60);
+    manifest.meta.signed_at?.checked_add(window)
 }
 
 /// Channels with every channel-edge predecessor before its successors; ties (and any
