@@ -668,8 +668,12 @@ impl Agent {
             &trust,
             now(),
             &source,
+            &self.state.newest_accepted,
         ) {
-            Ok(_) => {
+            Ok(accepted) => {
+                if let Some(signed_at) = accepted.meta.signed_at {
+                    self.state.record_accepted(&accepted.channel, signed_at);
+                }
                 if let Err(e) = self
                     .dir
                     .cache_manifest(&target.rollout_id, &manifest, &signature)

@@ -7,7 +7,16 @@ use nixfleet_proto::{RolloutManifest, TrustFile};
 use nixfleet_trust::verify::{self, Limits, ManifestContext, VerifyError};
 use time::OffsetDateTime;
 
+use std::collections::BTreeMap;
+
+use time::format_description::well_known::Rfc3339;
+
 use crate::machine::Activation;
+use crate::store::Accepted;
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
 
 /// A refused target: the report kind and the one-sentence reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,9 +106,11 @@ pub fn precheck(
     Ok(())
 }
 
-/// Verifies the manifest (signature against ciReleaseKey, id = hash of its bytes,
-/// freshness from its own signed window) and that it gives this host this closure in this
-/// wave. `manifest_source` names where the bytes came from, for the reason text.
+/// Verifies the manifest (signature against ciReleaseKey, id = hash of its intent,
+/// freshness from its own signed window), that it gives this host this closure in this
+/// wave, and that it is not older than a manifest of its channel this host already
+/// accepted (`newest`, per channel). `manifest_source` names where the bytes came from.
+#[allow(clippy::too_many_arguments)]
 pub fn check(
     target: &Target,
     hostname: &str,
@@ -108,6 +119,7 @@ pub fn check(
     trust: &TrustFile,
     now: OffsetDateTime,
     manifest_source: &str,
+    newest: &BTreeMap<String, Accepted>,
 ) -> Result<RolloutManifest, Refusal> {
     let verified = verify::verify_manifest(
         manifest,
@@ -127,7 +139,7 @@ pub fn check(
         },
         reason: format!("rollout manifest {manifest_source}: {e}"),
     })?;
-    let manifest = verified.value;
+    let manifest = &verified.value;
     if !manifest.contains(hostname, target.wave_index, &target.closure_hash) {
         let actual = match manifest.entry(hostname) {
             Some(e) => format!(
@@ -141,7 +153,18 @@ pub fn check(
             target.closure_hash, target.wave_index, target.rollout_id
         )));
     }
-    Ok(manifest)
+    if let Some(mark) = newest.get(&manifest.channel) {
+        if verified.signed_at < mark.signed_at {
+            return Err(manifest_rejected(format!(
+                "rollout {} of channel {} was signed at {}, before the newest release this host already accepted for that channel (signed at {}); an older release is never activated (it is being replayed); to go back, CI signs a new release naming the older closure",
+                target.rollout_id,
+                manifest.channel,
+                rfc3339(verified.signed_at),
+                rfc3339(mark.signed_at)
+            )));
+        }
+    }
+    Ok(verified.value)
 }
 
 #[cfg(test)]

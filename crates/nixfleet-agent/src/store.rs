@@ -1,6 +1,7 @@
 //! The state dir: every write is atomic (temp file, fsync, rename, fsync of the dir), so a
 //! kill -9 or a power cut leaves either the old or the new file, never half of one.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -68,6 +69,14 @@ pub struct Confirmation {
     pub at: OffsetDateTime,
 }
 
+/// The newest signature this host accepted for one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    #[serde(with = "time::serde::rfc3339")]
+    pub signed_at: OffsetDateTime,
+}
+
 /// Everything the agent must not forget across restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -77,6 +86,11 @@ pub struct AgentState {
     pub confirmed: Option<Confirmation>,
     #[serde(default)]
     pub failed_targets: Vec<FailedTarget>,
+    /// Per channel, the newest `meta.signedAt` of a rollout manifest that passed the gate:
+    /// an older one is never activated (a replayed release), whatever the control plane
+    /// or a wipe of it says.
+    #[serde(default)]
+    pub newest_accepted: BTreeMap<String, Accepted>,
     /// Signed reports not yet acknowledged by the control plane.
     #[serde(default)]
     pub outbox: Vec<ReportRequest>,
@@ -96,6 +110,15 @@ impl AgentState {
         }
         let excess = self.failed_targets.len().saturating_sub(MAX_FAILED_TARGETS);
         self.failed_targets.drain(..excess);
+    }
+
+    /// Raises the channel's high-water mark to `signed_at` (never lowers it).
+    pub fn record_accepted(&mut self, channel: &str, signed_at: OffsetDateTime) {
+        let mark = self
+            .newest_accepted
+            .entry(channel.to_owned())
+            .or_insert(Accepted { signed_at });
+        mark.signed_at = mark.signed_at.max(signed_at);
     }
 
     pub fn queue_report(&mut self, report: ReportRequest) {

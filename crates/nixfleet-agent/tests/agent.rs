@@ -1046,3 +1046,41 @@ fn a_closure_whose_activation_failed_is_not_sent_again_by_a_later_rollout() {
     agent.wait_log(&format!("confirm of {gen1}"), LONG);
     assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
 }
+
+#[test]
+fn an_older_signed_release_is_refused_after_a_newer_one_even_after_a_restart() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let gen2 = f.closure(2, |c, p| c.push(p));
+    // r1 names gen1 and was signed five minutes before r2: both fresh, both really signed.
+    let five_minutes_ago = (time::OffsetDateTime::now_utc() - time::Duration::minutes(5))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let (old_dir, r1) = f.other_release(
+        "r1",
+        &[&f.host],
+        json!({ HOST: gen1.clone() }),
+        &["--signed-at", &five_minutes_ago],
+    );
+    f.release(&gen2, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log(&format!("confirm of {gen2}"), LONG);
+    agent.kill9();
+    // A compromised control plane now replays r1. The agent was restarted in between,
+    // so what it accepted must come from its state.
+    let (evil, mut agent) = f.compromised();
+    evil.serve_manifests_from(old_dir.clone());
+    let lie = json!({"closureHash": gen1.clone(), "rolloutId": r1.clone(), "waveIndex": 0,
+                     "signedAt": five_minutes_ago, "freshnessWindowSecs": 86400,
+                     "confirmWindowSecs": 300});
+    evil.rewrite_checkin(move |v| v["target"] = lie.clone());
+    agent.wait_log("an older release is never activated", LONG);
+    f.wait_cp_log("kind=manifest-rejected");
+    assert_eq!(f.machine.activations(), vec![gen2.clone()]);
+    assert_eq!(f.machine.current().as_deref(), Some(gen2.as_str()));
+    assert_eq!(f.state()["failedTargets"][0]["rolloutId"], r1.as_str());
+}
