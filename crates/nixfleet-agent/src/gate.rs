@@ -32,30 +32,7 @@ fn manifest_rejected(reason: String) -> Refusal {
     }
 }
 
-/// Whether `s` is a Nix store basename `<32 base32 chars>-<name>`; it becomes a path
-/// argument of nix-store, so anything else is refused before use.
-pub fn is_store_basename(s: &str) -> bool {
-    let Some((hash, name)) = s.split_once('-') else {
-        return false;
-    };
-    hash.len() == 32
-        && hash
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b.is_ascii_lowercase() && !b"eotu".contains(&b)))
-        && !name.is_empty()
-        && name.len() <= 211
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
-}
-
-/// Whether `s` is a rollout id: lowercase hex SHA-256.
-pub fn is_rollout_id(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
+pub use nixfleet_proto::wire::{is_rollout_id, is_store_basename};
 
 /// Why a closure that already failed here is not activated again.
 pub fn already_failed(target: &Target, f: &FailedTarget) -> String {

@@ -20,9 +20,9 @@ use nixfleet_proto::api::{
     RolloutStatus,
 };
 use nixfleet_proto::wire::{
-    closure_blocked, CheckinRequest, CheckinResponse, ConfirmRequest, EnrollRequest,
-    EnrollResponse, ErrorBody, RenewRequest, RenewResponse, ReportResponse, Target,
-    PROTOCOL_HEADER, PROTOCOL_MAJOR,
+    closure_blocked, is_rollout_id, is_store_basename, CheckinRequest, CheckinResponse,
+    ConfirmRequest, EnrollRequest, EnrollResponse, ErrorBody, RenewRequest, RenewResponse,
+    ReportResponse, Target, PROTOCOL_HEADER, PROTOCOL_MAJOR,
 };
 use nixfleet_reconciler::HostState;
 use nixfleet_trust::verify::{self, Limits, VerifyError};
@@ -306,7 +306,8 @@ async fn checkin(
     Extension(peer): Extension<Peer>,
     body: Bytes,
 ) -> ApiResult<Json<CheckinResponse>> {
-    let req: CheckinRequest = parse_json(&body)?;
+    let mut req: CheckinRequest = parse_json(&body)?;
+    sanitize_failed_targets(&mut req);
     if let Err(e) = require_host(&app, &peer, &req.hostname) {
         Metrics::inc(&app.metrics.checkins_refused);
         return Err(e);
@@ -401,6 +402,34 @@ async fn share_attestation(app: &App, hostname: &str) -> ApiResult<()> {
         .save_attestations(vec![(hostname.to_owned(), attestation)])
         .await
         .map_err(database_unavailable)
+}
+
+/// Longest failure reason kept from a check-in, in characters.
+const MAX_REASON_CHARS: usize = 1024;
+
+/// A host's failed targets end up in decisions, logs and `nixfleet status`: entries that
+/// do not name a rollout id and a store path are dropped (no rollout can match them), and
+/// reasons lose control characters and are bounded.
+fn sanitize_failed_targets(req: &mut CheckinRequest) {
+    let before = req.failed_targets.len();
+    req.failed_targets
+        .retain(|f| is_rollout_id(&f.rollout_id) && is_store_basename(&f.closure_hash));
+    if req.failed_targets.len() != before {
+        tracing::debug!(
+            dropped = before - req.failed_targets.len(),
+            "failed targets without a rollout id or a store path ignored"
+        );
+    }
+    for f in &mut req.failed_targets {
+        if f.reason.chars().count() > MAX_REASON_CHARS || f.reason.chars().any(char::is_control) {
+            f.reason = f
+                .reason
+                .chars()
+                .take(MAX_REASON_CHARS)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+        }
+    }
 }
 
 /// Whether the newest signature of a target's rollout is past its freshness window (and
@@ -513,6 +542,13 @@ async fn confirm(
     body: Bytes,
 ) -> ApiResult<StatusCode> {
     let req: ConfirmRequest = parse_json(&body)?;
+    // Identifiers are checked where they arrive: they end up in logs and file names.
+    if !is_rollout_id(&req.rollout_id) || !is_store_basename(&req.generation.closure_hash) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "confirm refused: rolloutId must be 64 lowercase hex digits and generation.closureHash a Nix store basename",
+        ));
+    }
     require_host(&app, &peer, &req.hostname)?;
     require_fresh_database(&app)?;
     let gone = |why: String| {
@@ -655,6 +691,16 @@ async fn report(
         },
     )?;
     let report = &verified.value.report;
+    if report
+        .rollout_id
+        .as_deref()
+        .is_some_and(|id| !is_rollout_id(id))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "report refused: rolloutId must be null or 64 lowercase hex digits",
+        ));
+    }
     let kind = serde_json::to_value(report.kind)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
@@ -672,7 +718,8 @@ async fn report(
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Metrics::inc(&app.metrics.reports);
-    tracing::info!(host = %hostname, kind = %kind, rollout = ?report.rollout_id, "report received: {}", report.reason);
+    // The reason is the agent's own text: escaped, so that it cannot forge log lines.
+    tracing::info!(host = %hostname, kind = %kind, rollout = ?report.rollout_id, "report received: {}", report.reason.escape_debug());
     Ok(Json(ReportResponse {
         event_id: event_id.to_string(),
     }))

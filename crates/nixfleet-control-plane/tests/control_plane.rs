@@ -916,3 +916,55 @@ async fn an_idle_kept_alive_connection_is_closed_after_ten_seconds() {
         "closed after {after:?}, before the 10 s idle limit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_supplied_text_cannot_forge_log_lines() {
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let (cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let forged =
+        "x\n2026-12-04T00:00:00Z  INFO nixfleet_control_plane::api: checkin received forged-host";
+    // Identifiers are checked where they arrive.
+    let confirm = json!({"hostname": "web-01", "rolloutId": forged, "waveIndex": 0,
+                         "generation": {"closureHash": closure("web-01", 1), "bootId": "b"}});
+    assert_eq!(web01.post("/v1/agent/confirm", &confirm).await.status, 400);
+    let sign = |report: &Value| {
+        let sig = hosts[0]
+            .key
+            .sign(&nixfleet_trust::jcs::to_canonical(report).unwrap());
+        json!({"report": report, "signature": b64(&sig)})
+    };
+    let mut report = json!({"hostname": "web-01", "reportId": "r-1", "kind": "rolled-back",
+                            "rolloutId": "../../etc", "closureHash": null, "bootId": "b",
+                            "reason": "x", "at": now_rfc3339()});
+    assert_eq!(
+        web01.post("/v1/agent/report", &sign(&report)).await.status,
+        400
+    );
+    // Free text is escaped: the forged line stays inside the real one.
+    report["rolloutId"] = Value::Null;
+    report["reason"] = json!(forged);
+    assert_eq!(
+        web01.post("/v1/agent/report", &sign(&report)).await.status,
+        200
+    );
+    let checkin = checkin_body(
+        "web-01",
+        &closure("web-01", 0),
+        None,
+        json!([{"rolloutId": forged, "closureHash": closure("web-01", 1), "reason": forged,
+                "at": now_rfc3339()}]),
+    );
+    assert_eq!(web01.post("/v1/agent/checkin", &checkin).await.status, 200);
+    let log = cp.log_text();
+    assert!(log.contains("report received: x\\n2026"), "{log}");
+    // The runbook's count of hosts that checked in is not fooled.
+    let hosts_seen: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("checkin received"))
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert!(!hosts_seen.contains(&"forged-host"), "{log}");
+    assert!(hosts_seen.contains(&"web-01"), "{log}");
+}

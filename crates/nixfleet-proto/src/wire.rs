@@ -10,6 +10,31 @@ pub const PROTOCOL_HEADER: &str = "X-Nixfleet-Protocol";
 /// The protocol major version this build speaks.
 pub const PROTOCOL_MAJOR: u32 = 1;
 
+/// Whether `s` is a rollout id: 64 lowercase hex digits (a SHA-256).
+pub fn is_rollout_id(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether `s` is a Nix store basename `<32 nix-base32 chars>-<name>`: it becomes a path
+/// argument, and it is written into logs, so anything else is refused where it arrives.
+pub fn is_store_basename(s: &str) -> bool {
+    let Some((hash, name)) = s.split_once('-') else {
+        return false;
+    };
+    hash.len() == 32
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b.is_ascii_lowercase() && !b"eotu".contains(&b)))
+        && !name.is_empty()
+        && name.len() <= 211
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
