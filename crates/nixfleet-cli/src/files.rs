@@ -81,6 +81,32 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
         .map_err(|e| CliError::io("write", path, e))
 }
 
+/// Creates `path` and its missing parents for public material (0755), whatever the umask;
+/// directories that exist keep their mode.
 pub fn create_dir(path: &Path) -> Result<(), CliError> {
-    fs::create_dir_all(path).map_err(|e| CliError::io("create directory", path, e))
+    create_dir_with_mode(path, 0o755)
+}
+
+/// Creates `path` and its missing parents for private keys (0700), whatever the umask.
+pub fn create_private_dir(path: &Path) -> Result<(), CliError> {
+    create_dir_with_mode(path, 0o700)
+}
+
+fn create_dir_with_mode(path: &Path, mode: u32) -> Result<(), CliError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .collect();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|e| CliError::io("create directory", path, e))?;
+    // The mode given to mkdir is masked by the umask; set it on what was created here.
+    for dir in missing {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .map_err(|e| CliError::io("set the mode of directory", dir, e))?;
+    }
+    Ok(())
 }

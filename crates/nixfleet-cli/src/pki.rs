@@ -70,7 +70,7 @@ pub fn ca_init(args: &CaInit) -> Result<String, CliError> {
             context: format!("creating the fleet CA in {}", args.out.display()),
             source,
         })?;
-    files::create_dir(&args.out)?;
+    files::create_private_dir(&args.out)?;
     paths.write(&key_pem, &cert_pem)?;
     files::write_new(&bundle, cert_pem.as_bytes(), 0o644)?;
     let ca = FleetCa::from_pem(&cert_pem, &key_pem).map_err(|source| CliError::Pki {
@@ -99,7 +99,7 @@ pub fn cert_server(args: &CertServer) -> Result<String, CliError> {
                 source,
             },
         )?;
-    files::create_dir(&args.out)?;
+    files::create_private_dir(&args.out)?;
     paths.write(&key_pem, &cert_pem)?;
     Ok(format!(
         "wrote {} and {} for {}",
@@ -121,7 +121,7 @@ pub fn cert_operator(args: &CertOperator) -> Result<String, CliError> {
                 source,
             },
         )?;
-    files::create_dir(&args.out)?;
+    files::create_private_dir(&args.out)?;
     paths.write(&key_pem, &cert_pem)?;
     Ok(format!(
         "wrote {} and {} for operator {:?}",

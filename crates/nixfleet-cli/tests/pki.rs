@@ -213,3 +213,40 @@ fn bad_requests_fail_with_one_sentence() {
     );
     assert!(err.contains("does not belong"), "{err}");
 }
+
+#[test]
+fn key_directories_are_private_whatever_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bin = env!("CARGO_BIN_EXE_nixfleet");
+    let script = format!(
+        "umask 000 && '{bin}' ca init --out pki/ca && \
+         '{bin}' cert server --ca-dir pki/ca --san cp.example.org --out pki/server && \
+         '{bin}' cert operator --ca-dir pki/ca --name alice --out pki/ops/alice && \
+         '{bin}' keygen --out ci.pem > /dev/null && \
+         '{bin}' release --fleet '{fleet}' --closures '{closures}' --ci-commit abc \
+           --key ci.pem --out public/release > /dev/null",
+        fleet = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/fleet.json")
+            .display(),
+        closures = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/closures.json")
+            .display(),
+    );
+    let out = Command::new("sh")
+        .current_dir(d)
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for private in ["pki", "pki/ca", "pki/server", "pki/ops", "pki/ops/alice"] {
+        assert_eq!(mode(&d.join(private)), 0o700, "{private}");
+    }
+    for public in ["public", "public/release", "public/release/rollouts"] {
+        assert_eq!(mode(&d.join(public)), 0o755, "{public}");
+    }
+}
