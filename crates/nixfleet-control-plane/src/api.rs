@@ -827,6 +827,7 @@ async fn enroll(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Enro
             "time": rfc3339(now), "how": "enroll", "cn": claims.hostname,
             "serial": issued.serial_hex, "notAfter": rfc3339(issued.not_after),
             "fingerprint": issued.ssh_fingerprint, "nonce": claims.nonce,
+            "tokenExpiresAt": rfc3339(claims.expires_at),
         }),
     )?;
     Metrics::inc(&app.metrics.enrollments);

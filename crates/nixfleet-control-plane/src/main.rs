@@ -3,6 +3,7 @@
 
 mod api;
 mod artifacts;
+mod audit;
 mod clock;
 mod config;
 mod fetch;
@@ -108,6 +109,16 @@ async fn run(config: Config) -> Result<(), String> {
     } else {
         tracing::info!(path = %config.db_path.display(), "database open");
     }
+
+    // A wipe of the database forgets which bootstrap tokens were used; the audit log,
+    // which the runbook keeps, remembers them. Restored before anyone can enroll.
+    let restored =
+        audit::restore_used_tokens(&*db, &config.audit_log, OffsetDateTime::now_utc()).await?;
+    tracing::info!(
+        audit_log = %config.audit_log.display(),
+        restored,
+        "used bootstrap tokens restored from the audit log"
+    );
 
     // 2. Trust roots.
     let trust = verify::read_trust_file(&config.trust_file, &Limits::default())

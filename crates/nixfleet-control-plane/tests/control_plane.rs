@@ -968,3 +968,37 @@ async fn agent_supplied_text_cannot_forge_log_lines() {
     assert!(!hosts_seen.contains(&"forged-host"), "{log}");
     assert!(hosts_seen.contains(&"web-01"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_used_token_is_refused_after_the_runbooks_wipe() {
+    let s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let anon = Client::anonymous(&s.pki, port);
+    let host = &s.hosts[0];
+    let body = json!({"token": host.token(&s.pki, &[]), "csrPem": host.csr()});
+    assert_eq!(anon.post("/v1/enroll", &body).await.status, 200);
+    assert_eq!(anon.post("/v1/enroll", &body).await.status, 409);
+
+    // The runbook: stop, delete the database, start. The audit log stays.
+    assert_eq!(cp.terminate(), Some(0));
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    assert!(
+        cp.log_text()
+            .contains("used bootstrap tokens restored from the audit log"),
+        "{}",
+        cp.log_text()
+    );
+    // A thief holding the used token (and the key it names) does not get back in.
+    assert_eq!(anon.post("/v1/enroll", &body).await.status, 409);
+    // A new token for the same host still enrolls it.
+    let fresh = json!({"token": host.token(&s.pki, &[]), "csrPem": host.csr()});
+    assert_eq!(anon.post("/v1/enroll", &fresh).await.status, 200);
+    assert_eq!(cp.terminate(), Some(0));
+}
