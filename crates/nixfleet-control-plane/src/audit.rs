@@ -2,7 +2,7 @@
 //! runbook's wipe. What a fresh database must learn back from it comes from here.
 
 use std::io::BufRead as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -86,6 +86,49 @@ pub async fn restore_used_tokens(
     Ok(restored)
 }
 
+/// Kept next to the audit log, where the runbook's wipe does not reach: the signing time
+/// of the newest revocation list ever applied. A list older than that is refused even on
+/// an empty database, so a replayed old list cannot lift a revocation after a wipe.
+pub fn revocations_floor_path(audit_log: &Path) -> PathBuf {
+    audit_log.with_file_name("revocations-applied.json")
+}
+
+pub fn read_revocations_floor(path: &Path) -> Result<Option<OffsetDateTime>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}; it guards against replayed revocation lists (fix its permissions)", path.display())),
+    };
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| time_of(&v, "signedAt"))
+        .map(Some)
+        .ok_or_else(|| format!("{} is not a revocations record ({{\"signedAt\": …}}); it guards against replayed revocation lists: restore it from a backup, or delete it knowing that an older list would then be accepted once", path.display()))
+}
+
+/// Records `signed_at` durably (temporary file, fsync, rename).
+pub fn write_revocations_floor(
+    path: &Path,
+    signed_at: OffsetDateTime,
+    sha256: &str,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let text = serde_json::json!({
+        "signedAt": signed_at.format(&Rfc3339).unwrap_or_default(),
+        "sha256": sha256,
+    })
+    .to_string();
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +158,18 @@ mod tests {
         // n2's token expired; n3 predates tokenExpiresAt and is kept for 30 days.
         assert_eq!(nonces, ["n1", "n3"]);
         assert_eq!(used[1].expires_at, datetime!(2026-12-20 10:00 UTC));
+    }
+
+    #[test]
+    fn the_revocations_floor_round_trips_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = revocations_floor_path(&dir.path().join("audit.log"));
+        assert_eq!(read_revocations_floor(&path).unwrap(), None);
+        let t = datetime!(2026-12-01 10:00 UTC);
+        write_revocations_floor(&path, t, "ab").unwrap();
+        assert_eq!(read_revocations_floor(&path).unwrap(), Some(t));
+        std::fs::write(&path, b"{}").unwrap();
+        let e = read_revocations_floor(&path).unwrap_err();
+        assert!(e.contains("replayed revocation lists"), "{e}");
     }
 }

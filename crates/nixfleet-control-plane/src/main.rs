@@ -141,6 +141,8 @@ async fn run(config: Config) -> Result<(), String> {
         fetcher,
     ));
 
+    poller.load_revocations_floor()?;
+
     // 3. Prime the verified fleet, or refuse to start.
     poller.prime_fleet().await?;
 

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::artifacts::{self, FileSource, FleetSnapshot, SourceError, UrlSource};
+use crate::audit;
 use crate::clock::{rfc3339, unix};
 use crate::config::Config;
 use crate::fetch::{Fetcher, Validators};
@@ -33,6 +34,9 @@ pub struct Poller {
     applied_revocations: Mutex<Option<SignedArtifact>>,
     /// The version of the published artifacts a follower last took.
     followed_version: Mutex<Option<i64>>,
+    /// The newest revocation list ever applied here, kept across wipes next to the audit
+    /// log: nothing older is accepted.
+    revocations_floor: Mutex<Option<OffsetDateTime>>,
 }
 
 fn url_source(
@@ -95,7 +99,23 @@ impl Poller {
             revocation_validators: Mutex::new(None),
             applied_revocations: Mutex::new(None),
             followed_version: Mutex::new(None),
+            revocations_floor: Mutex::new(None),
         }
+    }
+
+    /// Reads the revocations high-water mark kept next to the audit log (start-up).
+    pub fn load_revocations_floor(&self) -> Result<(), String> {
+        let path = audit::revocations_floor_path(&self.config.audit_log);
+        let floor = audit::read_revocations_floor(&path)?;
+        if let Some(at) = floor {
+            tracing::info!(
+                "revocation lists signed before {} are refused ({})",
+                rfc3339(at),
+                path.display()
+            );
+        }
+        *lock(&self.revocations_floor) = floor;
+        Ok(())
     }
 
     fn fleet_url(&self) -> Option<UrlSource> {
@@ -620,7 +640,11 @@ impl Poller {
     /// files are the fallback.
     pub async fn poll_revocations(&self, startup: bool) -> Result<(), String> {
         let trust = self.shared.trust();
-        let last_applied = self.shared.revocations().signed_at;
+        let last_applied = self
+            .shared
+            .revocations()
+            .signed_at
+            .max(*lock(&self.revocations_floor));
         let limit = Limits::default().revocations_bytes;
         let mut errors = Vec::new();
         if let Some(source) = self.revocations_url() {
@@ -740,6 +764,17 @@ impl Poller {
             "revocations poll: applied list from {origin} signed {}; cert_revocations now has {rows} rows",
             rfc3339(list.signed_at)
         );
+        let newer = lock(&self.revocations_floor).is_none_or(|floor| list.signed_at > floor);
+        if newer {
+            let path = audit::revocations_floor_path(&self.config.audit_log);
+            match audit::write_revocations_floor(&path, list.signed_at, &list.sha256) {
+                Ok(()) => *lock(&self.revocations_floor) = Some(list.signed_at),
+                Err(e) => tracing::error!(
+                    "cannot record the applied revocation list in {}: {e}; after a wipe of the database an older list could be accepted",
+                    path.display()
+                ),
+            }
+        }
         Ok(())
     }
 

@@ -1002,3 +1002,77 @@ async fn a_used_token_is_refused_after_the_runbooks_wipe() {
     assert_eq!(anon.post("/v1/enroll", &fresh).await.status, 200);
     assert_eq!(cp.terminate(), Some(0));
 }
+
+/// Signs the revocation list `entries` into `out` as of `signed_at`.
+fn sign_revocations_at(pki: &Pki, out: &Path, entries: Value, signed_at: &str) {
+    let list = json!({
+        "schemaVersion": 1, "revocations": entries, "freshnessWindow": null,
+        "meta": {"schemaVersion": 1, "signedAt": null, "ciCommit": null, "signatureAlgorithm": null}
+    });
+    std::fs::write(pki.path("revocations-in.json"), list.to_string()).unwrap();
+    #[rustfmt::skip]
+    nixfleet(&pki.dir, &["revocations", "sign", "--in", "revocations-in.json", "--key", "ci.pem",
+                         "--signed-at", signed_at, "--out", out.to_str().unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_revocation_list_is_refused_after_the_runbooks_wipe() {
+    let mut s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let forge = s.forge_dir.clone();
+    let rfc = |t: time::OffsetDateTime| {
+        t.replace_nanosecond(0)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let now = time::OffsetDateTime::now_utc();
+    // The list in service revokes nobody; an attacker keeps a copy of it.
+    sign_revocations_at(
+        &s.pki,
+        &forge,
+        json!([]),
+        &rfc(now - time::Duration::minutes(1)),
+    );
+    let replay = s.pki.path("replay");
+    std::fs::create_dir_all(&replay).unwrap();
+    for f in ["revocations.json", "revocations.json.sig"] {
+        std::fs::copy(forge.join(f), replay.join(f)).unwrap();
+    }
+    let state = s.pki.path("var");
+    let (mut cp, port, hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 2).await;
+    let web02 = Client::host(&s.pki, port, &hosts[1]);
+    let checkin = checkin_body("web-02", &closure("web-02", 0), None, json!([]));
+    assert_eq!(web02.post("/v1/agent/checkin", &checkin).await.status, 200);
+
+    // web-02's key is stolen: CI signs a list revoking it, and the control plane applies it.
+    let revoked = json!([{"hostname": "web-02", "notBefore": in_an_hour(), "reason": "stolen", "revokedBy": "ops"}]);
+    sign_revocations_at(&s.pki, &forge, revoked, &rfc(now));
+    wait_for_async("web-02 to be refused", Duration::from_secs(20), || {
+        let (web02, checkin) = (web02.clone(), checkin.clone());
+        async move { web02.post("/v1/agent/checkin", &checkin).await.status == 401 }
+    })
+    .await;
+
+    // The runbook's wipe, while whoever serves the list replays the old one.
+    assert_eq!(cp.terminate(), Some(0));
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    for f in ["revocations.json", "revocations.json.sig"] {
+        std::fs::copy(replay.join(f), forge.join(f)).unwrap();
+    }
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    wait_for(
+        "the old list to be refused",
+        Duration::from_secs(20),
+        || {
+            cp.log_text()
+                .contains("is older than the list already applied")
+        },
+    );
+    // No list it can trust: agent routes answer 503, and web-02 is never served.
+    let status = web02.post("/v1/agent/checkin", &checkin).await.status;
+    assert_eq!(status, 503, "{}", cp.log_text());
+    assert_eq!(cp.terminate(), Some(0));
+}

@@ -460,6 +460,10 @@ pub fn rollout_id(manifest: &[u8]) -> Result<String, JcsError> {
     jcs::canonical_members(manifest, &ROLLOUT_INTENT_MEMBERS).map(|intent| jcs::sha256_hex(&intent))
 }
 
+/// The freshness window of a revocation list that sets none: seven days. CI re-signs the
+/// list at least that often (docs/revoke.md).
+pub const DEFAULT_REVOCATIONS_FRESHNESS_MINUTES: u32 = 7 * 24 * 60;
+
 /// Verifies `revocations.json` against `ciReleaseKey`. `last_applied` is the `signedAt` of
 /// the list already applied: an older list is refused, the same one is accepted again.
 pub fn verify_revocations(
@@ -481,14 +485,11 @@ pub fn verify_revocations(
         Slot::CiReleaseKey,
     )?;
     let value: Revocations = check_schema(artifact, &canonical, REVOCATIONS_SCHEMA_VERSION)?;
-    let signed_at = check_time(
-        artifact,
-        &value.meta,
-        slot,
-        Slot::CiReleaseKey,
-        value.freshness_window,
-        now,
-    )?;
+    // Without a window an old list could be replayed forever to lift a revocation.
+    let window = value
+        .freshness_window
+        .or(Some(DEFAULT_REVOCATIONS_FRESHNESS_MINUTES));
+    let signed_at = check_time(artifact, &value.meta, slot, Slot::CiReleaseKey, window, now)?;
     if let Some(last) = last_applied {
         if signed_at < last {
             return Err(VerifyError::RevocationsRollback {

@@ -546,6 +546,19 @@ fn revocations_with_a_freshness_window_go_stale() {
     assert!(matches!(err, VerifyError::Stale { .. }), "{err}");
 }
 
+#[test]
+fn revocations_without_a_freshness_window_go_stale_after_seven_days() {
+    let k = keys();
+    let r = revocations(SIGNED_AT);
+    assert_eq!(r.freshness_window, None);
+    let (bytes, sig) = signed(&r, &k.ci);
+    let week = Duration::minutes(i64::from(DEFAULT_REVOCATIONS_FRESHNESS_MINUTES));
+    verify_revocations(&bytes, &sig, &trust(&k), SIGNED_AT + week, None, &limits()).unwrap();
+    let replayed = SIGNED_AT + Duration::days(14);
+    let err = verify_revocations(&bytes, &sig, &trust(&k), replayed, None, &limits()).unwrap_err();
+    assert!(matches!(err, VerifyError::Stale { .. }), "{err}");
+}
+
 fn token(k: &Keys, issued_at: OffsetDateTime, hours: i64) -> Vec<u8> {
     let claims = TokenClaims {
         hostname: "web-01".into(),
