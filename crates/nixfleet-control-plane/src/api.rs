@@ -216,7 +216,12 @@ fn require_host(app: &App, peer: &Peer, hostname: &str) -> ApiResult<()> {
             format!("the certificate of {hostname} expired; re-enroll the host with a new bootstrap token"),
         ));
     }
-    if app.shared.revocations().refuses(hostname, id.not_before) {
+    // Against the enrollment, which renewals carry: renewing does not outrun a cut-off.
+    if app
+        .shared
+        .revocations()
+        .refuses(hostname, id.enrolled_at.min(id.not_before))
+    {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             format!("the certificate of {hostname} is revoked; re-enroll the host with a new bootstrap token"),
@@ -854,10 +859,16 @@ async fn renew(
         .to_owned();
     require_host(&app, &peer, &hostname)?;
     require_fresh_database(&app)?;
+    let Peer::Identified(caller) = &peer else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "renewal needs the host's current certificate",
+        ));
+    };
     let ca = app.fleet_ca.as_ref().ok_or_else(no_ca)?;
     let req: RenewRequest = parse_json(&body)?;
     let now = OffsetDateTime::now_utc();
-    let fingerprint = app
+    let pinned = app
         .shared
         .fleet()
         .and_then(|f| {
@@ -868,19 +879,36 @@ async fn renew(
                 .and_then(|h| h.pubkey.clone())
         })
         .and_then(|line| nixfleet_trust::keys::ssh_fingerprint(&line).ok());
+    // A renewal keeps the key: the fleet's pinned one, else the renewed certificate's. A
+    // thief with a stolen certificate cannot move the identity to a key of its own.
     let expectation = HostExpectation {
         hostname: hostname.clone(),
-        ssh_fingerprint: fingerprint,
+        ssh_fingerprint: pinned.or_else(|| caller.ssh_fingerprint.clone()),
     };
-    let issued =
-        nixfleet_pki::issue_host_cert(ca, &req.csr_pem, &expectation, now, app.cert_validity)
-            .map_err(pki_error)?;
+    if expectation.ssh_fingerprint.is_none() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "renewal refused: neither the fleet nor the current certificate names an ed25519 host key to keep; enroll again with a new token",
+        ));
+    }
+    // The enrollment time goes forward with the identity, so a revocation cut-off after
+    // it still applies to every renewal of it.
+    let issued = nixfleet_pki::renew_host_cert(
+        ca,
+        &req.csr_pem,
+        &expectation,
+        caller.enrolled_at,
+        now,
+        app.cert_validity,
+    )
+    .map_err(pki_error)?;
     audit(
         &app,
         serde_json::json!({
             "time": rfc3339(now), "how": "renew", "cn": hostname,
             "serial": issued.serial_hex, "notAfter": rfc3339(issued.not_after),
             "fingerprint": issued.ssh_fingerprint,
+            "enrolledAt": rfc3339(caller.enrolled_at),
         }),
     )?;
     Metrics::inc(&app.metrics.renewals);

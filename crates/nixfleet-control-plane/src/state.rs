@@ -240,11 +240,12 @@ pub struct RevocationSet {
 }
 
 impl RevocationSet {
-    /// A certificate for `hostname` whose notBefore is earlier than the entry is refused.
-    pub fn refuses(&self, hostname: &str, cert_not_before: OffsetDateTime) -> bool {
+    /// A certificate for `hostname` from an enrollment earlier than the entry is refused
+    /// (`enrolled`: the enrollment time it carries, else its notBefore).
+    pub fn refuses(&self, hostname: &str, enrolled: OffsetDateTime) -> bool {
         self.not_before
             .get(hostname)
-            .is_some_and(|cutoff| cert_not_before < *cutoff)
+            .is_some_and(|cutoff| enrolled < *cutoff)
     }
 }
 

@@ -1076,3 +1076,58 @@ async fn an_older_revocation_list_is_refused_after_the_runbooks_wipe() {
     assert_eq!(status, 503, "{}", cp.log_text());
     assert_eq!(cp.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_does_not_outrun_a_revocation() {
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
+    let forge = s.forge_dir.clone();
+    let state = s.pki.path("var");
+    let (_cp, port, mut hosts) = start_enrolled(&mut s, &state, &CpOptions::default(), 1).await;
+    // The revocation's cut-off: after the enrollment, before the thief's renewal.
+    let cutoff = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        + time::Duration::seconds(1);
+    wait_for("the cut-off to pass", Duration::from_secs(5), || {
+        time::OffsetDateTime::now_utc() > cutoff
+    });
+    // A thief holding the key and certificate renews between the signing of the list
+    // and its application.
+    let thief = Client::host(&s.pki, port, &hosts[0]);
+    let renewed = thief
+        .post("/v1/agent/renew", &json!({"csrPem": hosts[0].csr()}))
+        .await;
+    assert_eq!(
+        renewed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&renewed.body)
+    );
+    hosts[0].cert_pem = Some(renewed.json()["certPem"].as_str().unwrap().to_owned());
+    let thief = Client::host(&s.pki, port, &hosts[0]);
+    let checkin = checkin_body("web-01", &closure("web-01", 0), None, json!([]));
+    assert_eq!(thief.post("/v1/agent/checkin", &checkin).await.status, 200);
+
+    let cut = cutoff
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    sign_revocations(
+        &s.pki,
+        &forge,
+        json!([{"hostname": "web-01", "notBefore": cut, "reason": "key stolen", "revokedBy": "ops"}]),
+    );
+    // The renewed certificate carries the enrollment time, so the cut-off covers it.
+    wait_for_async(
+        "the renewed certificate to be refused",
+        Duration::from_secs(20),
+        || {
+            let (thief, checkin) = (thief.clone(), checkin.clone());
+            async move { thief.post("/v1/agent/checkin", &checkin).await.status == 401 }
+        },
+    )
+    .await;
+    let again = thief
+        .post("/v1/agent/renew", &json!({"csrPem": hosts[0].csr()}))
+        .await;
+    assert_eq!(again.status, 401, "a revoked host cannot renew");
+}

@@ -235,8 +235,37 @@ pub fn issue_host_cert(
     now: OffsetDateTime,
     validity: Duration,
 ) -> Result<IssuedCert, PkiError> {
+    host_cert(ca, csr_pem, expected, now, now, validity)
+}
+
+/// A host certificate issued by renewal: like [`issue_host_cert`], but it carries
+/// `enrolled_at`, the enrollment time of the certificate it renews, so that a revocation
+/// cut-off after that enrollment covers it too (renewing cannot outrun a revocation).
+pub fn renew_host_cert(
+    ca: &FleetCa,
+    csr_pem: &str,
+    expected: &HostExpectation,
+    enrolled_at: OffsetDateTime,
+    now: OffsetDateTime,
+    validity: Duration,
+) -> Result<IssuedCert, PkiError> {
+    host_cert(ca, csr_pem, expected, enrolled_at.min(now), now, validity)
+}
+
+/// nixfleet's own non-critical extension on host certificates: the time the host
+/// enrolled (a DER UTF8String, RFC 3339), carried across renewals.
+pub const ENROLLED_AT_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59999, 1, 1];
+
+fn host_cert(
+    ca: &FleetCa,
+    csr_pem: &str,
+    expected: &HostExpectation,
+    enrolled_at: OffsetDateTime,
+    now: OffsetDateTime,
+    validity: Duration,
+) -> Result<IssuedCert, PkiError> {
     let csr = check_host_csr(csr_pem, expected)?;
-    let params = leaf_params(
+    let mut params = leaf_params(
         ca,
         &expected.hostname,
         vec![SanType::URI(ia5(host_role_uri(&expected.hostname))?)],
@@ -244,6 +273,19 @@ pub fn issue_host_cert(
         now,
         validity,
     )?;
+    let enrolled = enrolled_at
+        .to_offset(UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(enrolled_at);
+    let text = rfc3339(enrolled);
+    let mut content = vec![0x0c, u8::try_from(text.len()).unwrap_or(u8::MAX)];
+    content.extend_from_slice(text.as_bytes());
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            ENROLLED_AT_OID,
+            content,
+        ));
     let cert = params
         .signed_by(&Ed25519Public(csr.public.to_bytes()), &ca.issuer)
         .map_err(generate_error)?;

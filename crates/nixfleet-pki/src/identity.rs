@@ -5,7 +5,9 @@ use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
-use crate::ca::serial_hex;
+use nixfleet_trust::keys::{ssh_fingerprint_of, PublicKey};
+
+use crate::ca::{serial_hex, ENROLLED_AT_OID};
 use crate::names::{
     validate_hostname, validate_operator_name, HOST_ROLE_URI_PREFIX, OPERATOR_ROLE_URI_PREFIX,
     ROLE_URI_NAMESPACE,
@@ -27,6 +29,22 @@ pub struct ClientIdentity {
     pub serial_hex: String,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
+    /// When the host enrolled: carried by renewals, so revocation cut-offs compare
+    /// against it. `not_before` for certificates issued before the extension existed.
+    pub enrolled_at: OffsetDateTime,
+    /// `SHA256:…` OpenSSH fingerprint of the certified ed25519 key, when it is one.
+    pub ssh_fingerprint: Option<String>,
+}
+
+/// The enrollment time in [`ENROLLED_AT_OID`]'s value: a DER UTF8String, RFC 3339.
+fn enrolled_at_of(value: &[u8]) -> Option<OffsetDateTime> {
+    let (&tag, rest) = value.split_first()?;
+    let (&len, text) = rest.split_first()?;
+    if tag != 0x0c || usize::from(len) != text.len() || len >= 0x80 {
+        return None;
+    }
+    let text = std::str::from_utf8(text).ok()?;
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
 }
 
 impl ClientIdentity {
@@ -86,11 +104,30 @@ impl ClientIdentity {
             return Err(PkiError::UnknownRole(uri.to_owned()));
         };
 
+        let not_before = cert.validity().not_before.to_datetime();
+        let enrolled_at = cert
+            .extensions()
+            .iter()
+            .find(|ext| {
+                ext.oid
+                    .iter()
+                    .is_some_and(|arcs| arcs.eq(ENROLLED_AT_OID.iter().copied()))
+            })
+            .and_then(|ext| enrolled_at_of(ext.value))
+            .map_or(not_before, |t| t.min(not_before));
+        let spki = cert.public_key();
+        let ssh_fingerprint = (spki.algorithm.algorithm.to_id_string() == "1.3.101.112")
+            .then(|| <[u8; 32]>::try_from(spki.subject_public_key.data.as_ref()).ok())
+            .flatten()
+            .and_then(|raw| ed25519_dalek::VerifyingKey::from_bytes(&raw).ok())
+            .and_then(|key| ssh_fingerprint_of(&PublicKey::Ed25519(key)).ok());
         Ok(ClientIdentity {
             role,
             serial_hex: serial_hex(cert.raw_serial()),
-            not_before: cert.validity().not_before.to_datetime(),
+            not_before,
             not_after: cert.validity().not_after.to_datetime(),
+            enrolled_at,
+            ssh_fingerprint,
         })
     }
 
@@ -111,9 +148,11 @@ impl ClientIdentity {
     }
 
     /// Whether a revocations.json entry `{hostname, notBefore}` refuses this certificate:
-    /// it is a host certificate for that hostname issued (notBefore) strictly earlier.
-    /// A certificate issued after the entry (re-enrollment) stays valid.
+    /// it is a host certificate for that hostname whose enrollment (carried by renewals)
+    /// is strictly earlier. A certificate from a later enrollment with a new token stays
+    /// valid; one renewed after the cut-off from an earlier enrollment does not.
     pub fn is_revoked_by(&self, hostname: &str, revoked_not_before: OffsetDateTime) -> bool {
-        self.hostname() == Some(hostname) && self.not_before < revoked_not_before
+        self.hostname() == Some(hostname)
+            && self.enrolled_at.min(self.not_before) < revoked_not_before
     }
 }

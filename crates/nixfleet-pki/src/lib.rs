@@ -25,7 +25,8 @@ mod pem;
 mod tls;
 
 pub use ca::{
-    generate_ca, issue_host_cert, issue_operator_cert, issue_server_cert, FleetCa, IssuedCert,
+    generate_ca, issue_host_cert, issue_operator_cert, issue_server_cert, renew_host_cert, FleetCa,
+    IssuedCert, ENROLLED_AT_OID,
 };
 pub use csr::{build_host_csr, HostExpectation};
 pub use error::PkiError;

@@ -142,6 +142,39 @@ fn host_certificate_happy_path() {
 }
 
 #[test]
+fn a_renewal_carries_the_enrollment_time_and_a_revocation_cut_off_covers_it() {
+    let test = ca();
+    let key = host_key();
+    let enrolled =
+        ClientIdentity::from_der(&der(&enroll(&test.ca, "web-01", &key, NOW).cert_pem)).unwrap();
+    assert_eq!(enrolled.enrolled_at, NOW);
+    assert_eq!(
+        enrolled.ssh_fingerprint.as_deref(),
+        Some(fingerprint(&key).as_str())
+    );
+    let later = NOW + Duration::days(15);
+    let renewed = nixfleet_pki::renew_host_cert(
+        &test.ca,
+        &build_host_csr("web-01", &key).unwrap(),
+        &expect("web-01", Some(&key)),
+        enrolled.enrolled_at,
+        later,
+        Duration::days(30),
+    )
+    .unwrap();
+    assert_eq!(renewed.not_before, later, "validity starts at the renewal");
+    let renewed = ClientIdentity::from_der(&der(&renewed.cert_pem)).unwrap();
+    assert_eq!(renewed.enrolled_at, NOW, "the enrollment time goes forward");
+    // A cut-off between the enrollment and the renewal revokes the renewed certificate.
+    assert!(renewed.is_revoked_by("web-01", NOW + Duration::days(1)));
+    assert!(!renewed.is_revoked_by("web-01", NOW));
+    // A new enrollment after the cut-off is not revoked by it.
+    let re_enrolled =
+        ClientIdentity::from_der(&der(&enroll(&test.ca, "web-01", &key, later).cert_pem)).unwrap();
+    assert!(!re_enrolled.is_revoked_by("web-01", NOW + Duration::days(1)));
+}
+
+#[test]
 fn fingerprint_is_optional_at_renewal() {
     let test = ca();
     let key = host_key();
