@@ -50,6 +50,32 @@ pub struct App {
     pub checkin_interval_secs: u32,
     /// This replica's name (/healthz).
     pub replica: String,
+    /// Per-host report budget: `--reports-per-minute`, and each host's current window.
+    pub reports_per_minute: u32,
+    pub report_windows: Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+    /// `--reports-per-host`: how many of a host's reports are kept.
+    pub reports_per_host: usize,
+}
+
+/// The largest report stored, in bytes of its signed body; a reason longer than
+/// [`MAX_REPORT_REASON_CHARS`] is refused too. Both are far above what an agent writes.
+const MAX_REPORT_BYTES: usize = 16 * 1024;
+const MAX_REPORT_REASON_CHARS: usize = 4096;
+
+/// Whether `host` may send another report now: at most `per_minute` in any one-minute
+/// window, counted per host (a host is one enrolled certificate name, so the map is
+/// bounded by the fleet).
+fn report_allowed(app: &App, host: &str) -> bool {
+    let Ok(mut windows) = app.report_windows.lock() else {
+        return true;
+    };
+    let now = std::time::Instant::now();
+    let entry = windows.entry(host.to_owned()).or_insert((now, 0));
+    if now.duration_since(entry.0) >= std::time::Duration::from_secs(60) {
+        *entry = (now, 0);
+    }
+    entry.1 = entry.1.saturating_add(1);
+    entry.1 <= app.reports_per_minute
 }
 
 /// An error answer: status plus one sentence.
@@ -668,6 +694,26 @@ async fn report(
         .to_owned();
     require_host(&app, &peer, &hostname)?;
     require_fresh_database(&app)?;
+    if body.len() > MAX_REPORT_BYTES {
+        Metrics::inc(&app.metrics.reports_dropped_size);
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "report refused: {} bytes, over the {MAX_REPORT_BYTES}-byte limit for one report",
+                body.len()
+            ),
+        ));
+    }
+    if !report_allowed(&app, &hostname) {
+        Metrics::inc(&app.metrics.reports_dropped_rate);
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "report refused: over {} reports a minute from this host; send it later",
+                app.reports_per_minute
+            ),
+        ));
+    }
     let fleet = app
         .shared
         .fleet()
@@ -696,6 +742,13 @@ async fn report(
         },
     )?;
     let report = &verified.value.report;
+    if report.reason.chars().count() > MAX_REPORT_REASON_CHARS {
+        Metrics::inc(&app.metrics.reports_dropped_size);
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("report refused: its reason is over {MAX_REPORT_REASON_CHARS} characters"),
+        ));
+    }
     if report
         .rollout_id
         .as_deref()
@@ -719,6 +772,7 @@ async fn report(
             report.rollout_id.clone(),
             String::from_utf8_lossy(&body).into_owned(),
             OffsetDateTime::now_utc(),
+            app.reports_per_host,
         )
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

@@ -170,6 +170,14 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_CP_CHECKIN_INTERVAL_SECS", default_value_t = 60)]
     pub checkin_interval_secs: u32,
 
+    /// Reports one host may send per minute; more get 429 (the agent sends them later).
+    #[arg(long, env = "NIXFLEET_CP_REPORTS_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reports_per_minute: u32,
+
+    /// Reports kept per host; older ones are pruned as new ones arrive.
+    #[arg(long, env = "NIXFLEET_CP_REPORTS_PER_HOST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reports_per_host: u32,
+
     /// Plain-HTTP listener for /metrics (keep it on loopback).
     #[arg(long, env = "NIXFLEET_CP_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

@@ -205,6 +205,9 @@ async fn run(config: Config) -> Result<(), String> {
         audit_log_path: config.audit_log.clone(),
         checkin_interval_secs: config.checkin_interval_secs,
         replica: replica.clone(),
+        reports_per_minute: config.reports_per_minute,
+        report_windows: Mutex::new(Default::default()),
+        reports_per_host: usize::try_from(config.reports_per_host).unwrap_or(usize::MAX),
     });
 
     // 5. Listen, tick at once, then on the interval.

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub enrollments: AtomicU64,
     pub renewals: AtomicU64,
     pub reports: AtomicU64,
+    pub reports_dropped_size: AtomicU64,
+    pub reports_dropped_rate: AtomicU64,
     pub channel_refs_ok: AtomicU64,
     pub channel_refs_failed: AtomicU64,
     pub channel_refs_last_success: AtomicU64,
@@ -129,6 +131,14 @@ impl Metrics {
             "nixfleet_reports_total",
             "Host reports stored.",
             &[("", &self.reports)],
+        );
+        counter(
+            "nixfleet_reports_dropped_total",
+            "Host reports refused, by reason: over the size limit (422) or the per-host rate (429).",
+            &[
+                ("{reason=\"size\"}", &self.reports_dropped_size),
+                ("{reason=\"rate\"}", &self.reports_dropped_rate),
+            ],
         );
         counter(
             "nixfleet_polls_total",

@@ -1131,3 +1131,61 @@ async fn a_renewal_does_not_outrun_a_revocation() {
         .await;
     assert_eq!(again.status, 401, "a revoked host cannot renew");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_flood_is_capped_and_counted() {
+    let mut s = Setup::new(&["web-01"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let opts = CpOptions {
+        extra: vec!["--reports-per-minute".into(), "20".into()],
+        ..CpOptions::default()
+    };
+    let (_cp, port, hosts) = start_enrolled(&mut s, &state, &opts, 1).await;
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let report = |id: usize, reason: String| {
+        let report = json!({"hostname": "web-01", "reportId": format!("r-{id}"), "kind": "rolled-back",
+                            "rolloutId": null, "closureHash": null, "bootId": "b",
+                            "reason": reason, "at": now_rfc3339()});
+        let sig = hosts[0]
+            .key
+            .sign(&nixfleet_trust::jcs::to_canonical(&report).unwrap());
+        json!({"report": report, "signature": b64(&sig)})
+    };
+    // A report far larger than any agent writes is refused for good (422).
+    let big = web01
+        .post("/v1/agent/report", &report(0, "x".repeat(60_000)))
+        .await;
+    assert_eq!(big.status, 422, "{}", String::from_utf8_lossy(&big.body));
+    let long = web01
+        .post("/v1/agent/report", &report(1, "x".repeat(5_000)))
+        .await;
+    assert_eq!(long.status, 422);
+    // A flood: the first 20 in the minute are stored, the rest get 429.
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        statuses.push(
+            web01
+                .post("/v1/agent/report", &report(10 + i, "x".into()))
+                .await
+                .status,
+        );
+    }
+    // The over-long reason was only found after the rate check, so it used a slot.
+    let stored = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(stored, 19, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    let metrics = Client::operator(&s.pki, port).get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("nixfleet_reports_dropped_total{reason=\"size\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nixfleet_reports_dropped_total{reason=\"rate\"} 21"),
+        "{text}"
+    );
+    assert!(text.contains("nixfleet_reports_total 19"), "{text}");
+}

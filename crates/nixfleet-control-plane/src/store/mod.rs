@@ -274,7 +274,9 @@ pub trait Store: Send + Sync {
     fn rollout_events(&self, rollout_id: String, limit: usize) -> Fut<'_, Vec<Event>>;
     /// A host's most recent events, newest first.
     fn host_events(&self, hostname: String, limit: usize) -> Fut<'_, Vec<Event>>;
-    /// Stores a verified host report once per (host, reportId); returns its event id.
+    /// Stores a verified host report once per (host, reportId) and keeps only the host's
+    /// `keep` newest reports; returns its event id.
+    #[allow(clippy::too_many_arguments)]
     fn record_report(
         &self,
         hostname: String,
@@ -283,6 +285,7 @@ pub trait Store: Send + Sync {
         rollout_id: Option<String>,
         body: String,
         now: OffsetDateTime,
+        keep: usize,
     ) -> Fut<'_, i64>;
 
     /// Stores attestations, merged with what is stored: times only move forward, and the

@@ -967,9 +967,11 @@ impl Store for PgStore {
         rollout_id: Option<String>,
         body: String,
         now: OffsetDateTime,
+        keep: usize,
     ) -> Fut<'_, i64> {
         Box::pin(async move {
             let client = self.client().await?;
+            let keep = i64::try_from(keep.max(1)).unwrap_or(i64::MAX);
             timed(OP_TIMEOUT, async {
                 client
                     .execute(
@@ -985,6 +987,14 @@ impl Store for PgStore {
                     )
                     .await?
                     .get(0);
+                client
+                    .execute(
+                        "DELETE FROM host_reports WHERE hostname = $1 AND event_id <= (
+                             SELECT event_id FROM host_reports WHERE hostname = $1
+                             ORDER BY event_id DESC LIMIT 1 OFFSET $2)",
+                        &[&hostname, &keep],
+                    )
+                    .await?;
                 Ok::<_, DbError>(id)
             })
             .await

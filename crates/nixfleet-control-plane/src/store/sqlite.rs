@@ -571,17 +571,25 @@ impl Store for SqliteStore {
         rollout_id: Option<String>,
         body: String,
         now: OffsetDateTime,
+        keep: usize,
     ) -> Fut<'_, i64> {
         Box::pin(self.write(move |conn| {
             conn.execute(
                 "INSERT OR IGNORE INTO host_reports (hostname, report_id, kind, rollout_id, body, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![hostname, report_id, kind, rollout_id, body, ts(now)],
             )?;
-            conn.query_row(
+            let id = conn.query_row(
                 "SELECT event_id FROM host_reports WHERE hostname = ?1 AND report_id = ?2",
                 params![hostname, report_id],
                 |r| r.get(0),
-            )
+            )?;
+            conn.execute(
+                "DELETE FROM host_reports WHERE hostname = ?1 AND event_id <= (
+                     SELECT event_id FROM host_reports WHERE hostname = ?1
+                     ORDER BY event_id DESC LIMIT 1 OFFSET ?2)",
+                params![hostname, i64::try_from(keep.max(1)).unwrap_or(i64::MAX)],
+            )?;
+            Ok(id)
         }))
     }
 

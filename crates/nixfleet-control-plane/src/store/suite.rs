@@ -484,11 +484,22 @@ async fn reports_are_stored_once(f: &Fixture) {
             Some("r1".into()),
             "{}".into(),
             t,
+            3,
         )
     };
     let first = report("rep-1").await.unwrap();
     assert_eq!(report("rep-1").await.unwrap(), first);
     assert_ne!(report("rep-2").await.unwrap(), first);
+    // Only the host's 3 newest reports are kept: a flood cannot grow the database.
+    let mut ids = Vec::new();
+    for i in 3..=10 {
+        ids.push(report(&format!("rep-{i}")).await.unwrap());
+    }
+    // The newest are still there (a resend gets the same event)...
+    assert_eq!(report("rep-10").await.unwrap(), ids[7]);
+    assert_eq!(report("rep-8").await.unwrap(), ids[5]);
+    // ...while an old one was pruned: sent again, it is stored anew.
+    assert_ne!(report("rep-1").await.unwrap(), first);
 }
 
 fn attestation(t: OffsetDateTime, closure: &str) -> Attestation {
