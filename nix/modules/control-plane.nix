@@ -201,6 +201,16 @@ let
       default = 60;
       description = "Base interval agents are told to check in at, seconds (jittered per host).";
     };
+    reportsPerMinute = {
+      type = types.ints.positive;
+      default = 60;
+      description = "Reports one host may send per minute; more get 429 and are sent again later.";
+    };
+    reportsPerHost = {
+      type = types.ints.positive;
+      default = 1000;
+      description = "Reports kept per host; older ones are pruned as new ones arrive.";
+    };
     metricsListen = {
       type = types.nullOr types.str;
       default = null;

@@ -573,6 +573,8 @@ async fn confirm(
     body: Bytes,
 ) -> ApiResult<StatusCode> {
     let req: ConfirmRequest = parse_json(&body)?;
+    require_host(&app, &peer, &req.hostname)?;
+    require_fresh_database(&app)?;
     // Identifiers are checked where they arrive: they end up in logs and file names.
     if !is_rollout_id(&req.rollout_id) || !is_store_basename(&req.generation.closure_hash) {
         return Err(ApiError::new(
@@ -580,8 +582,6 @@ async fn confirm(
             "confirm refused: rolloutId must be 64 lowercase hex digits and generation.closureHash a Nix store basename",
         ));
     }
-    require_host(&app, &peer, &req.hostname)?;
-    require_fresh_database(&app)?;
     let gone = |why: String| {
         Metrics::inc(&app.metrics.confirms_gone);
         tracing::info!(host = %req.hostname, rollout = %req.rollout_id, "confirm refused: {why}");
