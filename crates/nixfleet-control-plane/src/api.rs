@@ -470,8 +470,8 @@ fn sanitize_failed_targets(req: &mut CheckinRequest) {
 fn held_stale(target: &Target, now: OffsetDateTime) -> bool {
     static WARN: Throttle = Throttle::new();
     let window = i64::try_from(target.freshness_window_secs).unwrap_or(i64::MAX);
-    let stale =
-        window > 0 && now - target.signed_at > time::Duration::seconds(window.saturating_add(60));
+    let stale = window > 0
+        && now > nixfleet_proto::stale_after(target.signed_at, time::Duration::seconds(window));
     if stale && WARN.allow() {
         tracing::warn!(
             rollout = %target.rollout_id,

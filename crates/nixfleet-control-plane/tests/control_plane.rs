@@ -1003,18 +1003,6 @@ async fn a_used_token_is_refused_after_the_runbooks_wipe() {
     assert_eq!(cp.terminate(), Some(0));
 }
 
-/// Signs the revocation list `entries` into `out` as of `signed_at`.
-fn sign_revocations_at(pki: &Pki, out: &Path, entries: Value, signed_at: &str) {
-    let list = json!({
-        "schemaVersion": 1, "revocations": entries, "freshnessWindow": null,
-        "meta": {"schemaVersion": 1, "signedAt": null, "ciCommit": null, "signatureAlgorithm": null}
-    });
-    std::fs::write(pki.path("revocations-in.json"), list.to_string()).unwrap();
-    #[rustfmt::skip]
-    nixfleet(&pki.dir, &["revocations", "sign", "--in", "revocations-in.json", "--key", "ci.pem",
-                         "--signed-at", signed_at, "--out", out.to_str().unwrap()]);
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_revocation_list_is_refused_after_the_runbooks_wipe() {
     let mut s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
@@ -1027,12 +1015,8 @@ async fn an_older_revocation_list_is_refused_after_the_runbooks_wipe() {
     };
     let now = time::OffsetDateTime::now_utc();
     // The list in service revokes nobody; an attacker keeps a copy of it.
-    sign_revocations_at(
-        &s.pki,
-        &forge,
-        json!([]),
-        &rfc(now - time::Duration::minutes(1)),
-    );
+    let earlier = rfc(now - time::Duration::minutes(1));
+    sign_revocations_with(&s.pki, &forge, json!([]), &["--signed-at", &earlier]);
     let replay = s.pki.path("replay");
     std::fs::create_dir_all(&replay).unwrap();
     for f in ["revocations.json", "revocations.json.sig"] {
@@ -1046,7 +1030,7 @@ async fn an_older_revocation_list_is_refused_after_the_runbooks_wipe() {
 
     // web-02's key is stolen: CI signs a list revoking it, and the control plane applies it.
     let revoked = json!([{"hostname": "web-02", "notBefore": in_an_hour(), "reason": "stolen", "revokedBy": "ops"}]);
-    sign_revocations_at(&s.pki, &forge, revoked, &rfc(now));
+    sign_revocations_with(&s.pki, &forge, revoked, &["--signed-at", &rfc(now)]);
     wait_for_async("web-02 to be refused", Duration::from_secs(20), || {
         let (web02, checkin) = (web02.clone(), checkin.clone());
         async move { web02.post("/v1/agent/checkin", &checkin).await.status == 401 }
@@ -1093,17 +1077,13 @@ async fn a_renewal_does_not_outrun_a_revocation() {
     });
     // A thief holding the key and certificate renews between the signing of the list
     // and its application.
-    let thief = Client::host(&s.pki, port, &hosts[0]);
-    let renewed = thief
-        .post("/v1/agent/renew", &json!({"csrPem": hosts[0].csr()}))
-        .await;
+    let renewed = renew(&s.pki, port, &mut hosts[0]).await;
     assert_eq!(
         renewed.status,
         200,
         "{}",
         String::from_utf8_lossy(&renewed.body)
     );
-    hosts[0].cert_pem = Some(renewed.json()["certPem"].as_str().unwrap().to_owned());
     let thief = Client::host(&s.pki, port, &hosts[0]);
     let checkin = checkin_body("web-01", &closure("web-01", 0), None, json!([]));
     assert_eq!(thief.post("/v1/agent/checkin", &checkin).await.status, 200);
@@ -1126,9 +1106,7 @@ async fn a_renewal_does_not_outrun_a_revocation() {
         },
     )
     .await;
-    let again = thief
-        .post("/v1/agent/renew", &json!({"csrPem": hosts[0].csr()}))
-        .await;
+    let again = renew(&s.pki, port, &mut hosts[0]).await;
     assert_eq!(again.status, 401, "a revoked host cannot renew");
 }
 

@@ -363,24 +363,29 @@ pub fn release_closures(
 }
 
 pub fn sign_revocations(pki: &Pki, forge: &Path, entries: Value) {
+    sign_revocations_with(pki, forge, entries, &[]);
+}
+
+/// Signs the revocation list `entries` into `forge`; `extra` goes to `nixfleet revocations
+/// sign` (e.g. `--signed-at`).
+pub fn sign_revocations_with(pki: &Pki, forge: &Path, entries: Value, extra: &[&str]) {
     let list = json!({
         "schemaVersion": 1, "revocations": entries, "freshnessWindow": null,
         "meta": {"schemaVersion": 1, "signedAt": null, "ciCommit": null, "signatureAlgorithm": null}
     });
     std::fs::write(pki.path("revocations-in.json"), list.to_string()).unwrap();
-    nixfleet(
-        &pki.dir,
-        &[
-            "revocations",
-            "sign",
-            "--in",
-            "revocations-in.json",
-            "--key",
-            "ci.pem",
-            "--out",
-            forge.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "revocations",
+        "sign",
+        "--in",
+        "revocations-in.json",
+        "--key",
+        "ci.pem",
+        "--out",
+        forge.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    nixfleet(&pki.dir, &args);
 }
 
 /// The rollout id of `channel` in the release written to `forge`.
@@ -771,6 +776,17 @@ pub async fn enroll(pki: &Pki, port: u16, host: &mut Host) -> Reply {
     let token = host.token(pki, &[]);
     let reply = Client::anonymous(pki, port)
         .post("/v1/enroll", &json!({"token": token, "csrPem": host.csr()}))
+        .await;
+    if reply.status == 200 {
+        host.cert_pem = Some(reply.json()["certPem"].as_str().unwrap().to_owned());
+    }
+    reply
+}
+
+/// Renews `host`'s certificate with its own key; on 200 the new certificate is kept.
+pub async fn renew(pki: &Pki, port: u16, host: &mut Host) -> Reply {
+    let reply = Client::host(pki, port, host)
+        .post("/v1/agent/renew", &json!({"csrPem": host.csr()}))
         .await;
     if reply.status == 200 {
         host.cert_pem = Some(reply.json()["certPem"].as_str().unwrap().to_owned());

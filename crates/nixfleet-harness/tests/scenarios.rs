@@ -1085,16 +1085,13 @@ async fn fleet_ca_rotation_accepts_both_cas_during_the_overlap_then_only_the_new
         200
     );
     // The old host moves over at its renewal.
-    let renewed = Client::host(&pki, port, &old_host)
-        .post("/v1/agent/renew", &json!({"csrPem": old_host.csr()}))
-        .await;
+    let renewed = renew(&pki, port, &mut old_host).await;
     assert_eq!(
         renewed.status,
         200,
         "{}",
         String::from_utf8_lossy(&renewed.body)
     );
-    old_host.cert_pem = Some(renewed.json()["certPem"].as_str().unwrap().to_owned());
     assert!(issued_by(
         old_host.cert_pem.as_deref().unwrap(),
         &new_ca,

@@ -23,7 +23,7 @@ pub use manifest::{
     HostSetEntry, Introduced, ManifestBudget, ManifestWave, RolloutManifest,
     MANIFEST_SCHEMA_VERSION,
 };
-pub use meta::Meta;
+pub use meta::{stale_after, Meta, CLOCK_SLACK};
 pub use revocations::{Revocation, Revocations, REVOCATIONS_SCHEMA_VERSION};
 pub use token::{BootstrapToken, TokenClaims, TOKEN_VERSION};
 pub use trust::{Algorithm, KeySlot, PublicKeyEntry, TrustFile, TRUST_SCHEMA_VERSION};

@@ -1,7 +1,7 @@
 //! The `meta` block every signed artifact carries.
 
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
+use time::{Duration, OffsetDateTime};
 
 use crate::trust::Algorithm;
 
@@ -27,4 +27,15 @@ impl Meta {
             signature_algorithm: None,
         }
     }
+}
+
+/// How far verifiers trust clocks to disagree: an artifact is stale once its freshness
+/// window and this much have passed since its `signedAt`, and refused as future-dated when
+/// signed more than this ahead.
+pub const CLOCK_SLACK: Duration = Duration::seconds(60);
+
+/// When an artifact signed at `signed_at` with a freshness `window` goes stale: verifiers
+/// refuse it after this instant.
+pub fn stale_after(signed_at: OffsetDateTime, window: Duration) -> OffsetDateTime {
+    signed_at.saturating_add(window).saturating_add(CLOCK_SLACK)
 }

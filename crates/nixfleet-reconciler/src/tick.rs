@@ -54,7 +54,7 @@ pub(crate) fn reconcile(
         tick.settle_all(v);
     }
     tick.run_rollouts();
-    tick.count_budgets();
+    tick.count_budgets(manifests);
     tick.dispatch();
     tick.finish()
 }
@@ -68,7 +68,6 @@ struct Ctx<'a> {
     /// Seen at or after this instant means online.
     online_since: OffsetDateTime,
     hosts: &'a BTreeMap<String, Attestation>,
-    fleet: &'a FleetResolved,
     /// Host edges: `after` → its `before`s, sorted.
     edges: BTreeMap<&'a str, Vec<&'a str>>,
     /// Channel edges: `after` → its `before`s, sorted.
@@ -107,7 +106,6 @@ impl<'a> Ctx<'a> {
                 .checked_sub(offline_after)
                 .unwrap_or_else(|| time::PrimitiveDateTime::MIN.assume_utc()),
             hosts: &observed.hosts,
-            fleet,
             edges,
             channel_preds,
         }
@@ -286,12 +284,11 @@ enum Latest<'a> {
 }
 
 /// A disruption budget, shared by every live rollout whose manifest carries its selector.
-struct Budget<'a> {
+struct Budget {
     selector: Selector,
     label: String,
     max_in_flight: Option<u32>,
     max_in_flight_pct: Option<u32>,
-    lists: Vec<&'a [String]>,
     limit: u32,
     in_flight: u32,
 }
@@ -304,7 +301,7 @@ struct Tick<'a> {
     actions: Vec<Action>,
     /// Per channel, why its newest ref is not running.
     notes: BTreeMap<String, Vec<String>>,
-    budgets: Vec<Budget<'a>>,
+    budgets: Vec<Budget>,
 }
 
 impl<'a> Tick<'a> {
@@ -685,8 +682,8 @@ impl<'a> Tick<'a> {
 
     // Pass 3: budgets and dispatch.
 
-    fn count_budgets(&mut self) {
-        let mut budgets: Vec<Budget<'a>> = Vec::new();
+    fn count_budgets(&mut self, manifests: &'a BTreeMap<String, RolloutManifest>) {
+        let mut budgets: Vec<Budget> = Vec::new();
         let live = |view: &View| !matches!(view.state, RolloutState::Superseded { .. });
         for view in self.views.iter_mut().filter(|v| live(v)) {
             let manifest = view.manifest;
@@ -701,7 +698,6 @@ impl<'a> Tick<'a> {
                             selector,
                             max_in_flight: None,
                             max_in_flight_pct: None,
-                            lists: Vec::new(),
                             limit: u32::MAX,
                             in_flight: 0,
                         });
@@ -711,7 +707,6 @@ impl<'a> Tick<'a> {
                 let b = &mut budgets[id];
                 b.max_in_flight = min_some(b.max_in_flight, mb.max_in_flight);
                 b.max_in_flight_pct = min_some(b.max_in_flight_pct, mb.max_in_flight_pct);
-                b.lists.push(&mb.hosts);
                 if mb.hosts.windows(2).all(|w| w[0] < w[1]) {
                     intersect_sorted(&view.slots, Slot::hostname, &mb.hosts, |i| {
                         pairs.push((i, id));
@@ -740,17 +735,21 @@ impl<'a> Tick<'a> {
             view.members = pairs.into_iter().map(|(_, k)| k).collect();
             view.member_at = member_at;
         }
-        let fleet = self.ctx.fleet;
-        for b in &mut budgets {
-            // Fleet-wide: a percentage is of every host the current fleet's selector matches,
-            // whichever channel it is in (manifests list only their own channel's hosts).
+        // Fleet-wide: a percentage is of every host the budget covers in any channel. Each
+        // channel's manifest lists only its own hosts, and the caller passes the current
+        // release's manifest of every channel, so the union over all of them is that count.
+        let mut all: Vec<Vec<&'a [String]>> = vec![Vec::new(); budgets.len()];
+        for m in manifests.values() {
+            for mb in &m.disruption_budgets {
+                let selector = budget::canonical(&mb.selector);
+                if let Some(i) = budgets.iter().position(|b| b.selector == selector) {
+                    all[i].push(&mb.hosts);
+                }
+            }
+        }
+        for (b, lists) in budgets.iter_mut().zip(&all) {
             let hosts = match b.max_in_flight_pct {
-                Some(_) => fleet
-                    .hosts
-                    .iter()
-                    .filter(|(name, host)| b.selector.matches(name, host))
-                    .count()
-                    .max(budget::union_len(&b.lists)),
+                Some(_) => budget::union_len(lists),
                 None => 0,
             };
             b.limit = budget::limit(b.max_in_flight, b.max_in_flight_pct, hosts);
@@ -1141,8 +1140,11 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
 /// When the manifest's signature goes stale (its freshness window and the verifiers' 60 s
 /// of grace after `signedAt`): the control plane holds its targets back from then on.
 fn stale_since(manifest: &RolloutManifest) -> Option<OffsetDateTime> {
-    let window = Duration::minutes(i64::from(manifest.freshness_window?)) + Duration::seconds(60);
-    manifest.meta.signed_at?.checked_add(window)
+    let window = Duration::minutes(i64::from(manifest.freshness_window?));
+    Some(nixfleet_proto::stale_after(
+        manifest.meta.signed_at?,
+        window,
+    ))
 }
 
 /// Channels with every channel-edge predecessor before its successors; ties (and any

@@ -19,11 +19,13 @@ use nixfleet_proto::{
     TOKEN_VERSION, TRUST_SCHEMA_VERSION,
 };
 
+use nixfleet_proto::stale_after;
+
 use crate::jcs::{self, JcsError};
 use crate::keys::{self, KeyError, PublicKey};
 
 /// Clock skew tolerated in both directions (stale and future-dated checks).
-pub const CLOCK_SLACK: Duration = Duration::seconds(60);
+pub use nixfleet_proto::CLOCK_SLACK;
 
 /// Input size limits. fleet.resolved for 100,000 hosts is about 30 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,7 +301,7 @@ fn check_time(
     let signed_at = meta.signed_at.ok_or(VerifyError::Unsigned { artifact })?;
     check_reject_before(artifact, signed_at, slot, slot_name)?;
     if let Some(window) = freshness_window_minutes {
-        if now - signed_at > Duration::minutes(i64::from(window)) + CLOCK_SLACK {
+        if now > stale_after(signed_at, Duration::minutes(i64::from(window))) {
             return Err(VerifyError::Stale {
                 artifact,
                 signed_at: rfc3339(signed_at),
