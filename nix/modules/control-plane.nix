@@ -211,6 +211,16 @@ let
       default = 1000;
       description = "Reports kept per host; older ones are pruned as new ones arrive.";
     };
+    maxConnections = {
+      type = types.ints.unsigned;
+      default = 0;
+      description = "Open HTTPS connections at most; at the cap the longest idle one is closed to make room. 0: the open-file limit ({option}`openFilesLimit`) less what the database and files need.";
+    };
+    maxConnectionsPerSource = {
+      type = types.ints.unsigned;
+      default = 1024;
+      description = "Open HTTPS connections from one source address (an IPv6 /64 counts as one) at most; more are closed unserved. Behind a TCP proxy every agent shares the proxy's address: raise it, or 0 for no limit.";
+    };
     metricsListen = {
       type = types.nullOr types.str;
       default = null;
@@ -293,6 +303,12 @@ in
       description = "Open the port of {option}`listen` in the firewall (not the metrics port).";
     };
 
+    openFilesLimit = mkOption {
+      type = types.ints.positive;
+      default = 65536;
+      description = "The unit's `LimitNOFILE`: each HTTPS connection is a descriptor, and {option}`maxConnections` defaults to what this leaves.";
+    };
+
     logLevel = mkOption {
       type = types.nullOr types.str;
       default = null;
@@ -338,6 +354,8 @@ in
         # database: give it that and some more before systemd kills it.
         KillSignal = "SIGTERM";
         TimeoutStopSec = "${toString (cfg.drainTimeoutSecs + 20)}s";
+        # Each connection is a descriptor; maxConnections defaults to what this leaves.
+        LimitNOFILE = cfg.openFilesLimit;
 
         # The control plane holds no secret it could leak and needs nothing but its
         # state directory, the network and the files it is given: lock the rest away.

@@ -178,6 +178,21 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_CP_REPORTS_PER_HOST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub reports_per_host: u32,
 
+    /// Open HTTPS connections at most; at the cap the longest idle one is closed to make
+    /// room. 0: the open-file limit less what the database and files need.
+    #[arg(long, env = "NIXFLEET_CP_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: u64,
+
+    /// Open HTTPS connections from one source address (an IPv6 /64 counts as one) at
+    /// most; more are closed unserved. Behind a TCP proxy every agent shares the proxy's
+    /// address: raise it, or 0 for no limit.
+    #[arg(
+        long,
+        env = "NIXFLEET_CP_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 1024
+    )]
+    pub max_connections_per_source: u64,
+
     /// Plain-HTTP listener for /metrics (keep it on loopback).
     #[arg(long, env = "NIXFLEET_CP_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

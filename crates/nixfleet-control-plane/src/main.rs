@@ -6,6 +6,7 @@ mod artifacts;
 mod audit;
 mod clock;
 mod config;
+mod conns;
 mod fetch;
 mod hook;
 mod metrics;
@@ -217,10 +218,22 @@ async fn run(config: Config) -> Result<(), String> {
     let (stop, stopped) = watch::channel(false);
     let drain = Duration::from_secs(config.drain_timeout_secs);
     let mut tasks = tokio::task::JoinSet::new();
+    let (limits, files) = conns::Limits::resolve(
+        config.max_connections,
+        config.max_connections_per_source,
+        server::HEADER_READ_TIMEOUT,
+    );
+    tracing::info!(
+        max_connections = limits.max_connections,
+        max_connections_per_source = limits.max_per_source,
+        open_file_limit = files,
+        "connection limits (0 per source: no limit); idle connections are closed after 10 s"
+    );
     tasks.spawn(server::serve_tls(
         listener,
         Arc::new(tls),
         api::router(app.clone()),
+        conns::Registry::new(limits, metrics.clone()),
         stopped.clone(),
         drain,
     ));

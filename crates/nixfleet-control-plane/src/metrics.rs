@@ -36,6 +36,11 @@ pub struct Metrics {
     pub hook_ok: AtomicU64,
     pub hook_failed: AtomicU64,
     pub hook_dropped: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub connections_refused_per_source: AtomicU64,
+    pub connections_refused_overall: AtomicU64,
+    pub connections_closed_idle: AtomicU64,
+    pub connections_closed_evicted: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -171,6 +176,23 @@ impl Metrics {
                 ("{result=\"dropped\"}", &self.hook_dropped),
             ],
         );
+        counter(
+            "nixfleet_connections_refused_total",
+            "Connections closed unserved: the source address held --max-connections-per-source, or all --max-connections had a request in flight.",
+            &[
+                ("{reason=\"per-source\"}", &self.connections_refused_per_source),
+                ("{reason=\"overall\"}", &self.connections_refused_overall),
+            ],
+        );
+        counter(
+            "nixfleet_connections_closed_total",
+            "Connections the control plane closed: idle for 10 s, or the longest idle one when --max-connections was reached.",
+            &[
+                ("{reason=\"idle\"}", &self.connections_closed_idle),
+                ("{reason=\"evicted\"}", &self.connections_closed_evicted),
+            ],
+        );
+        let _ = writeln!(out, "# HELP nixfleet_connections_open Open HTTPS connections.\n# TYPE nixfleet_connections_open gauge\nnixfleet_connections_open {}", self.connections_open.load(Relaxed));
         let _ = writeln!(out, "# HELP nixfleet_poll_last_success_timestamp_seconds Last successful poll.\n# TYPE nixfleet_poll_last_success_timestamp_seconds gauge");
         let _ = writeln!(
             out,

@@ -420,6 +420,8 @@ pub struct CpOptions {
     /// A PostgreSQL URL: the replica keeps its state there (`--database-url`) rather than
     /// in `--db-path`.
     pub database_url: Option<String>,
+    /// Runs the control plane under this open-file limit (soft and hard), through `prlimit`.
+    pub open_files: Option<u64>,
     pub extra: Vec<String>,
 }
 
@@ -432,6 +434,7 @@ impl Default for CpOptions {
             build_time_artifact: true,
             rollouts_dir: true,
             database_url: None,
+            open_files: None,
             extra: Vec::new(),
         }
     }
@@ -439,7 +442,17 @@ impl Default for CpOptions {
 
 impl Cp {
     pub fn command(pki: &Pki, forge: &Forge, port: u16, state: &Path, opts: &CpOptions) -> Command {
-        let mut cmd = Command::new(bin("nixfleet-control-plane"));
+        let mut cmd = match opts.open_files {
+            // prlimit execs the command, so the child's pid is the control plane's.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(bin("nixfleet-control-plane"));
+                c
+            }
+            None => Command::new(bin("nixfleet-control-plane")),
+        };
         let p = |rel: &str| pki.path(rel).to_str().unwrap().to_owned();
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
