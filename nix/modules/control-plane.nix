@@ -191,10 +191,15 @@ let
       default = 10;
       description = "Timeout of each artifact fetch, seconds.";
     };
-    confirmDeadlineSecs = {
+    confirmWindowSecs = {
       type = types.ints.positive;
       default = 300;
-      description = "How long an agent has to confirm an activation, seconds.";
+      description = "How long an agent has to confirm once its switch has finished, seconds; sent to agents as `confirmWindowSecs` (they use at least 10 s).";
+    };
+    activationTimeoutSecs = {
+      type = types.ints.unsigned;
+      default = 1800;
+      description = "How long a host has, from the delivery of its target, to fetch the closure and finish the switch, seconds. A host still fetching or switching after this long is failed; 0 makes the confirm window count from delivery.";
     };
     checkinIntervalSecs = {
       type = types.ints.positive;

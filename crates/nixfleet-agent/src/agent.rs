@@ -499,6 +499,7 @@ impl Agent {
                 .map(|c| c.at),
             failed_targets: self.state.failed_targets.clone(),
             health: health::collect(self.config.health_command.as_deref()).await,
+            activation: None,
         }
     }
 

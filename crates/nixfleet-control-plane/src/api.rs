@@ -445,6 +445,14 @@ fn sanitize_failed_targets(req: &mut CheckinRequest) {
     let before = req.failed_targets.len();
     req.failed_targets
         .retain(|f| is_rollout_id(&f.rollout_id) && is_store_basename(&f.closure_hash));
+    if req
+        .activation
+        .as_ref()
+        .is_some_and(|p| !is_rollout_id(&p.rollout_id) || !is_store_basename(&p.closure_hash))
+    {
+        tracing::debug!("activation progress without a rollout id or a store path ignored");
+        req.activation = None;
+    }
     if req.failed_targets.len() != before {
         tracing::debug!(
             dropped = before - req.failed_targets.len(),

@@ -162,9 +162,27 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_CP_FETCH_TIMEOUT_SECS", default_value_t = 10)]
     pub fetch_timeout_secs: u64,
 
-    /// How long an agent has to confirm an activation, seconds.
-    #[arg(long, env = "NIXFLEET_CP_CONFIRM_DEADLINE_SECS", default_value_t = 300)]
-    pub confirm_deadline_secs: u64,
+    /// How long an agent has to confirm once its switch has finished, seconds; sent to
+    /// agents as `confirmWindowSecs` (they use at least 10 s). Formerly
+    /// --confirm-window-secs, still accepted.
+    #[arg(
+        long,
+        alias = "confirm-deadline-secs",
+        env = "NIXFLEET_CP_CONFIRM_WINDOW_SECS",
+        default_value_t = 300
+    )]
+    pub confirm_window_secs: u64,
+
+    /// How long a host has, from the delivery of its target, to fetch the closure and
+    /// finish the switch, seconds. A host still fetching or switching after this long is
+    /// failed; one that never reports is failed when this and the confirm window have
+    /// both passed. 0: the confirm window counts from delivery.
+    #[arg(
+        long,
+        env = "NIXFLEET_CP_ACTIVATION_TIMEOUT_SECS",
+        default_value_t = 1800
+    )]
+    pub activation_timeout_secs: u64,
 
     /// Base interval agents are told to check in at, seconds (jittered per host).
     #[arg(long, env = "NIXFLEET_CP_CHECKIN_INTERVAL_SECS", default_value_t = 60)]

@@ -31,7 +31,22 @@ use crate::config::Config;
 use crate::state::Shared;
 use crate::store::Db;
 
+/// Environment variables renamed: (old, new). The old name still works when the new one is
+/// not set.
+const RENAMED_ENV: [(&str, &str); 1] = [(
+    "NIXFLEET_CP_CONFIRM_DEADLINE_SECS",
+    "NIXFLEET_CP_CONFIRM_WINDOW_SECS",
+)];
+
 fn main() -> ExitCode {
+    let mut renamed = Vec::new();
+    for (old, new) in RENAMED_ENV {
+        if let (Some(value), None) = (std::env::var_os(old), std::env::var_os(new)) {
+            // Before any thread exists, so setting the environment is sound.
+            std::env::set_var(new, value);
+            renamed.push((old, new));
+        }
+    }
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -40,6 +55,9 @@ fn main() -> ExitCode {
         )
         .with_ansi(false)
         .init();
+    for (old, new) in renamed {
+        tracing::warn!("{old} is read as {new}; rename it in your environment file");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -248,7 +266,8 @@ async fn run(config: Config) -> Result<(), String> {
         ));
     }
     let tick_config = tick::TickConfig {
-        confirm_window_secs: config.confirm_deadline_secs,
+        confirm_window_secs: config.confirm_window_secs,
+        activation_timeout_secs: config.activation_timeout_secs,
         offline_after_secs: u64::from(config.checkin_interval_secs) * 3,
         late_confirm_grace_secs: if db.shared() {
             replica::LATE_CONFIRM_GRACE.as_secs()

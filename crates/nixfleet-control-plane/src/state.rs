@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use nixfleet_proto::wire::{CheckinRequest, RollbackSignal, Target};
+use nixfleet_proto::wire::{ActivationProgress, CheckinRequest, RollbackSignal, Target};
 use nixfleet_proto::TrustFile;
 use nixfleet_reconciler::{Attestation, Delivery, StoredState};
 use time::OffsetDateTime;
@@ -43,6 +43,35 @@ impl Default for Attestations {
     }
 }
 
+/// The same activation in the same phase.
+fn same_step(a: Option<&ActivationProgress>, b: Option<&ActivationProgress>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.rollout_id == b.rollout_id && a.closure_hash == b.closure_hash && a.phase == b.phase
+        }
+        _ => false,
+    }
+}
+
+/// The progress a check-in reports, timed by this control plane's clock: `since` is when
+/// it first heard of the phase, never the agent's word, so a host whose clock runs behind
+/// cannot shorten its own confirm window here (the agent's window closes first).
+fn progress(
+    known: Option<ActivationProgress>,
+    req: &CheckinRequest,
+    now: OffsetDateTime,
+) -> Option<ActivationProgress> {
+    let reported = req.activation.as_ref()?;
+    match known {
+        Some(k) if same_step(Some(&k), Some(reported)) => Some(k),
+        _ => Some(ActivationProgress {
+            since: now,
+            ..reported.clone()
+        }),
+    }
+}
+
 impl Attestations {
     fn with<T>(&self, hostname: &str, f: impl FnOnce(&mut HashMap<String, Attestation>) -> T) -> T {
         let mut shard = match self.shards[shard_of(hostname)].lock() {
@@ -67,6 +96,7 @@ impl Attestations {
                         failed_units: req.health.failed_units,
                         health_at: Some(now),
                         delivered: None,
+                        activation: progress(None, req, now),
                     },
                 );
                 Change::FirstSinceStart
@@ -79,7 +109,8 @@ impl Attestations {
                     || (req.last_confirmed_at.is_some()
                         && a.last_confirmed_at != req.last_confirmed_at)
                     // The first health report since a confirm can let the host soak.
-                    || a.health_at < a.last_confirmed_at;
+                    || a.health_at < a.last_confirmed_at
+                    || !same_step(a.activation.as_ref(), req.activation.as_ref());
                 a.last_seen = now;
                 a.current_closure = Some(req.current_generation.closure_hash.clone());
                 // The CP's own confirm record is at least as recent as the agent's word.
@@ -89,6 +120,7 @@ impl Attestations {
                 a.failed_targets = req.failed_targets.clone();
                 a.failed_units = req.health.failed_units;
                 a.health_at = Some(now);
+                a.activation = progress(a.activation.take(), req, now);
                 if changed {
                     Change::Changed
                 } else {
@@ -133,10 +165,13 @@ impl Attestations {
                     failed_units: 0,
                     health_at: None,
                     delivered: None,
+                    activation: None,
                 });
             a.last_seen = now;
             a.current_closure = Some(closure.to_owned());
             a.last_confirmed_at = Some(now);
+            // Confirmed: nothing is in flight any more.
+            a.activation = None;
         })
     }
 
@@ -157,6 +192,7 @@ impl Attestations {
                     a.failed_targets = remote.failed_targets;
                     a.failed_units = remote.failed_units;
                     a.health_at = remote.health_at;
+                    a.activation = remote.activation;
                 }
                 a.last_seen = a.last_seen.max(remote.last_seen);
                 a.last_confirmed_at = a.last_confirmed_at.max(remote.last_confirmed_at);

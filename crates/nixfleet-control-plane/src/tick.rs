@@ -21,6 +21,7 @@ use crate::store::{Db, DbError, Event, TickWrites};
 #[derive(Debug, Clone, Copy)]
 pub struct TickConfig {
     pub confirm_window_secs: u64,
+    pub activation_timeout_secs: u64,
     pub offline_after_secs: u64,
     pub late_confirm_grace_secs: u64,
 }
@@ -112,6 +113,7 @@ fn compute(
     };
     let rc = reconciler::Config {
         confirm_window_secs: config.confirm_window_secs,
+        activation_timeout_secs: config.activation_timeout_secs,
         offline_after_secs: config.offline_after_secs,
         late_confirm_grace_secs: config.late_confirm_grace_secs,
     };

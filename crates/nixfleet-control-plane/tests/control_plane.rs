@@ -240,7 +240,12 @@ async fn confirm_deadline_expiry_fails_the_host_and_halts_and_the_halt_survives_
     let mut s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
     let state = s.pki.path("var");
     let opts = CpOptions {
-        extra: vec!["--confirm-deadline-secs".into(), "2".into()],
+        extra: vec![
+            "--confirm-window-secs".into(),
+            "2".into(),
+            "--activation-timeout-secs".into(),
+            "1".into(),
+        ],
         ..CpOptions::default()
     };
     let (mut cp, port, hosts) = start_enrolled(&mut s, &state, &opts, usize::MAX).await;
@@ -724,7 +729,12 @@ async fn rollback_and_halt_signals_every_host_that_activated() {
     );
     let state = s.pki.path("var");
     let opts = CpOptions {
-        extra: vec!["--confirm-deadline-secs".into(), "2".into()],
+        extra: vec![
+            "--confirm-window-secs".into(),
+            "2".into(),
+            "--activation-timeout-secs".into(),
+            "1".into(),
+        ],
         ..CpOptions::default()
     };
     let (_cp, port, hosts) = start_enrolled(&mut s, &state, &opts, usize::MAX).await;

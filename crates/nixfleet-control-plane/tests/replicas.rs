@@ -353,7 +353,12 @@ async fn sleep_until(t: time::OffsetDateTime) {
 async fn confirms_are_taken_until_the_deadline_and_the_leader_fails_a_host_only_after_a_grace() {
     const GRACE: time::Duration = time::Duration::seconds(10);
     let mut s = setup(&["web-01", "web-02"]);
-    let flags = ["--confirm-deadline-secs", "6"];
+    let flags = [
+        "--confirm-window-secs",
+        "6",
+        "--activation-timeout-secs",
+        "0",
+    ];
     let a = s.replica_with("cp-a", &s.db.url, 1, &flags);
     wait_role(&s.pki, a.port, "leader", Duration::from_secs(10)).await;
     let b = s.replica_with("cp-b", &s.db.url, 1, &flags);

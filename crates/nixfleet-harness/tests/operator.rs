@@ -650,8 +650,10 @@ async fn event_hook_gets_convergence_failure_and_halt_as_json() {
             &hook,
             "--event-hook-timeout-secs",
             "1",
-            "--confirm-deadline-secs",
+            "--confirm-window-secs",
             "2",
+            "--activation-timeout-secs",
+            "0",
         ],
     )
     .await;

@@ -286,7 +286,7 @@ fn magic_rollback_when_the_cp_is_frozen_through_the_confirm_window() {
     const WINDOW_SECS: u64 = 15;
     let all = names(&["canary-01", "web-01"]);
     let mut f = Fleet::new(&all, canary_policy("halt", 0), json!([]));
-    f.cp_extra = vec!["--confirm-deadline-secs".into(), WINDOW_SECS.to_string()];
+    f.cp_extra = vec!["--confirm-window-secs".into(), WINDOW_SECS.to_string()];
     let gen1 = "nixos-system-canary-01-1";
     f.node("canary-01").machine.set("hang", gen1, true);
     f.spawn_cp();

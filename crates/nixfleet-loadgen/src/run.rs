@@ -256,6 +256,7 @@ impl Agent {
                 failed_units: 0,
                 uptime_secs: (now - self.booted).whole_seconds().max(0) as u64,
             },
+            activation: None,
         };
         let body = serde_json::to_vec(&request).map_err(|_| ErrorKind::Request)?;
         let started = std::time::Instant::now();

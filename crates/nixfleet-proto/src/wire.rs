@@ -79,6 +79,47 @@ pub struct CheckinRequest {
     #[serde(default)]
     pub failed_targets: Vec<FailedTarget>,
     pub health: Health,
+    /// Where the activation in flight stands; null when none is (or from agents that
+    /// predate it). The control plane's activation timeout and confirm window use it.
+    #[serde(default)]
+    pub activation: Option<ActivationProgress>,
+}
+
+/// An activation under way on the host, as its check-ins report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivationProgress {
+    pub rollout_id: String,
+    pub closure_hash: String,
+    pub phase: ActivationPhase,
+    /// When the phase began. For `awaitingConfirm` that is the end of the switch, where
+    /// the confirm window starts on both sides.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ActivationPhase {
+    /// Realising the closure from the binary cache.
+    Fetching,
+    /// switch-to-configuration is running.
+    Switching,
+    /// The switch finished; confirming.
+    AwaitingConfirm,
+    /// Switching back after a failed activation.
+    RollingBack,
+}
+
+impl ActivationPhase {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ActivationPhase::Fetching => "fetching the closure",
+            ActivationPhase::Switching => "switching",
+            ActivationPhase::AwaitingConfirm => "awaiting its confirm",
+            ActivationPhase::RollingBack => "rolling back",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

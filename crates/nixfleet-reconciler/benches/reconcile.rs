@@ -173,6 +173,7 @@ fn input() -> Input {
                 failed_units: 0,
                 health_at: None,
                 delivered: None,
+                activation: None,
             };
             if k % 200 == 7 {
                 att.last_seen = NOW - Duration::hours(1);
@@ -253,6 +254,7 @@ fn input() -> Input {
         },
         config: Config {
             confirm_window_secs: 600,
+            activation_timeout_secs: 0,
             offline_after_secs: 300,
             late_confirm_grace_secs: 0,
         },

@@ -57,6 +57,14 @@ pub enum HostEvent {
         #[serde(with = "time::serde::rfc3339")]
         deadline: OffsetDateTime,
     },
+    /// ConfirmWindow → ConfirmWindow with an earlier deadline: the agent reported that its
+    /// switch finished at `at`, so the confirm window runs from then.
+    Switched {
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        deadline: OffsetDateTime,
+    },
     /// Queued/Dispatched → ConfirmWindow: the host already runs the target but has not
     /// confirmed it (recovered from its attestation, e.g. after a wipe).
     Activate {
@@ -96,6 +104,13 @@ impl HostState {
             (S::Dispatched, E::Deliver { deadline }) => S::ConfirmWindow {
                 deadline: *deadline,
             },
+            (S::ConfirmWindow { deadline: old }, E::Switched { deadline, .. })
+                if deadline < old =>
+            {
+                S::ConfirmWindow {
+                    deadline: *deadline,
+                }
+            }
             (S::Queued | S::Dispatched, E::Activate { deadline }) => S::ConfirmWindow {
                 deadline: *deadline,
             },

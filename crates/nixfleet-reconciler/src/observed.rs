@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use nixfleet_proto::wire::FailedTarget;
+use nixfleet_proto::wire::{ActivationProgress, FailedTarget};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -56,6 +56,9 @@ pub struct Attestation {
     /// agent's word: lost on a wipe, which only means the host is dispatched again.
     #[serde(default)]
     pub delivered: Option<Delivery>,
+    /// The activation in flight, as the last check-in reported it.
+    #[serde(default)]
+    pub activation: Option<ActivationProgress>,
 }
 
 /// A check-in answer carried the target of `rolloutId` at `at`; the confirm deadline runs
@@ -72,9 +75,17 @@ pub struct Delivery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// How long an agent has, from delivery of its target, to confirm
-    /// (`--confirm-deadline-secs`; also sent to the agent as `confirmWindowSecs`).
+    /// How long an agent has to confirm once its switch has finished
+    /// (`--confirm-window-secs`; also sent to the agent as `confirmWindowSecs`).
     pub confirm_window_secs: u64,
+    /// How long a host has, from delivery of its target, to fetch the closure and finish
+    /// the switch (`--activation-timeout-secs`). Its confirm is due at most
+    /// `activationTimeoutSecs + confirmWindowSecs` after delivery, and a confirm window
+    /// after the switch when the agent reports when that was. A host that still reports
+    /// fetching or switching after this long is failed. 0: the confirm window runs from
+    /// delivery.
+    #[serde(default)]
+    pub activation_timeout_secs: u64,
     /// A host not seen for longer than this is offline: it is not dispatched and does not
     /// hold its wave back.
     pub offline_after_secs: u64,

@@ -55,6 +55,19 @@ pub(crate) fn manifest_missing(id: &str) -> String {
     format!("waiting: manifest of rollout {id} is not available (a rollout recorded under an id the current release does not carry, e.g. from before an upgrade; see docs/release.md \"Upgrading\")")
 }
 
+/// `activation timeout: still switching (since …) 1800 s after delivery (--activation-timeout-secs)`.
+pub(crate) fn activation_timeout(
+    doing: &str,
+    since: OffsetDateTime,
+    timeout: time::Duration,
+) -> String {
+    format!(
+        "activation timeout: still {doing} (since {}) {} s after delivery (--activation-timeout-secs)",
+        rfc3339(since),
+        timeout.whole_seconds()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,3 +98,4 @@ mod tests {
         assert_eq!(soaking(12, 30), "soaking: 12m of 30m");
     }
 }
+

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nixfleet_proto::wire::{closure_blocked, FailedTarget};
+use nixfleet_proto::wire::{closure_blocked, ActivationPhase, FailedTarget};
 use nixfleet_proto::{ChannelEdge, FleetResolved, HostSetEntry, RolloutManifest, Selector};
 use time::{Duration, OffsetDateTime};
 
@@ -62,6 +62,7 @@ pub(crate) fn reconcile(
 struct Ctx<'a> {
     now: OffsetDateTime,
     confirm_window: Duration,
+    activation_timeout: Duration,
     late_confirm_grace: Duration,
     offline_after: Duration,
     attestations_since: OffsetDateTime,
@@ -99,6 +100,7 @@ impl<'a> Ctx<'a> {
         Ctx {
             now,
             confirm_window: secs(config.confirm_window_secs),
+            activation_timeout: secs(config.activation_timeout_secs),
             late_confirm_grace: secs(config.late_confirm_grace_secs),
             offline_after,
             attestations_since: observed.attestations_since,
@@ -964,7 +966,7 @@ fn next_event(
             });
             if let Some(d) = delivered {
                 return Some(HostEvent::Deliver {
-                    deadline: ctx.later(d.at, ctx.confirm_window),
+                    deadline: ctx.later(d.at, ctx.activation_timeout + ctx.confirm_window),
                 });
             }
             if slot.presence.gone() {
@@ -976,18 +978,57 @@ fn next_event(
             }
             None
         }
-        HostState::ConfirmWindow { deadline } => match confirmed {
-            Some(at) => Some(HostEvent::Confirm {
-                since: at.min(ctx.now),
-            }),
-            None if ctx.now >= ctx.later(*deadline, ctx.late_confirm_grace) => {
-                Some(HostEvent::Fail {
-                    reason: "confirm deadline passed".to_owned(),
-                    at: *deadline,
-                })
+        HostState::ConfirmWindow { deadline } => {
+            if let Some(at) = confirmed {
+                return Some(HostEvent::Confirm {
+                    since: at.min(ctx.now),
+                });
             }
-            None => None,
-        },
+            let progress = slot.obs.and_then(|a| a.activation.as_ref()).filter(|p| {
+                p.rollout_id == rollout_id && p.closure_hash == slot.entry.target_closure
+            });
+            if let Some(p) = progress {
+                match p.phase {
+                    // The window runs from the end of the switch, as on the agent.
+                    ActivationPhase::AwaitingConfirm => {
+                        let since = p.since.min(ctx.now);
+                        let by_switch = ctx.later(since, ctx.confirm_window);
+                        if by_switch < *deadline {
+                            return Some(HostEvent::Switched {
+                                at: since,
+                                deadline: by_switch,
+                            });
+                        }
+                    }
+                    ActivationPhase::Fetching | ActivationPhase::Switching
+                        if ctx.activation_timeout > Duration::ZERO =>
+                    {
+                        let delivered = slot
+                            .obs
+                            .and_then(|a| a.delivered.as_ref())
+                            .filter(|d| d.rollout_id == rollout_id);
+                        if let Some(d) = delivered {
+                            let timeout = ctx.later(d.at, ctx.activation_timeout);
+                            if ctx.now >= timeout {
+                                return Some(HostEvent::Fail {
+                                    reason: reason::activation_timeout(
+                                        p.phase.describe(),
+                                        p.since,
+                                        ctx.activation_timeout,
+                                    ),
+                                    at: timeout,
+                                });
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (ctx.now >= ctx.later(*deadline, ctx.late_confirm_grace)).then(|| HostEvent::Fail {
+                reason: "confirm deadline passed".to_owned(),
+                at: *deadline,
+            })
+        }
         HostState::Healthy => {
             let start = slot.confirmed_at.unwrap_or(slot.since);
             let gate = manifest.health_gate.systemd_failed_units.as_ref();
@@ -1109,7 +1150,19 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
             _ => "dispatched: target goes out at the next check-in".to_owned(),
         },
         HostState::ConfirmWindow { deadline } => {
-            format!("confirming: deadline {}", reason::rfc3339(*deadline))
+            let progress = slot
+                .obs
+                .and_then(|a| a.activation.as_ref())
+                .filter(|p| p.rollout_id == view.id && p.closure_hash == slot.entry.target_closure);
+            match progress {
+                Some(p) if p.phase != ActivationPhase::AwaitingConfirm => format!(
+                    "activating: {} since {}; confirm due by {}",
+                    p.phase.describe(),
+                    reason::rfc3339(p.since),
+                    reason::rfc3339(*deadline)
+                ),
+                _ => format!("confirming: deadline {}", reason::rfc3339(*deadline)),
+            }
         }
         HostState::Healthy => {
             let start = slot.confirmed_at.unwrap_or(slot.since);

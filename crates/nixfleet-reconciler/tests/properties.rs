@@ -51,6 +51,7 @@ fn scramble(world: &mut World, seed: u64, share: f64) {
                 failed_units: 0,
                 health_at: None,
                 delivered: None,
+                activation: None,
             }
         });
         att.last_seen = now - Duration::seconds(rng.below(900) as i64);

@@ -511,6 +511,7 @@ fn attestation(t: OffsetDateTime, closure: &str) -> Attestation {
         failed_units: 0,
         health_at: Some(t),
         delivered: None,
+        activation: None,
     }
 }
 

@@ -353,6 +353,7 @@ impl World {
             manifests,
             config: Config {
                 confirm_window_secs: 600,
+                activation_timeout_secs: 0,
                 offline_after_secs: 300,
                 late_confirm_grace_secs: 0,
             },
@@ -641,6 +642,7 @@ fn attestation(agent: &Agent, seen: OffsetDateTime) -> Attestation {
         failed_units: if on_new { agent.bad_units } else { 0 },
         health_at: Some(seen),
         delivered: agent.delivered.clone(),
+        activation: None,
     }
 }
 
