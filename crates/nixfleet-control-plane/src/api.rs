@@ -16,8 +16,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use nixfleet_pki::{FleetCa, HostExpectation, Role};
 use nixfleet_proto::api::{
-    state_name, ChannelStatus, Healthz, HostDetail, HostStatus, Provenance, RolloutEventRecord,
-    RolloutStatus,
+    state_name, ChannelStatus, Healthz, HostDetail, HostRevoked, HostStatus, Provenance,
+    RolloutEventRecord, RolloutStatus,
 };
 use nixfleet_proto::wire::{
     closure_blocked, is_rollout_id, is_store_basename, CheckinRequest, CheckinResponse,
@@ -55,7 +55,20 @@ pub struct App {
     pub report_windows: Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
     /// `--reports-per-host`: how many of a host's reports are kept.
     pub reports_per_host: usize,
+    /// Revoked hosts: when a refusal of each was last logged, and the enrollment time of
+    /// certificates seen since that the revocation does not cover (a host enrolled again).
+    /// Both hold revoked hostnames only, so the revocation list bounds them.
+    pub revoked_seen: Mutex<std::collections::HashMap<String, RevokedSeen>>,
 }
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RevokedSeen {
+    pub refusal_logged: Option<std::time::Instant>,
+    pub enrolled_again: Option<OffsetDateTime>,
+}
+
+/// A refused revoked certificate is logged at most this often per host.
+const REVOKED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The largest report stored, in bytes of its signed body; a reason longer than
 /// [`MAX_REPORT_REASON_CHARS`] is refused too. Both are far above what an agent writes.
@@ -243,11 +256,34 @@ fn require_host(app: &App, peer: &Peer, hostname: &str) -> ApiResult<()> {
         ));
     }
     // Against the enrollment, which renewals carry: renewing does not outrun a cut-off.
-    if app
-        .shared
-        .revocations()
-        .refuses(hostname, id.enrolled_at.min(id.not_before))
-    {
+    let enrolled = id.enrolled_at.min(id.not_before);
+    let revocations = app.shared.revocations();
+    if let Some(entry) = revocations.entries.get(hostname) {
+        let mut seen = app.revoked_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = seen.entry(hostname.to_owned()).or_default();
+        if enrolled >= entry.not_before {
+            seen.enrolled_again = Some(enrolled);
+            return Ok(());
+        }
+        Metrics::inc(&app.metrics.revoked_refusals);
+        if seen
+            .refusal_logged
+            .is_none_or(|t| t.elapsed() >= REVOKED_LOG_EVERY)
+        {
+            seen.refusal_logged = Some(std::time::Instant::now());
+            tracing::warn!(
+                host = hostname,
+                "refused the revoked certificate of {hostname} (enrolled {}): revoked for certificates enrolled before {} ({}{}); it may enroll again with a new bootstrap token",
+                crate::clock::rfc3339(enrolled),
+                crate::clock::rfc3339(entry.not_before),
+                entry.reason.as_deref().unwrap_or("no reason given").escape_debug(),
+                entry
+                    .revoked_by
+                    .as_deref()
+                    .map(|by| format!(", by {}", by.escape_debug()))
+                    .unwrap_or_default()
+            );
+        }
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             format!("the certificate of {hostname} is revoked; re-enroll the host with a new bootstrap token"),
@@ -1108,20 +1144,31 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
             .map_or_else(|| "queued".to_owned(), |s| state_name(&s))
     });
     let current_closure = attestation.as_ref().and_then(|a| a.current_closure.clone());
-    let converged = current_closure.is_some() && current_closure == host.closure_hash;
+    let revoked = revoked_status(app, name);
+    let converged =
+        revoked.is_none() && current_closure.is_some() && current_closure == host.closure_hash;
     let directives = app.shared.directives();
-    let waiting = directives.reasons.get(name).cloned().or_else(|| {
-        (!converged).then(|| {
-            fallback_reason(
-                app,
-                attestation.as_ref(),
-                online,
-                host.closure_hash.is_none(),
-                host_state,
-                directives.channel_reasons.get(&host.channel),
-            )
-        })
+    let revoked_reason = revoked.as_ref().map(|r| {
+        format!(
+            "revoked: {}; certificates enrolled before {} are refused, enroll it again with a new bootstrap token",
+            r.reason.as_deref().unwrap_or("no reason given"),
+            crate::clock::rfc3339(r.not_before)
+        )
     });
+    let waiting = revoked_reason
+        .or_else(|| directives.reasons.get(name).cloned())
+        .or_else(|| {
+            (!converged).then(|| {
+                fallback_reason(
+                    app,
+                    attestation.as_ref(),
+                    online,
+                    host.closure_hash.is_none(),
+                    host_state,
+                    directives.channel_reasons.get(&host.channel),
+                )
+            })
+        });
     Some(HostStatus {
         name: name.to_owned(),
         channel: host.channel.clone(),
@@ -1133,6 +1180,28 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
         rollout,
         rollout_state,
         waiting,
+        revoked,
+    })
+}
+
+/// The revocation that keeps `name` out, unless a certificate from a later enrollment
+/// has been seen since.
+fn revoked_status(app: &App, name: &str) -> Option<HostRevoked> {
+    let revocations = app.shared.revocations();
+    let entry = revocations.entries.get(name)?;
+    let enrolled_again = app
+        .revoked_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .and_then(|seen| seen.enrolled_again);
+    if enrolled_again.is_some_and(|t| t >= entry.not_before) {
+        return None;
+    }
+    Some(HostRevoked {
+        not_before: entry.not_before,
+        reason: entry.reason.clone(),
+        revoked_by: entry.revoked_by.clone(),
     })
 }
 
@@ -1292,7 +1361,7 @@ async fn rollout_trace(
 fn render_metrics(app: &App) -> Response {
     let mut text = app.metrics.render(
         app.shared.fleet().map(|f| f.signed_at()),
-        app.shared.revocations().not_before.len(),
+        app.shared.revocations().entries.len(),
         app.shared.attestations.len(),
     );
     let role = app.shared.role();

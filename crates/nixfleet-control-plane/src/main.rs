@@ -227,6 +227,7 @@ async fn run(config: Config) -> Result<(), String> {
         reports_per_minute: config.reports_per_minute,
         report_windows: Mutex::new(Default::default()),
         reports_per_host: usize::try_from(config.reports_per_host).unwrap_or(usize::MAX),
+        revoked_seen: Mutex::new(Default::default()),
     });
 
     // 5. Listen, tick at once, then on the interval.

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub hook_ok: AtomicU64,
     pub hook_failed: AtomicU64,
     pub hook_dropped: AtomicU64,
+    pub revoked_refusals: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_refused_per_source: AtomicU64,
     pub connections_refused_overall: AtomicU64,
@@ -175,6 +176,11 @@ impl Metrics {
                 ("{result=\"failed\"}", &self.hook_failed),
                 ("{result=\"dropped\"}", &self.hook_dropped),
             ],
+        );
+        counter(
+            "nixfleet_revoked_certificate_refusals_total",
+            "Agent requests refused because the host's certificate is revoked (401).",
+            &[("", &self.revoked_refusals)],
         );
         counter(
             "nixfleet_connections_refused_total",

@@ -621,10 +621,7 @@ impl Poller {
             replace(
                 &self.shared.revocations,
                 Arc::new(RevocationSet {
-                    not_before: list
-                        .into_iter()
-                        .map(|r| (r.hostname, r.not_before))
-                        .collect(),
+                    entries: list.into_iter().map(|r| (r.hostname.clone(), r)).collect(),
                     signed_at: Some(signed_at),
                     // Unknown here: the next poll re-applies the same list, harmlessly.
                     sha256: None,
@@ -748,11 +745,11 @@ impl Poller {
         replace(
             &self.shared.revocations,
             Arc::new(RevocationSet {
-                not_before: list
+                entries: list
                     .value
                     .revocations
                     .iter()
-                    .map(|r| (r.hostname.clone(), r.not_before))
+                    .map(|r| (r.hostname.clone(), r.clone()))
                     .collect(),
                 signed_at: Some(list.signed_at),
                 sha256: Some(list.sha256.clone()),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use nixfleet_proto::wire::{ActivationProgress, CheckinRequest, RollbackSignal, Target};
-use nixfleet_proto::TrustFile;
+use nixfleet_proto::{Revocation, TrustFile};
 use nixfleet_reconciler::{Attestation, Delivery, StoredState};
 use time::OffsetDateTime;
 
@@ -267,22 +267,13 @@ pub struct Directives {
 /// The applied revocation list.
 #[derive(Debug, Default)]
 pub struct RevocationSet {
-    pub not_before: HashMap<String, OffsetDateTime>,
+    /// The list's entries, by hostname.
+    pub entries: HashMap<String, Revocation>,
     pub signed_at: Option<OffsetDateTime>,
     /// SHA-256 of the applied list's canonical bytes: a list re-signed within the same
     /// second is still a different list.
     pub sha256: Option<String>,
     pub applied_at: Option<OffsetDateTime>,
-}
-
-impl RevocationSet {
-    /// A certificate for `hostname` from an enrollment earlier than the entry is refused
-    /// (`enrolled`: the enrollment time it carries, else its notBefore).
-    pub fn refuses(&self, hostname: &str, enrolled: OffsetDateTime) -> bool {
-        self.not_before
-            .get(hostname)
-            .is_some_and(|cutoff| enrolled < *cutoff)
-    }
 }
 
 /// This replica's part in deciding rollouts.

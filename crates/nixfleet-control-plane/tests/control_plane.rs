@@ -1177,3 +1177,98 @@ async fn a_report_flood_is_capped_and_counted() {
     );
     assert!(text.contains("nixfleet_reports_total 19"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_host_shows_as_revoked_and_each_refusal_is_logged_once_a_minute_and_counted() {
+    let s = Setup::new(
+        &["web-01", "web-03"],
+        canary_policy("halt", 0),
+        json!([{"hostname": "web-03", "notBefore": in_an_hour(), "reason": "laptop stolen", "revokedBy": "ops"}]),
+    );
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let mut hosts = s.hosts;
+    for h in hosts.iter_mut() {
+        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
+    }
+    let web03 = Client::host(&s.pki, port, &hosts[1]);
+    for _ in 0..3 {
+        let r = web03
+            .post(
+                "/v1/agent/checkin",
+                // It claims to run its declared closure: it still must not look converged.
+                &checkin_body("web-03", &closure("web-03", 0), None, json!([])),
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let op = Client::operator(&s.pki, port);
+    let hosts_json = op.get("/v1/hosts").await.json();
+    let row = hosts_json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "web-03")
+        .unwrap()
+        .clone();
+    assert_eq!(row["converged"], false, "{row}");
+    assert_eq!(row["revoked"]["reason"], "laptop stolen", "{row}");
+    assert_eq!(row["revoked"]["revoked_by"], "ops", "{row}");
+    assert!(
+        row["waiting"]
+            .as_str()
+            .unwrap()
+            .starts_with("revoked: laptop stolen; certificates enrolled before "),
+        "{row}"
+    );
+    let web01 = hosts_json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "web-01")
+        .unwrap();
+    assert_eq!(web01["revoked"], Value::Null, "{web01}");
+    let metrics = String::from_utf8(op.get("/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("nixfleet_revoked_certificate_refusals_total 3"),
+        "{metrics}"
+    );
+    let log = cp.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused the revoked certificate of web-03"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "one line per host per minute:\n{log}");
+    assert!(
+        refusals[0].contains("laptop stolen") && refusals[0].contains("by ops"),
+        "{}",
+        refusals[0]
+    );
+    // The operator CLI says the same.
+    let text = nixfleet_status_text(&s.pki, port);
+    let line = text.lines().find(|l| l.starts_with("web-03")).unwrap();
+    assert!(line.contains("revoked"), "{text}");
+    assert!(text.contains(", 1 revoked"), "{text}");
+}
+
+fn nixfleet_status_text(pki: &Pki, port: u16) -> String {
+    let out = Command::new(bin("nixfleet"))
+        .arg("status")
+        .env("NO_COLOR", "1")
+        .env("NIXFLEET_URL", format!("https://localhost:{port}"))
+        .env("NIXFLEET_CA_CERT", pki.path("etc/ca.pem"))
+        .env("NIXFLEET_CERT", pki.path("operator/operator-cert.pem"))
+        .env("NIXFLEET_KEY", pki.path("operator/operator-key.pem"))
+        .env("XDG_CONFIG_HOME", pki.path("no-config"))
+        .env_remove("NIXFLEET_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

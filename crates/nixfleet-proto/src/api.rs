@@ -74,6 +74,20 @@ pub struct HostStatus {
     pub rollout_state: Option<String>,
     /// Why the host is where it is; set for every host that is not converged.
     pub waiting: Option<String>,
+    /// Set while the applied revocation list refuses the host's certificate (and no
+    /// certificate from a later enrollment has been seen): the host is out of the fleet.
+    #[serde(default)]
+    pub revoked: Option<HostRevoked>,
+}
+
+/// The revocation entry that keeps a host out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRevoked {
+    /// Certificates from enrollments before this are refused.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    pub reason: Option<String>,
+    pub revoked_by: Option<String>,
 }
 
 /// `GET /v1/hosts/{name}`: the host and its most recent events, newest first.

@@ -325,14 +325,18 @@ pub fn bold(text: &str, style: &Style) -> String {
 fn host_state_tone(state: &str) -> Tone {
     match state {
         "converged" | "soaked" | "healthy" => Tone::Good,
-        "failed" | "rollingBack" | "reverted" => Tone::Bad,
+        "failed" | "rollingBack" | "reverted" | "revoked" => Tone::Bad,
         "-" => Tone::Dim,
         _ => Tone::Warn,
     }
 }
 
 fn reason_tone(reason: &str) -> Tone {
-    if reason.starts_with("failed") || reason.starts_with("held") || reason.starts_with("rolling") {
+    if reason.starts_with("failed")
+        || reason.starts_with("held")
+        || reason.starts_with("rolling")
+        || reason.starts_with("revoked")
+    {
         Tone::Bad
     } else if reason.starts_with("waiting") {
         Tone::Warn
@@ -353,6 +357,9 @@ fn staleness(host: &HostStatus, now: OffsetDateTime) -> (String, Tone) {
 }
 
 fn host_state(host: &HostStatus) -> String {
+    if host.revoked.is_some() {
+        return "revoked".to_owned();
+    }
     match &host.rollout_state {
         Some(s) => s.clone(),
         None if host.converged => "converged".to_owned(),
@@ -458,12 +465,18 @@ pub fn fleet(report: &StatusReport, style: &Style) -> String {
     out.extend(table.render(style));
     let converged = hosts.iter().filter(|h| h.converged).count();
     let offline = hosts.iter().filter(|h| !h.online).count();
+    let revoked = hosts.iter().filter(|h| h.revoked.is_some()).count();
     out.push(elide(
         &format!(
-            "{} host{}: {converged} converged, {} not converged, {offline} offline",
+            "{} host{}: {converged} converged, {} not converged, {offline} offline{}",
             hosts.len(),
             if hosts.len() == 1 { "" } else { "s" },
-            hosts.len() - converged
+            hosts.len() - converged,
+            if revoked > 0 {
+                format!(", {revoked} revoked")
+            } else {
+                String::new()
+            }
         ),
         style.width,
     ));
@@ -787,6 +800,7 @@ mod tests {
             rollout: Some("f".repeat(64)),
             rollout_state: Some(if converged { "converged" } else { "queued" }.into()),
             waiting: waiting.map(str::to_owned),
+            revoked: None,
         }
     }
 
@@ -849,6 +863,37 @@ mod tests {
             },
         );
         assert!(coloured.contains("\x1b[32m"));
+    }
+
+    #[test]
+    fn a_revoked_host_reads_as_revoked_not_converged() {
+        let mut gone = host(
+            "web-03",
+            false,
+            Some("revoked: key stolen; certificates enrolled before 2026-11-27T09:00:00Z are refused, enroll it again with a new bootstrap token"),
+        );
+        gone.current_closure = gone.declared_closure.clone();
+        gone.rollout_state = Some("converged".into());
+        gone.revoked = Some(nixfleet_proto::api::HostRevoked {
+            not_before: NOW - time::Duration::hours(1),
+            reason: Some("key stolen".into()),
+            revoked_by: Some("ops".into()),
+        });
+        let r = report(vec![host("web-01", true, Some("converged")), gone]);
+        let style = Style {
+            width: 100,
+            colour: false,
+        };
+        let text = fleet(&r, &style);
+        let header = text.lines().find(|l| l.starts_with("HOST")).unwrap();
+        let state_col = header.find("STATE").unwrap();
+        let row = text.lines().find(|l| l.starts_with("web-03")).unwrap();
+        assert_eq!(&row[state_col..state_col + 7], "revoked", "{text}");
+        assert!(text.contains("  revoked: key stolen;"), "{text}");
+        assert!(
+            text.contains("2 hosts: 1 converged, 1 not converged, 0 offline, 1 revoked"),
+            "{text}"
+        );
     }
 
     #[test]
