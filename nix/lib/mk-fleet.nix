@@ -4,8 +4,10 @@
 # Builtins only, so a flake's `lib` evaluates without nixpkgs. Every check mirrors
 # crates/nixfleet-cli/src/release.rs, with the same wording where the two overlap: a fleet
 # that evaluates here is one that release accepts, and the waves resolved here are the
-# waves release writes. Errors are collected and thrown together, like release lists
-# every problem rather than the first.
+# waves release writes. The one exception is a rollout policy without waves: the default
+# of the reference mkFleet, so it evaluates (with a warning), but release refuses it.
+# Errors are collected and thrown together, like release lists every problem rather than
+# the first.
 let
   inherit (builtins)
     all
@@ -111,6 +113,76 @@ let
     else
       "a ${typeOf v}";
 
+  # ---------------------------------------------------------------- defaults
+  # The reference mkFleet's default for every optional attribute it defines, so that a
+  # fleet written for it evaluates unchanged and resolves the same
+  # (docs/declare-your-fleet.md has the table). A missing and a null attribute both take
+  # the default. `healthGate` defaults to { }, whose two fields default as below.
+
+  defaults = {
+    fleet = {
+      hosts = { };
+      tags = { };
+      channels = { };
+      rolloutPolicies = { };
+      edges = [ ];
+      channelEdges = [ ];
+      disruptionBudgets = [ ];
+      # The frameworks the reference knows. Accepted for compatibility; nixfleet does not
+      # check a channel's frameworks against it.
+      complianceFrameworks = [
+        "anssi-bp028"
+        "nis2"
+        "dora"
+        "iso27001"
+      ];
+      revocations = [ ];
+    };
+    host = {
+      tags = [ ];
+      pubkey = null;
+    };
+    tag = {
+      description = "";
+    };
+    channel = {
+      description = "";
+      reconcileIntervalMinutes = 30;
+      signingIntervalMinutes = 60;
+      compliance = { };
+    };
+    compliance = {
+      frameworks = [ ];
+      mode = "enforce";
+    };
+    policy = {
+      waves = [ ];
+      healthGate = { };
+      onHealthFailure = "rollback-and-halt";
+    };
+    wave = {
+      soakMinutes = 0;
+    };
+    healthGate = {
+      systemdFailedUnits = null;
+      maxFailures = 0;
+    };
+    edge = {
+      reason = "";
+    };
+    budget = {
+      maxInFlight = null;
+      maxInFlightPct = null;
+    };
+    revocation = {
+      reason = null;
+      revokedBy = null;
+    };
+  };
+
+  # `set` with every attribute of `d` that it leaves out or sets to null taken from `d`.
+  fill = d: set: set // mapAttrs (name: default: get set name default) d;
+
   # ---------------------------------------------------------------- shapes
   # A kind is a test plus the words for an error. u32 because release reads these numbers
   # as u32: anything else would evaluate here and be refused there.
@@ -196,11 +268,14 @@ let
 
   fleetFields = {
     hosts = optional kinds.attrs;
+    tags = optional kinds.attrs;
     channels = optional kinds.attrs;
     rolloutPolicies = optional kinds.attrs;
     edges = optional kinds.list;
     channelEdges = optional kinds.list;
     disruptionBudgets = optional kinds.list;
+    complianceFrameworks = optional kinds.strings;
+    revocations = optional kinds.list;
   };
   hostFields = {
     configuration = optional kinds.anything;
@@ -209,10 +284,15 @@ let
     channel = required kinds.string;
     pubkey = optional kinds.string;
   };
+  # Descriptions of tags, for people: nothing reads them.
+  tagFields = {
+    description = optional kinds.string;
+  };
   channelFields = {
+    description = optional kinds.string;
     rolloutPolicy = required kinds.string;
-    reconcileIntervalMinutes = required kinds.u32;
-    signingIntervalMinutes = required kinds.u32;
+    reconcileIntervalMinutes = optional kinds.u32;
+    signingIntervalMinutes = optional kinds.u32;
     freshnessWindow = required kinds.u32;
     compliance = optional kinds.attrs;
   };
@@ -222,13 +302,13 @@ let
   };
   policyFields = {
     strategy = required kinds.string;
-    waves = required kinds.list;
-    healthGate = required kinds.attrs;
-    onHealthFailure = required kinds.onHealthFailure;
+    waves = optional kinds.list;
+    healthGate = optional kinds.attrs;
+    onHealthFailure = optional kinds.onHealthFailure;
   };
   waveFields = {
     selector = required kinds.attrs;
-    soakMinutes = required kinds.u32;
+    soakMinutes = optional kinds.u32;
   };
   healthGateFields = {
     systemdFailedUnits = optional kinds.attrs;
@@ -246,6 +326,13 @@ let
     selector = required kinds.attrs;
     maxInFlight = optional kinds.u32;
     maxInFlightPct = optional kinds.u32;
+  };
+  # What `nixfleet revocations sign` takes, one entry of its `revocations` list.
+  revocationFields = {
+    hostname = required kinds.string;
+    notBefore = required kinds.string;
+    reason = optional kinds.string;
+    revokedBy = optional kinds.string;
   };
 
   # ---------------------------------------------------------------- selectors
@@ -372,13 +459,15 @@ let
     fleet:
     let
       # ---- shape: every attribute where it belongs and of the right kind
-      section = name: default: if isAttrs fleet then get fleet name default else default;
-      inputHosts = section "hosts" { };
-      inputChannels = section "channels" { };
-      inputPolicies = section "rolloutPolicies" { };
-      inputEdges = section "edges" [ ];
-      inputChannelEdges = section "channelEdges" [ ];
-      inputBudgets = section "disruptionBudgets" [ ];
+      section = name: get (if isAttrs fleet then fleet else { }) name defaults.fleet.${name};
+      inputHosts = section "hosts";
+      inputTags = section "tags";
+      inputChannels = section "channels";
+      inputPolicies = section "rolloutPolicies";
+      inputEdges = section "edges";
+      inputChannelEdges = section "channelEdges";
+      inputBudgets = section "disruptionBudgets";
+      inputRevocations = section "revocations";
 
       topErrors = checkFields "fleet" fleetFields fleet;
       shapeErrors =
@@ -386,6 +475,7 @@ let
           topErrors
         else
           concatMap (name: checkFields "host ${name}" hostFields inputHosts.${name}) (attrNames inputHosts)
+          ++ concatMap (name: checkFields "tag ${name}" tagFields inputTags.${name}) (attrNames inputTags)
           ++ concatMap (
             name:
             let
@@ -433,21 +523,29 @@ let
               in
               checkFields place budgetFields budget ++ checkIf kinds.attrs budget "selector" (checkSelector place "")
             ) inputBudgets
-          );
+          )
+          ++ concatLists (imap0 (i: checkFields "revocation ${toString i}" revocationFields) inputRevocations);
 
       # ---- normalized: defaults filled in, optional values explicit null, as release
       # reads and writes them. Only evaluated once the shape is right.
-      hosts = mapAttrs (_: h: {
-        inherit (h) system channel;
-        tags = get h "tags" [ ];
-        closureHash = null; # filled in by `nixfleet release --closures`
-        pubkey = get h "pubkey" null;
-      }) inputHosts;
-
-      channels = mapAttrs (
-        _: c:
+      hosts = mapAttrs (
+        _: input:
         let
-          compliance = get c "compliance" { };
+          h = fill defaults.host input;
+        in
+        {
+          inherit (h) system channel tags;
+          closureHash = null; # filled in by `nixfleet release --closures`
+          inherit (h) pubkey;
+        }
+      ) inputHosts;
+
+      # A channel's description is for people and, as in the reference, not resolved.
+      channels = mapAttrs (
+        _: input:
+        let
+          c = fill defaults.channel input;
+          compliance = fill defaults.compliance c.compliance;
         in
         {
           inherit (c)
@@ -457,43 +555,74 @@ let
             freshnessWindow
             ;
           compliance = {
-            frameworks = get compliance "frameworks" [ ];
-            mode = get compliance "mode" "disabled";
+            inherit (compliance) frameworks mode;
           };
         }
       ) inputChannels;
 
       rolloutPolicies = mapAttrs (
-        _: p:
+        _: input:
         let
-          gate = p.healthGate;
-          failedUnits = get gate "systemdFailedUnits" null;
+          p = fill defaults.policy input;
+          gate = fill defaults.healthGate p.healthGate;
         in
         {
           inherit (p) strategy onHealthFailure;
-          waves = map (w: {
-            selector = normalizeSelector w.selector;
-            inherit (w) soakMinutes;
-          }) p.waves;
+          waves = map (
+            input:
+            let
+              w = fill defaults.wave input;
+            in
+            {
+              selector = normalizeSelector w.selector;
+              inherit (w) soakMinutes;
+            }
+          ) p.waves;
           healthGate = {
-            systemdFailedUnits = if failedUnits == null then null else { inherit (failedUnits) max; };
-            maxFailures = get gate "maxFailures" 0;
+            systemdFailedUnits =
+              if gate.systemdFailedUnits == null then null else { inherit (gate.systemdFailedUnits) max; };
+            inherit (gate) maxFailures;
           };
         }
       ) inputPolicies;
 
-      normalizeEdge = e: {
-        inherit (e) before after;
-        reason = get e "reason" null;
-      };
+      normalizeEdge =
+        input:
+        let
+          e = fill defaults.edge input;
+        in
+        {
+          inherit (e) before after reason;
+        };
       edges = map normalizeEdge inputEdges;
       channelEdges = map normalizeEdge inputChannelEdges;
 
-      disruptionBudgets = map (b: {
-        selector = normalizeSelector b.selector;
-        maxInFlight = get b "maxInFlight" null;
-        maxInFlightPct = get b "maxInFlightPct" null;
-      }) inputBudgets;
+      disruptionBudgets = map (
+        input:
+        let
+          b = fill defaults.budget input;
+        in
+        {
+          selector = normalizeSelector b.selector;
+          inherit (b) maxInFlight maxInFlightPct;
+        }
+      ) inputBudgets;
+
+      # The reference's `revocations`: the list `nixfleet revocations sign` signs.
+      revocations = map (
+        input:
+        let
+          r = fill defaults.revocation input;
+        in
+        {
+          inherit (r)
+            hostname
+            notBefore
+            reason
+            revokedBy
+            ;
+        }
+      ) inputRevocations;
 
       hostNames = attrNames hosts;
       channelHosts = channel: filter (n: hosts.${n}.channel == channel) hostNames;
@@ -546,10 +675,6 @@ let
         )
       ) (attrNames channels);
 
-      policyErrors = concatMap (
-        name: if rolloutPolicies.${name}.waves == [ ] then [ "rollout policy ${name}: has no waves" ] else [ ]
-      ) (attrNames rolloutPolicies);
-
       budgetErrors = concatLists (
         imap0 (
           i: b:
@@ -592,7 +717,6 @@ let
       meaningErrors =
         hostErrors
         ++ channelErrors
-        ++ policyErrors
         ++ budgetErrors
         ++ edgeErrors
         ++ (if edgeCycle == null then [ ] else [ "edges form a cycle: ${edgeCycle}" ])
@@ -634,8 +758,19 @@ let
           place = "disruption budget ${toString i}";
           inherit (b) selector;
         }) disruptionBudgets;
+      # A policy without waves (the reference's default) places no host, as in the
+      # reference; release refuses it.
       warnings =
-        map (s: "${s.place}: selector matches no host") (filter (s: select s.selector == [ ]) selectorPlaces)
+        concatMap (
+          name:
+          if rolloutPolicies.${name}.waves == [ ] then
+            [
+              "rollout policy ${name}: has no waves, so no host of a channel that uses it is ever dispatched; nixfleet release refuses it"
+            ]
+          else
+            [ ]
+        ) (attrNames rolloutPolicies)
+        ++ map (s: "${s.place}: selector matches no host") (filter (s: select s.selector == [ ]) selectorPlaces)
         ++ concatMap (
           name:
           if channelHosts name == [ ] then
@@ -679,14 +814,17 @@ let
         mapAttrs (_: h: h.configuration) (filterAttrs (_: h: isSet h "configuration") inputHosts)
       );
 
+      # The reference's revocations: hostname, notBefore, reason and revokedBy each.
+      revocations = checked revocations;
+
       warnings = checked warnings;
     };
 
   # ---------------------------------------------------------------- mergeFleets
 
-  # Several fleet descriptions (say one per team) into one. Lists are concatenated; a
-  # host, channel or rollout policy defined by more than one fleet is an error, never a
-  # silent override.
+  # Several fleet descriptions (say one per team) into one. Lists are concatenated (the
+  # compliance frameworks without repeats); a host, tag, channel or rollout policy defined
+  # by more than one fleet is an error, never a silent override.
   mergeFleets =
     fleets:
     let
@@ -696,10 +834,10 @@ let
         else
           concatLists (imap0 (i: checkFields "merged fleet ${toString i}" fleetFields) fleets);
 
-      section = name: default: map (f: get f name default) fleets;
+      section = name: map (f: get f name defaults.fleet.${name}) fleets;
 
       # name -> indices of the fleets that define it
-      owners = name: zipAttrsWith (_: indices: indices) (imap0 (i: mapAttrs (_: _: i)) (section name { }));
+      owners = name: zipAttrsWith (_: indices: indices) (imap0 (i: mapAttrs (_: _: i)) (section name));
       duplicates =
         sectionName: what:
         let
@@ -722,19 +860,32 @@ let
         if shapeErrors != [ ] then
           shapeErrors
         else
-          duplicates "hosts" "host" ++ duplicates "channels" "channel" ++ duplicates "rolloutPolicies" "rollout policy";
+          duplicates "hosts" "host"
+          ++ duplicates "tags" "tag"
+          ++ duplicates "channels" "channel"
+          ++ duplicates "rolloutPolicies" "rollout policy";
 
-      union = name: foldl' (a: b: a // b) { } (section name { });
-      concat = name: concatLists (section name [ ]);
+      union = name: foldl' (a: b: a // b) { } (section name);
+      concat = name: concatLists (section name);
+      # Only from the fleets that set them: the others must not bring in the default list.
+      withFrameworks = filter (f: isSet f "complianceFrameworks") fleets;
+      frameworks = foldl' (seen: f: if elem f seen then seen else seen ++ [ f ]) [ ] (
+        concatMap (f: f.complianceFrameworks) withFrameworks
+      );
     in
-    throwIfAny "mergeFleets: fleets cannot be merged" errors {
-      hosts = union "hosts";
-      channels = union "channels";
-      rolloutPolicies = union "rolloutPolicies";
-      edges = concat "edges";
-      channelEdges = concat "channelEdges";
-      disruptionBudgets = concat "disruptionBudgets";
-    };
+    throwIfAny "mergeFleets: fleets cannot be merged" errors (
+      {
+        hosts = union "hosts";
+        tags = union "tags";
+        channels = union "channels";
+        rolloutPolicies = union "rolloutPolicies";
+        edges = concat "edges";
+        channelEdges = concat "channelEdges";
+        disruptionBudgets = concat "disruptionBudgets";
+        revocations = concat "revocations";
+      }
+      // (if withFrameworks == [ ] then { } else { complianceFrameworks = frameworks; })
+    );
 in
 {
   inherit mkFleet mergeFleets;

@@ -240,6 +240,208 @@ fn host_configurations_are_for_ci_and_guarded_by_validation() {
     );
 }
 
+/// Issue #18 item 10: a fleet written for the reference mkFleet evaluates unchanged, and
+/// every optional attribute it leaves out resolves to the reference default (the table in
+/// docs/declare-your-fleet.md). `bare` sets nothing optional at all; the
+/// reference-defaults fixture has optional sections whose members set nothing optional.
+#[test]
+fn a_fleet_setting_no_optional_attribute_gets_the_reference_defaults() {
+    let out = eval_expr(
+        r#"
+        let
+          lib = import ./nix/lib;
+          bare = {
+            hosts.web-01 = {
+              system = "x86_64-linux";
+              channel = "stable";
+              configuration = { ... }: { };   # required by the reference, optional here
+            };
+            channels.stable = { rolloutPolicy = "default"; freshnessWindow = 1440; };
+            rolloutPolicies.default = { strategy = "canary"; };
+          };
+          # The same fleet with every reference default written out.
+          explicit = bare // {
+            hosts.web-01 = bare.hosts.web-01 // { tags = [ ]; pubkey = null; };
+            tags = { };
+            channels.stable = bare.channels.stable // {
+              description = "";
+              reconcileIntervalMinutes = 30;
+              signingIntervalMinutes = 60;
+              compliance = { frameworks = [ ]; mode = "enforce"; };
+            };
+            rolloutPolicies.default = bare.rolloutPolicies.default // {
+              waves = [ ];
+              healthGate = { };
+              onHealthFailure = "rollback-and-halt";
+            };
+            edges = [ ];
+            channelEdges = [ ];
+            disruptionBudgets = [ ];
+            complianceFrameworks = [ "anssi-bp028" "nis2" "dora" "iso27001" ];
+            revocations = [ ];
+          };
+          members = import ./nix/tests/positive/reference-defaults/fleet.nix;
+          result = fleet: { inherit (lib.mkFleet fleet) resolved warnings revocations; };
+        in {
+          bare = result bare;
+          explicit = result explicit;
+          members = result members;
+          merged = result (lib.mergeFleets [ members ]);
+        }
+        "#,
+    );
+    assert!(
+        out.success,
+        "a fleet setting no optional attribute must evaluate:\n{}",
+        out.stderr
+    );
+    let got: Value = serde_json::from_str(&out.stdout).unwrap();
+    let bare = &got["bare"]["resolved"];
+    let host = &bare["hosts"]["web-01"];
+    let channel = &bare["channels"]["stable"];
+    let policy = &bare["rolloutPolicies"]["default"];
+    use serde_json::json;
+
+    // Hosts.
+    assert_eq!(host["tags"], json!([]), "host tags: reference default [ ]");
+    assert_eq!(
+        host["pubkey"],
+        Value::Null,
+        "host pubkey: reference default null"
+    );
+    // Channels.
+    assert_eq!(
+        channel["reconcileIntervalMinutes"],
+        json!(30),
+        "channel reconcileIntervalMinutes: reference default 30"
+    );
+    assert_eq!(
+        channel["signingIntervalMinutes"],
+        json!(60),
+        "channel signingIntervalMinutes: reference default 60"
+    );
+    assert_eq!(
+        channel["compliance"]["frameworks"],
+        json!([]),
+        "channel compliance.frameworks: reference default [ ]"
+    );
+    assert_eq!(
+        channel["compliance"]["mode"],
+        json!("enforce"),
+        "channel compliance.mode: reference default \"enforce\""
+    );
+    assert!(
+        channel.get("description").is_none(),
+        "channel description (reference default \"\") is not part of fleet.resolved: {channel}"
+    );
+    // Rollout policies.
+    assert_eq!(
+        policy["waves"],
+        json!([]),
+        "policy waves: reference default [ ]"
+    );
+    assert_eq!(
+        policy["healthGate"],
+        json!({"systemdFailedUnits": null, "maxFailures": 0}),
+        "policy healthGate: reference default {{ }}, written with its fields' defaults"
+    );
+    assert_eq!(
+        policy["onHealthFailure"],
+        json!("rollback-and-halt"),
+        "policy onHealthFailure: reference default \"rollback-and-halt\""
+    );
+    // A policy without waves puts no host in a wave, as in the reference, and says so.
+    assert_eq!(
+        bare["waves"]["stable"],
+        json!([]),
+        "waves of a wave-less policy"
+    );
+    let warnings = got["bare"]["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .starts_with("rollout policy default: has no waves")),
+        "a policy without waves is warned about: {warnings:?}"
+    );
+    // Fleet sections.
+    assert_eq!(
+        bare["edges"],
+        json!([]),
+        "fleet edges: reference default [ ]"
+    );
+    assert_eq!(
+        bare["channelEdges"],
+        json!([]),
+        "fleet channelEdges: reference default [ ]"
+    );
+    assert_eq!(
+        bare["disruptionBudgets"],
+        json!([]),
+        "fleet disruptionBudgets: reference default [ ]"
+    );
+    assert_eq!(
+        got["bare"]["revocations"],
+        json!([]),
+        "fleet revocations: reference default [ ]"
+    );
+    // Writing every default out changes nothing.
+    assert_eq!(
+        got["explicit"], got["bare"],
+        "the reference defaults written out give the same fleet"
+    );
+
+    // Members of optional sections that set nothing optional.
+    let members = &got["members"]["resolved"];
+    let staged = &members["rolloutPolicies"]["staged"];
+    for (i, wave) in staged["waves"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            wave["soakMinutes"],
+            json!(0),
+            "wave {i} soakMinutes: reference default 0"
+        );
+    }
+    assert_eq!(
+        staged["healthGate"], policy["healthGate"],
+        "policy healthGate = {{ }} is the default"
+    );
+    assert_eq!(
+        members["channels"]["edge"]["compliance"],
+        json!({"frameworks": [], "mode": "enforce"}),
+        "channel compliance = {{ }}: frameworks [ ] and mode \"enforce\""
+    );
+    assert_eq!(
+        members["edges"][0]["reason"],
+        json!(""),
+        "edge reason: reference default \"\""
+    );
+    assert_eq!(
+        members["channelEdges"][0]["reason"],
+        json!(""),
+        "channel edge reason: reference default \"\""
+    );
+    assert_eq!(
+        members["disruptionBudgets"][0]["maxInFlightPct"],
+        Value::Null,
+        "budget maxInFlightPct: reference default null"
+    );
+    assert_eq!(
+        members["disruptionBudgets"][1]["maxInFlight"],
+        Value::Null,
+        "budget maxInFlight: reference default null"
+    );
+    assert_eq!(
+        got["members"]["revocations"],
+        json!([{"hostname": "old-01", "notBefore": "2026-01-01T00:00:00Z",
+                "reason": null, "revokedBy": null}]),
+        "revocation reason and revokedBy: reference default null"
+    );
+    assert_eq!(
+        got["merged"], got["members"],
+        "mergeFleets keeps tags, descriptions and revocations"
+    );
+}
+
 // ---------------------------------------------------------------- through release
 
 fn stdout(out: &Output) -> String {

@@ -1,5 +1,5 @@
 # Everything optional left out or set to null: the output still has every field, with
-# the defaults release uses (tags [], compliance disabled, maxFailures 0) and explicit
+# the reference defaults (tags [], compliance mode "enforce", maxFailures 0) and explicit
 # nulls. `configuration` is for CI to build and never appears in the JSON; a selector
 # key set to null is dropped.
 {

@@ -16,6 +16,7 @@
       reconcileIntervalMinutes = 5;
       signingIntervalMinutes = 60;
       freshnessWindow = 1440;
+      compliance = { mode = "disabled"; };
     };
     stable = {
       rolloutPolicy = "canary";
