@@ -1155,13 +1155,26 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
             crate::clock::rfc3339(r.not_before)
         )
     });
+    let seen_before = attestation
+        .is_none()
+        .then(|| read_seen_before(app, name))
+        .flatten();
     let waiting = revoked_reason
-        .or_else(|| directives.reasons.get(name).cloned())
+        .or_else(|| {
+            directives.reasons.get(name).map(|r| {
+                if attestation.is_none() && r.starts_with(NOT_SEEN_PREFIX) {
+                    unseen_reason(app, seen_before)
+                } else {
+                    r.clone()
+                }
+            })
+        })
         .or_else(|| {
             (!converged).then(|| {
                 fallback_reason(
                     app,
                     attestation.as_ref(),
+                    seen_before,
                     online,
                     host.closure_hash.is_none(),
                     host_state,
@@ -1174,7 +1187,7 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
         channel: host.channel.clone(),
         declared_closure: host.closure_hash.clone(),
         current_closure,
-        last_checkin: attestation.as_ref().map(|a| a.last_seen),
+        last_checkin: attestation.as_ref().map(|a| a.last_seen).or(seen_before),
         online,
         converged,
         rollout,
@@ -1182,6 +1195,28 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
         waiting,
         revoked,
     })
+}
+
+/// How the reconciler starts the reason of a host with no check-in since the start.
+const NOT_SEEN_PREFIX: &str = "waiting: no check-in since the control plane started";
+
+fn read_seen_before(app: &App, name: &str) -> Option<OffsetDateTime> {
+    crate::state::read(&app.shared.seen_before)
+        .get(name)
+        .copied()
+}
+
+/// A host with no check-in since this control plane started: seen before the start
+/// (the database says when), or never.
+fn unseen_reason(app: &App, seen_before: Option<OffsetDateTime>) -> String {
+    match seen_before {
+        Some(at) => format!(
+            "waiting: no check-in since the control plane started at {} (last seen {})",
+            rfc3339(app.shared.started_at),
+            rfc3339(at)
+        ),
+        None => "waiting: never seen".to_owned(),
+    }
 }
 
 /// The revocation that keeps `name` out, unless a certificate from a later enrollment
@@ -1211,6 +1246,7 @@ fn revoked_status(app: &App, name: &str) -> Option<HostRevoked> {
 fn fallback_reason(
     app: &App,
     attestation: Option<&nixfleet_reconciler::Attestation>,
+    seen_before: Option<OffsetDateTime>,
     online: bool,
     undeclared: bool,
     host_state: Option<&HostState>,
@@ -1230,10 +1266,7 @@ fn fallback_reason(
     }
     match attestation {
         _ if undeclared => "waiting: the fleet declares no closure for this host".to_owned(),
-        None => format!(
-            "waiting: not seen since {} (control plane start)",
-            rfc3339(app.shared.started_at)
-        ),
+        None => unseen_reason(app, seen_before),
         Some(a) if !online => format!("waiting: offline since {}", rfc3339(a.last_seen)),
         Some(_) => match channel_reason {
             Some(why) => why.clone(),

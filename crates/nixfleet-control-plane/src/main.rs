@@ -176,6 +176,22 @@ async fn run(config: Config) -> Result<(), String> {
         }
     }
 
+    // Only for what `nixfleet status` says about hosts not seen since the start.
+    match db.attestations_since(0).await {
+        Ok(page) => {
+            let seen: std::collections::HashMap<String, OffsetDateTime> = page
+                .rows
+                .into_iter()
+                .map(|(host, a)| (host, a.last_seen))
+                .collect();
+            tracing::info!(hosts = seen.len(), "last check-ins before this start read");
+            state::replace(&shared.seen_before, Arc::new(seen));
+        }
+        Err(e) => tracing::warn!(
+            "cannot read the last check-ins before this start ({e}); hosts not seen since read as never seen"
+        ),
+    }
+
     // Replicas load it when they take the leadership or follow the leader's writes.
     if !db.shared() {
         let stored = db.load_stored().await.map_err(|e| e.to_string())?;

@@ -304,6 +304,9 @@ pub const DB_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(5
 /// Everything the request handlers and background tasks share.
 pub struct Shared {
     pub started_at: OffsetDateTime,
+    /// Each host's last check-in recorded in the database when this process started, so
+    /// that a host that has not checked in since reads as seen before, not as never seen.
+    pub seen_before: RwLock<Arc<HashMap<String, OffsetDateTime>>>,
     pub trust: RwLock<Arc<TrustFile>>,
     pub fleet: RwLock<Option<Arc<FleetSnapshot>>>,
     pub revocations: RwLock<Arc<RevocationSet>>,
@@ -325,7 +328,7 @@ pub struct Shared {
     leader: RwLock<Option<String>>,
 }
 
-fn read<T: Clone>(lock: &RwLock<T>) -> T {
+pub fn read<T: Clone>(lock: &RwLock<T>) -> T {
     match lock.read() {
         Ok(g) => g.clone(),
         Err(p) => p.into_inner().clone(),
@@ -348,6 +351,7 @@ impl Shared {
     pub fn new(trust: TrustFile, revocations_configured: bool, now: OffsetDateTime) -> Shared {
         Shared {
             started_at: now,
+            seen_before: RwLock::new(Arc::new(HashMap::new())),
             trust: RwLock::new(Arc::new(trust)),
             fleet: RwLock::new(None),
             revocations: RwLock::new(Arc::new(RevocationSet::default())),

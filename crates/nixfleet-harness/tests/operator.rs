@@ -267,7 +267,9 @@ async fn status_shows_the_waiting_reason_of_every_host_not_converged() {
     );
     assert!(text.contains("waiting: budget"), "{text}");
     assert!(text.contains("confirming: deadline"), "{text}");
-    assert!(text.contains("waiting: not seen since"), "{text}");
+    // web-04 never checked in: said as such, not as "since the control plane started".
+    assert!(text.contains("  waiting: never seen\n"), "{text}");
+    assert!(text.ends_with('\n'), "{text:?}");
     assert!(
         text.contains("4 hosts: 1 converged, 3 not converged"),
         "{text}"
@@ -293,6 +295,7 @@ async fn status_shows_the_waiting_reason_of_every_host_not_converged() {
     // The rollout: listed, and its trail with the reconciler's words.
     let rollout = rollout_id(&f.forge_dir, "stable");
     let list = f.nixfleet_ok(&["rollout", "list"]);
+    assert!(list.ends_with('\n'), "{list:?}");
     assert!(list.contains(&rollout[..12]), "{list}");
     assert!(list.contains("stable@1111111"), "{list}");
     assert!(list.contains("wave 1 active"), "{list}");
@@ -418,8 +421,13 @@ fn check_host(h: &Value) {
             "converged",
             "rollout",
             "rollout_state",
-            "waiting"
+            "waiting",
+            "revoked"
         ]),
+        "{h}"
+    );
+    assert!(
+        h["revoked"].is_null() || h["revoked"]["not_before"].is_string(),
         "{h}"
     );
     assert!(h["name"].is_string() && h["channel"].is_string(), "{h}");

@@ -132,7 +132,7 @@ fn operator_host_detail_is_the_host_plus_its_events_in_snake_case() {
     let text = r#"{"name": "web-03", "channel": "stable",
         "declared_closure": "a-x", "current_closure": null, "last_checkin": null,
         "online": false, "converged": false, "rollout": null, "rollout_state": null,
-        "waiting": "waiting: not seen since 2026-11-27T10:00:00Z",
+        "waiting": "waiting: never seen",
         "events": [{"rollout_id": "r", "hostname": "web-03", "kind": "dispatch",
                     "detail": {"action": "dispatch", "wave": 1}, "at": "2026-11-27T10:00:01Z"}],
         "added_later": 1}"#;

@@ -18,8 +18,13 @@ pub(crate) fn offline(since: OffsetDateTime) -> String {
     format!("waiting: offline since {}", rfc3339(since))
 }
 
+/// No check-in since the control plane started (the control plane itself tells a host it
+/// never saw from one seen before the start, see its `/v1/hosts`).
 pub(crate) fn not_seen(since: OffsetDateTime) -> String {
-    format!("waiting: not seen since {}", rfc3339(since))
+    format!(
+        "waiting: no check-in since the control plane started at {}",
+        rfc3339(since)
+    )
 }
 
 pub(crate) fn edge(before: &str) -> String {
@@ -30,8 +35,13 @@ pub(crate) fn budget(label: &str, in_flight: u32, limit: u32) -> String {
     format!("waiting: budget \"{label}\" {in_flight}/{limit} in flight")
 }
 
+/// Why a rollout is pending (its `pending: …` in `nixfleet rollout list`).
+pub(crate) fn deferred(predecessor: &str, display: &str, word: &str) -> String {
+    format!("after channel {predecessor}, whose rollout {display} is {word}")
+}
+
 pub(crate) fn channel_edge(predecessor: &str) -> String {
-    format!("waiting: channel edge {predecessor} not done")
+    format!("waiting: channel {predecessor} must finish its rollout first")
 }
 
 /// `held: rollout halted after 2 failures in wave 0`.
@@ -86,7 +96,22 @@ mod tests {
             offline(datetime!(2026-11-27 11:00:00 +1)),
             "waiting: offline since 2026-11-27T10:00:00Z"
         );
-        assert_eq!(channel_edge("edge"), "waiting: channel edge edge not done");
+        assert_eq!(
+            channel_edge("edge"),
+            "waiting: channel edge must finish its rollout first"
+        );
+        assert_eq!(
+            not_seen(datetime!(2026-11-27 10:00:00 UTC)),
+            "waiting: no check-in since the control plane started at 2026-11-27T10:00:00Z"
+        );
+        assert_eq!(
+            deferred("edge", "edge@0123456", "executing"),
+            "after channel edge, whose rollout edge@0123456 is executing"
+        );
+        assert_eq!(
+            activation_timeout("switching", datetime!(2026-11-27 10:00:00 UTC), time::Duration::seconds(1800)),
+            "activation timeout: still switching (since 2026-11-27T10:00:00Z) 1800 s after delivery (--activation-timeout-secs)"
+        );
         assert_eq!(
             held("halted", 2, 0),
             "held: rollout halted after 2 failures in wave 0"
@@ -96,6 +121,12 @@ mod tests {
             "held: rollout reverted after 1 failure in wave 3"
         );
         assert_eq!(soaking(12, 30), "soaking: 12m of 30m");
+        assert_eq!(
+            already_failed(&"a".repeat(64), "activation failed: exit 1"),
+            "closure already failed on this host in rollout aaaaaaaaaaaa (activation failed: exit 1); not sent again by itself"
+        );
+        assert!(manifest_missing("abc").starts_with(
+            "waiting: manifest of rollout abc is not available (a rollout recorded under an id"
+        ));
     }
 }
-

@@ -586,7 +586,7 @@ impl<'a> Tick<'a> {
                     self.rollout_event(
                         v,
                         RolloutEvent::Defer {
-                            reason: format!("channel edge {pred}: {display} is {word}"),
+                            reason: reason::deferred(pred, display, word),
                         },
                     );
                     return;
