@@ -91,7 +91,7 @@ impl Agent {
             None => health::system_hostname().ok_or(StartupError::NoHostname)?,
         };
         if config.substituters.is_empty() {
-            tracing::warn!("no --substituter given: only closures already in the local Nix store can be activated");
+            tracing::warn!("no --substituter given: only closures already in the local Nix store, every path signed by a pinned cache key, can be activated");
         }
         // Refuse to start on a missing or unsafe trust file (SPEC.md §2).
         verify::read_trust_file(&config.trust_file, &Limits::default())?;
@@ -711,7 +711,10 @@ impl Agent {
             self.config.substituters.join(" ")
         );
         let event = match self.nixos.realise(closure, &trust.cache_keys).await {
-            Ok(()) => Event::Realised,
+            Ok(verified) => Event::Realised {
+                paths: verified.paths,
+                keys: verified.keys,
+            },
             Err(RealiseError::Refused(reason)) => Event::ClosureRefused { reason },
             Err(RealiseError::Failed(reason)) => Event::RealiseFailed { reason },
         };

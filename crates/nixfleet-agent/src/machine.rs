@@ -164,9 +164,11 @@ pub enum Event {
         current: String,
         unhealthy: bool,
     },
-    /// The closure is in the local store, with a valid cache signature.
-    Realised,
-    /// The binary cache's closure was refused (unsigned, foreign-signed, corrupted).
+    /// The closure is in the local store and each of its `paths` carries a valid signature
+    /// by a pinned cache key (`keys`: the names of those found).
+    Realised { paths: usize, keys: Vec<String> },
+    /// The closure was refused: a path unsigned or foreign-signed (fetched or already in
+    /// the local store), or the cache's copy corrupted.
     ClosureRefused { reason: String },
     /// Realising failed for a reason that may pass (cache unreachable): try again later.
     RealiseFailed { reason: String },
@@ -375,15 +377,16 @@ pub fn transition(
                 ),
             )
         }
-        (Phase::Fetching { activation }, Event::Realised) => step(
+        (Phase::Fetching { activation }, Event::Realised { paths, keys }) => step(
             Phase::Switching {
                 activation: activation.clone(),
             },
             last,
             vec![],
             format!(
-                "{} realised with a valid cache signature; switching to it",
-                activation.target.closure_hash
+                "{} realised; every path of its closure ({paths}) carries a signature by a pinned cache key ({}); switching to it",
+                activation.target.closure_hash,
+                keys.join(", ")
             ),
         ),
         (Phase::Fetching { activation }, Event::ClosureRefused { reason }) => step(
@@ -774,12 +777,21 @@ mod tests {
         let m = in_phase(Phase::Fetching {
             activation: activation(),
         });
-        let s = transition(&m, Event::Realised, NOW).unwrap();
+        let realised = Event::Realised {
+            paths: 3,
+            keys: vec!["fleet-cache-1".into()],
+        };
+        let s = transition(&m, realised, NOW).unwrap();
         assert_eq!(
             s.machine.phase,
             Phase::Switching {
                 activation: activation()
             }
+        );
+        assert!(
+            s.reason.contains("every path of its closure (3) carries a signature by a pinned cache key (fleet-cache-1)"),
+            "{}",
+            s.reason
         );
     }
 

@@ -246,7 +246,7 @@ fn cp_unreachable_for_the_whole_confirm_window_rolls_back_and_reports_failed_tar
     let mut f = Fleet::new(single_wave());
     let gen1 = f.closure(1, |c, p| c.push(p));
     let rollout = f.release(&gen1, COMMIT, &[]);
-    f.start_cp(&["--confirm-deadline-secs", "12"]);
+    f.start_cp(&["--confirm-window-secs", "12"]);
     let name1 = format!("nixos-system-{HOST}-1");
     f.machine.set("hang", &name1, true);
     let mut agent = f.agent();
@@ -266,7 +266,7 @@ fn cp_unreachable_for_the_whole_confirm_window_rolls_back_and_reports_failed_tar
         "no success after a rollback"
     );
     // Back online: the report arrives and the check-in carries the failed target.
-    f.start_cp(&["--confirm-deadline-secs", "12"]);
+    f.start_cp(&["--confirm-window-secs", "12"]);
     f.wait_cp_log("kind=rolled-back");
     wait_for("the CP to see the host back on generation 0", LONG, || {
         f.host_view()["current_closure"] == f.gen0.as_str()
@@ -288,7 +288,7 @@ fn transient_outage_inside_the_confirm_window_still_confirms_without_rollback() 
     let mut f = Fleet::new(single_wave());
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
-    f.start_cp(&["--confirm-deadline-secs", "120"]);
+    f.start_cp(&["--confirm-window-secs", "120"]);
     let name1 = format!("nixos-system-{HOST}-1");
     f.machine.set("hang", &name1, true);
     let mut agent = f.agent();
@@ -298,7 +298,7 @@ fn transient_outage_inside_the_confirm_window_still_confirms_without_rollback() 
     stop_cp(&mut f);
     f.machine.set("hang", &name1, false);
     agent.wait_log("confirm not sent", LONG);
-    f.start_cp(&["--confirm-deadline-secs", "120"]);
+    f.start_cp(&["--confirm-window-secs", "120"]);
     agent.wait_log("confirm of", LONG);
     assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
     assert_eq!(f.machine.activations(), vec![gen1.clone()]);
@@ -418,7 +418,7 @@ fn kill9_after_the_switch_before_the_confirm_confirms_when_the_window_is_open() 
     let mut f = Fleet::new(single_wave());
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
-    f.start_cp(&["--confirm-deadline-secs", "300"]);
+    f.start_cp(&["--confirm-window-secs", "300"]);
     let name1 = format!("nixos-system-{HOST}-1");
     f.machine.set("hang", &name1, true);
     let mut agent = f.agent();
@@ -430,7 +430,7 @@ fn kill9_after_the_switch_before_the_confirm_confirms_when_the_window_is_open() 
     agent.wait_log("confirm not sent", LONG);
     assert_eq!(f.phase(), "awaiting-confirm");
     agent.kill9();
-    f.start_cp(&["--confirm-deadline-secs", "300"]);
+    f.start_cp(&["--confirm-window-secs", "300"]);
     agent.restart();
     agent.wait_log("confirm window open until", LONG);
     agent.wait_log("confirm of", LONG);
@@ -446,7 +446,7 @@ fn kill9_after_the_switch_resumed_after_the_window_rolls_back() {
     let mut f = Fleet::new(single_wave());
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
-    f.start_cp(&["--confirm-deadline-secs", "10"]);
+    f.start_cp(&["--confirm-window-secs", "10"]);
     let name1 = format!("nixos-system-{HOST}-1");
     f.machine.set("hang", &name1, true);
     let mut agent = f.agent();
@@ -467,7 +467,7 @@ fn kill9_after_the_switch_resumed_after_the_window_rolls_back() {
     wait_for("the confirm window to pass", LONG, || {
         time::OffsetDateTime::now_utc() > deadline + time::Duration::seconds(1)
     });
-    f.start_cp(&["--confirm-deadline-secs", "10"]);
+    f.start_cp(&["--confirm-window-secs", "10"]);
     agent.restart();
     agent.wait_log("resumed after the confirm window closed", LONG);
     agent.wait_log("rolled back from", LONG);
@@ -1083,4 +1083,275 @@ fn an_older_signed_release_is_refused_after_a_newer_one_even_after_a_restart() {
     assert_eq!(f.machine.activations(), vec![gen2.clone()]);
     assert_eq!(f.machine.current().as_deref(), Some(gen2.as_str()));
     assert_eq!(f.state()["failedTargets"][0]["rolloutId"], r1.as_str());
+}
+
+// ---- closures already in the local store ------------------------------------------------
+//
+// `nix-store --realise` with require-sigs only checks what it substitutes; a path already
+// valid in the local store passes it untouched. The agent checks the signature of every
+// path of the closure itself, fetched or not.
+
+/// Signs `closure` and everything it references, in the local store, with `key`.
+fn sign_in_store(closure: &str, key: &std::path::Path, recursive: bool) {
+    let mut cmd = nixfleet_harness::nix::nix_command("nix");
+    cmd.args(["store", "sign", "--key-file"]).arg(key);
+    if recursive {
+        cmd.arg("--recursive");
+    }
+    let out = cmd
+        .arg(nixfleet_harness::nix::store_path(closure))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix store sign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A binary cache that has nothing and records every request made to it: the only
+/// substituter of an agent that must not fetch.
+struct WatchedCache {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WatchedCache {
+    fn start() -> WatchedCache {
+        use std::io::{BufRead as _, Write as _};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, stopped) = (requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(&stream).read_line(&mut line);
+                seen.lock().unwrap().push(line.trim().to_owned());
+                let _ = (&stream).write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        WatchedCache {
+            port,
+            requests,
+            stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for WatchedCache {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A system closure with a dependency: `<name>` (with the usual switch-to-configuration,
+/// which records itself and repoints current-system) referencing `<name>-etc`.
+const WITH_DEPENDENCY_NIX: &str = r#"{ name, dir }:
+let etc = derivation {
+  name = "${name}-etc";
+  inherit dir;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/bin:/usr/bin";
+  args = [ "-c" "echo $dir > $out" ];
+};
+in derivation {
+  inherit name dir etc;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/bin:/usr/bin";
+  args = [ "-c" "mkdir -p $out/bin && ln -s $etc $out/etc && printf '#!/bin/sh\necho %s >> %s/activations\nln -sfn %s %s/current-system\n' $out $dir $out $dir > $out/bin/switch-to-configuration && chmod +x $out/bin/switch-to-configuration" ];
+}
+"#;
+
+/// Builds a closure of two paths on `machine`; returns (system, its dependency), basenames.
+fn build_with_dependency(machine: &Machine, name: &str) -> (String, String) {
+    let file = machine.dir.join("with-dependency.nix");
+    std::fs::write(&file, WITH_DEPENDENCY_NIX).unwrap();
+    let mut cmd = nixfleet_harness::nix::nix_command("nix-build");
+    cmd.arg(&file)
+        .args(["--no-out-link", "--argstr", "name", name])
+        .arg("--argstr")
+        .arg("dir")
+        .arg(&machine.dir)
+        .args(["--option", "substituters", ""]);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "nix-build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let system = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let refs = nixfleet_harness::nix::nix_command("nix-store")
+        .args(["--query", "--references", &system])
+        .output()
+        .unwrap();
+    // The system references itself (its script names $out) and the dependency.
+    let refs = String::from_utf8_lossy(&refs.stdout).into_owned();
+    let dependency = refs
+        .lines()
+        .find(|r| r.ends_with(&format!("{name}-etc")))
+        .unwrap_or_else(|| panic!("no dependency in {refs}"))
+        .to_owned();
+    let base = |p: &str| p.rsplit('/').next().unwrap().to_owned();
+    (base(&system), base(&dependency))
+}
+
+impl Fleet {
+    /// Asserts that nothing was switched: profile, current-system and activations as
+    /// they were before the agent started.
+    fn assert_nothing_switched(&self) {
+        assert_eq!(self.machine.current().as_deref(), Some(self.gen0.as_str()));
+        assert_eq!(
+            self.machine.profile_target().as_deref(),
+            Some(self.gen0.as_str())
+        );
+        assert!(self.machine.activations().is_empty());
+    }
+
+    /// Waits for the refusal of `closure` because `unsigned` lacks a pinned signature:
+    /// in the agent's log, in the report the control plane received, and in failedTargets.
+    fn assert_refused_for(
+        &self,
+        agent: &mut AgentProc,
+        rollout: &str,
+        closure: &str,
+        unsigned: &str,
+    ) {
+        let named =
+            format!("/nix/store/{unsigned} carries no valid signature by a pinned cache key");
+        agent.wait_log("refused, nothing activated", LONG);
+        assert_contains(&agent.log_text(), &named);
+        assert_contains(&agent.log_text(), "cacheKeys trusted: fleet-cache-1");
+        // The CP logs each report's kind and reason.
+        self.wait_cp_log("kind=closure-rejected");
+        self.wait_cp_log(&named);
+        let failed = &self.state()["failedTargets"][0];
+        assert_eq!(failed["rolloutId"], rollout);
+        assert_eq!(failed["closureHash"], closure);
+        assert_eq!(failed["cause"], "refused");
+        assert_contains(failed["reason"].as_str().unwrap_or(""), &named);
+        assert!(
+            !agent.log_text().contains("switching to it"),
+            "{}",
+            agent.log_text()
+        );
+    }
+}
+
+fn assert_contains(text: &str, needle: &str) {
+    assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+}
+
+#[test]
+fn unsigned_closure_already_in_the_local_store_is_refused_and_nothing_is_switched() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    // Built on the host itself and never signed: valid in the store, "ultimate".
+    let gen1 = f.machine.build(&format!("nixos-system-{HOST}-1"));
+    assert!(nixfleet_harness::nix::is_valid(&gen1));
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    f.assert_refused_for(&mut agent, &rollout, &gen1, &gen1);
+    assert_contains(&agent.log_text(), "signatures on it: none");
+    f.assert_nothing_switched();
+    // Still nothing at a later check-in.
+    let checkins = agent.log_text().matches("checked in").count();
+    wait_for("two more check-ins", LONG, || {
+        agent.log_text().matches("checked in").count() >= checkins + 2
+    });
+    f.assert_nothing_switched();
+}
+
+#[test]
+fn closure_in_the_local_store_signed_only_by_a_key_that_is_not_pinned_is_refused() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let foreign = Cache::new(&f.tmp.path().join("foreign-cache"), "foreign-1");
+    let gen1 = f.machine.build(&format!("nixos-system-{HOST}-1"));
+    sign_in_store(&gen1, &foreign.secret_key, true);
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    f.assert_refused_for(&mut agent, &rollout, &gen1, &gen1);
+    assert_contains(&agent.log_text(), "signatures on it: foreign-1");
+    f.assert_nothing_switched();
+}
+
+#[test]
+fn closure_signed_at_the_top_but_with_an_unsigned_dependency_is_refused_naming_it() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let (gen1, etc) = build_with_dependency(&f.machine, &format!("nixos-system-{HOST}-1"));
+    // Only the top is signed by the pinned key.
+    sign_in_store(&gen1, &f.cache.secret_key, false);
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    f.assert_refused_for(&mut agent, &rollout, &gen1, &etc);
+    assert_contains(&agent.log_text(), "1 of the 2 paths of the closure");
+    f.assert_nothing_switched();
+}
+
+#[test]
+fn closure_in_the_local_store_signed_by_a_pinned_key_is_activated_without_a_fetch() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let (gen1, _etc) = build_with_dependency(&f.machine, &format!("nixos-system-{HOST}-1"));
+    sign_in_store(&gen1, &f.cache.secret_key, true);
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    // The only substituter has nothing and records any request.
+    let watched = WatchedCache::start();
+    let mut config = f.agent_config();
+    config.substituters = vec![watched.url()];
+    let mut agent = AgentProc::start(&config);
+    agent.wait_log("confirm of", LONG);
+    assert_contains(
+        &agent.log_text(),
+        &format!("{gen1} realised; every path of its closure (2) carries a signature by a pinned cache key (fleet-cache-1); switching to it"),
+    );
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+    assert_eq!(f.machine.profile_target().as_deref(), Some(gen1.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+    f.wait_cp_log("kind=activated");
+    assert_eq!(
+        watched.requests(),
+        Vec::<String>::new(),
+        "nothing is fetched"
+    );
+    assert!(
+        std::fs::read_dir(&f.cache.dir).unwrap().next().is_none(),
+        "the fleet cache never held it"
+    );
 }

@@ -10,9 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{run, tail};
+use super::signatures::{self, CacheKey, CacheKeyError, Verified};
+use super::{run, run_bounded, tail};
 
 const STORE_DIR: &str = "/nix/store";
+
+/// The most `nix path-info --json --recursive` may print: about 1 KiB a path, so room for
+/// closures far beyond a NixOS system's few thousand paths.
+const MAX_PATH_INFO_BYTES: usize = 32 << 20;
 
 /// The wrapper around switch-to-configuration: $1 = run directory, the rest = command.
 const SWITCH_WRAPPER: &str = r#"d="$1"; shift
@@ -30,9 +35,11 @@ const START_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RealiseError {
-    /// The cache's closure is refused: unsigned, foreign-signed or corrupted.
+    /// The closure is refused: a path of it unsigned or foreign-signed (fetched or already
+    /// in the local store), or the cache's copy corrupted.
     Refused(String),
-    /// Anything else (cache unreachable, path missing, timeout): may pass.
+    /// Anything else (cache unreachable, path missing, timeout, a cacheKeys entry that is
+    /// not a key): may pass.
     Failed(String),
 }
 
@@ -80,14 +87,20 @@ impl Nixos {
     }
 
     /// Realises the closure from the configured substituters, trusting only `cache_keys`
-    /// and requiring signatures.
-    pub async fn realise(&self, closure: &str, cache_keys: &[String]) -> Result<(), RealiseError> {
+    /// and requiring signatures, then checks that every path of the closure carries a
+    /// valid signature by one of `cache_keys`, whether it was just fetched or was in the
+    /// local store before (`require-sigs` only covers what is substituted). `Ok` only
+    /// when both hold.
+    pub async fn realise(
+        &self,
+        closure: &str,
+        cache_keys: &[String],
+    ) -> Result<Verified, RealiseError> {
+        let keys = signatures::parse_cache_keys(cache_keys).map_err(|e| match e {
+            CacheKeyError::NoKeys => RealiseError::Refused(e.to_string()),
+            CacheKeyError::Invalid(_) => RealiseError::Failed(e.to_string()),
+        })?;
         let path = store_path(closure);
-        if cache_keys.is_empty() {
-            return Err(RealiseError::Refused(
-                "the trust file pins no cacheKeys, so no closure can be verified".to_owned(),
-            ));
-        }
         let mut cmd = tokio::process::Command::new("nix-store");
         cmd.arg("--realise")
             .arg(&path)
@@ -100,7 +113,7 @@ impl Nixos {
             .await
             .map_err(RealiseError::Failed)?;
         if output.status.success() && path.exists() {
-            return Ok(());
+            return self.check_signatures(closure, &keys).await;
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
         let detail = format!(
@@ -124,6 +137,41 @@ impl Nixos {
         } else {
             Err(RealiseError::Failed(detail))
         }
+    }
+
+    /// Checks the signatures of every path of the closure as the local store records them
+    /// (`nix path-info`; no substituter is asked), against `keys` only: Nix's own trusted
+    /// keys, secret key files and "ultimate" (locally built) flags count for nothing.
+    async fn check_signatures(
+        &self,
+        closure: &str,
+        keys: &[CacheKey],
+    ) -> Result<Verified, RealiseError> {
+        let path = format!("{STORE_DIR}/{closure}");
+        let mut cmd = tokio::process::Command::new("nix");
+        cmd.args(["--extra-experimental-features", "nix-command"])
+            .args(["path-info", "--json", "--recursive", "--sigs"])
+            .args(["--option", "substituters", ""])
+            .arg(&path);
+        let what = "nix path-info --json --recursive";
+        let output = run_bounded(&mut cmd, self.command_timeout, what, MAX_PATH_INFO_BYTES)
+            .await
+            .map_err(RealiseError::Failed)?;
+        if !output.status.success() {
+            return Err(RealiseError::Failed(format!(
+                "{what} {path} failed, so the signatures of its closure cannot be checked: {}",
+                tail(&output.stderr)
+            )));
+        }
+        let infos = signatures::parse_path_info(&output.stdout)
+            .map_err(|e| RealiseError::Failed(format!("{e} ({what} {path})")))?;
+        signatures::check_closure(&path, &infos, keys).map_err(|e| {
+            if e.refuses() {
+                RealiseError::Refused(e.to_string())
+            } else {
+                RealiseError::Failed(e.to_string())
+            }
+        })
     }
 
     /// Points the system profile at the closure (a new generation).
