@@ -560,6 +560,20 @@ pub fn mint_token(args: &MintToken) -> Result<String, CliError> {
     serde_json::to_string_pretty(&token).map_err(|e| json_error(&args.org_root_key, e))
 }
 
+/// `nixfleet mint-token --out FILE`: a bootstrap token is a secret until it is used, so
+/// it goes into a new file of mode 0600 whatever the umask, written atomically; an
+/// existing file is never replaced. Returns the line to print.
+pub fn write_token(path: &Path, token: &str) -> Result<String, CliError> {
+    let parsed: BootstrapToken = serde_json::from_str(token).map_err(|e| json_error(path, e))?;
+    files::create_new_atomic(path, format!("{token}\n").as_bytes(), 0o600)?;
+    Ok(format!(
+        "wrote {} (mode 0600): bootstrap token for {}, valid until {}",
+        path.display(),
+        parsed.claims.hostname,
+        rfc3339(parsed.claims.expires_at)
+    ))
+}
+
 fn ssh_fingerprint(what: &str, line: &str) -> Result<String, CliError> {
     keys::ssh_fingerprint(line.trim()).map_err(|source| CliError::PublicKey {
         what: what.to_owned(),

@@ -110,3 +110,54 @@ fn create_dir_with_mode(path: &Path, mode: u32) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// Creates `path`, which must not exist yet, holding `bytes` with exactly `mode` whatever
+/// the umask, atomically: the file is written and synced under a temporary name in the
+/// same directory, then linked into place, so a reader finds no file or the whole file,
+/// and a failure leaves nothing behind. An existing `path` is never replaced. For
+/// secrets that a shell redirect would leave readable by others (bootstrap tokens).
+pub fn create_new_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let exists = || CliError::Exists {
+        path: path.to_path_buf(),
+    };
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(exists());
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut nonce = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let tmp = dir.join(format!(".{name}.tmp-{}", hex::encode(nonce)));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| CliError::io("create", &tmp, e))?;
+    let written = file
+        // The mode given to open is masked by the umask; this one is not.
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| file.write_all(bytes))
+        .and_then(|()| file.sync_all());
+    drop(file);
+    let linked = written
+        .map_err(|e| CliError::io("write", &tmp, e))
+        .and_then(|()| {
+            fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => exists(),
+                _ => CliError::io("create", path, e),
+            })
+        });
+    let _ = fs::remove_file(&tmp);
+    linked?;
+    // The new directory entry survives a crash too.
+    let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    Ok(())
+}

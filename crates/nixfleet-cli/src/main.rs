@@ -405,6 +405,10 @@ struct MintTokenArgs {
     org_root_key: PathBuf,
     #[arg(long, default_value_t = 24)]
     validity_hours: u32,
+    /// Write the token to this new file, mode 0600 (it is a secret until used); an
+    /// existing file is never overwritten. Without it the token goes to stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
@@ -517,12 +521,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     ))
                 }
             };
-            out(&commands::mint_token(&MintToken {
+            let token = commands::mint_token(&MintToken {
                 hostname: args.hostname,
                 key,
                 org_root_key: args.org_root_key,
                 validity_hours: args.validity_hours,
-            })?)
+            })?;
+            match args.out {
+                Some(path) => out(&commands::write_token(&path, &token)?),
+                None => out(&token),
+            }
         }
         Command::Canonicalize => {
             let bytes = commands::canonicalize(std::io::stdin().lock())?;
