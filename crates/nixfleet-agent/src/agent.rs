@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nixfleet_proto::wire::{
-    CheckinRequest, CheckinResponse, ConfirmRequest, CurrentGeneration, Generation, Report,
-    ReportKind, ReportRequest, Target,
+    ActivationPhase, ActivationProgress, CheckinRequest, CheckinResponse, ConfirmRequest,
+    CurrentGeneration, Generation, Report, ReportKind, ReportRequest, Target,
 };
 use nixfleet_trust::jcs;
 use nixfleet_trust::keys::PrivateKey;
@@ -64,6 +64,10 @@ pub struct Agent {
     failures: u32,
     next_renewal_attempt: Option<Instant>,
     certificate_refused: bool,
+    /// The phase in flight and when this process saw it begin (reported on check-ins).
+    phase_since: (&'static str, OffsetDateTime),
+    /// How often to check in while fetching or switching: the control plane's interval.
+    progress_every: Duration,
 }
 
 fn random_unit() -> f64 {
@@ -99,6 +103,8 @@ impl Agent {
         let ca_pem = identity::load_ca(&config.ca_cert)?;
         let dir = StateDir::open(&config.state_dir)?;
         let state = dir.load()?;
+        let state_phase_name = state.machine.phase.name();
+        let poll_cap = Duration::from_secs(config.poll_interval_secs.max(1));
         let nixos = Nixos {
             profile: config.profile.clone(),
             current_system_link: config.current_system_link.clone(),
@@ -122,6 +128,8 @@ impl Agent {
             failures: 0,
             next_renewal_attempt: None,
             certificate_refused: false,
+            phase_since: (state_phase_name, now()),
+            progress_every: poll_cap,
         })
     }
 
@@ -248,6 +256,9 @@ impl Agent {
                 self.nixos.clear_run(&id);
                 self.nixos.clear_run(&format!("rb-{id}"));
             }
+        }
+        if self.phase_since.0 != to {
+            self.phase_since = (to, at);
         }
         self.state = next;
         true
@@ -499,7 +510,80 @@ impl Agent {
                 .map(|c| c.at),
             failed_targets: self.state.failed_targets.clone(),
             health: health::collect(self.config.health_command.as_deref()).await,
-            activation: None,
+            activation: self.progress(),
+        }
+    }
+
+    /// Where the activation in flight stands, for check-ins.
+    fn progress(&self) -> Option<ActivationProgress> {
+        let (phase, activation) = match &self.state.machine.phase {
+            Phase::Idle => return None,
+            Phase::Fetching { activation } => (ActivationPhase::Fetching, activation),
+            Phase::Switching { activation } => (ActivationPhase::Switching, activation),
+            Phase::AwaitingConfirm { activation, .. } => {
+                (ActivationPhase::AwaitingConfirm, activation)
+            }
+            Phase::RollingBack { activation, .. } => (ActivationPhase::RollingBack, activation),
+        };
+        Some(ActivationProgress {
+            rollout_id: activation.target.rollout_id.clone(),
+            closure_hash: activation.target.closure_hash.clone(),
+            phase,
+            since: self.phase_since.1,
+        })
+    }
+
+    /// Runs `work` (a fetch or a switch, which may take many minutes) while checking in
+    /// at the control plane's interval, so that it knows the activation is under way: its
+    /// activation timeout and confirm window count against what the host reports.
+    async fn while_reporting<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tokio::time::sleep_until(next) => {
+                    next = tokio::time::Instant::now() + self.progress_every;
+                    let report = self.report_progress();
+                    let mut report = std::pin::pin!(report);
+                    tokio::select! {
+                        out = &mut work => return out,
+                        _ = &mut report => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One check-in that only says where the activation stands. A target or a rollback
+    /// signal in the answer waits for the activation's next step.
+    async fn report_progress(&self) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let current = self.nixos.current_closure().unwrap_or_default();
+        let request = self.checkin_request(&current).await;
+        let phase = self.phase_since.0;
+        match client.post("/v1/agent/checkin", &request).await {
+            Ok(reply) if reply.status == 200 => {
+                let rollback = serde_json::from_slice::<CheckinResponse>(&reply.body)
+                    .ok()
+                    .and_then(|r| r.rollback);
+                match rollback {
+                    Some(signal) => tracing::info!(
+                        "the control plane signals a rollback of rollout {} ({}); acted on once {phase} ends",
+                        signal.rollout_id,
+                        signal.reason
+                    ),
+                    None => tracing::debug!("checked in while {phase}"),
+                }
+            }
+            Ok(reply) => tracing::debug!(
+                "check-in while {phase} answered {}: {}",
+                reply.status,
+                reply.message()
+            ),
+            Err(e) => tracing::debug!("check-in while {phase} failed: {e}"),
         }
     }
 
@@ -554,6 +638,8 @@ impl Agent {
         self.failures = 0;
         let next =
             backoff::checkin_delay(response.next_checkin_secs, self.poll_cap(), random_unit());
+        self.progress_every =
+            Duration::from_secs(u64::from(response.next_checkin_secs.max(1))).min(self.poll_cap());
         tracing::debug!(current = %current, target = ?response.target.as_ref().map(|t| &t.closure_hash), rollback = ?response.rollback, "checked in");
         if let Some(signal) = response.rollback {
             let unhealthy = self.over_health_gate(&signal.rollout_id, request.health.failed_units);
@@ -710,7 +796,10 @@ impl Agent {
             "realising {closure} from {}",
             self.config.substituters.join(" ")
         );
-        let event = match self.nixos.realise(closure, &trust.cache_keys).await {
+        let event = match self
+            .while_reporting(self.nixos.realise(closure, &trust.cache_keys))
+            .await
+        {
             Ok(verified) => Event::Realised {
                 paths: verified.paths,
                 keys: verified.keys,
@@ -753,7 +842,10 @@ impl Agent {
                 "switch-to-configuration of {closure} was started before; waiting for its outcome"
             );
         }
-        let event = match self.nixos.switch_to(&id, &closure).await {
+        let event = match self
+            .while_reporting(self.nixos.switch_to(&id, &closure))
+            .await
+        {
             Ok(()) => Event::SwitchSucceeded,
             Err(reason) => Event::SwitchFailed { reason },
         };

@@ -361,6 +361,96 @@ fn magic_rollback_when_the_cp_is_frozen_through_the_confirm_window() {
     assert!(f.node("web-01").machine.activations().is_empty());
 }
 
+// ---- scenario 16 ----------------------------------------------------------------------------
+
+/// A host's `waiting` in the operator API.
+fn waiting_of(f: &Fleet, host: &str) -> String {
+    f.operator_get(&format!("/v1/hosts/{host}")).json()["waiting"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn a_slow_switch_converges_and_one_that_never_ends_fails_after_the_activation_timeout() {
+    require_nix();
+    let mut summary = Summary::begin("16 slow switch");
+    const WINDOW_SECS: u64 = 10;
+    const ACTIVATION_SECS: u64 = 45;
+    let all = names(&["canary-01", "web-01"]);
+    let mut f = Fleet::new(&all, canary_policy("halt", 0), json!([]));
+    f.cp_extra = vec![
+        "--confirm-window-secs".into(),
+        WINDOW_SECS.to_string(),
+        "--activation-timeout-secs".into(),
+        ACTIVATION_SECS.to_string(),
+    ];
+    let (canary_gen1, web_gen1) = ("nixos-system-canary-01-1", "nixos-system-web-01-1");
+    f.node("canary-01").machine.set("hang", canary_gen1, true);
+    f.node("web-01").machine.set("hang", web_gen1, true);
+    f.spawn_cp();
+    f.cp.as_mut().unwrap().wait_ready(&f.pki);
+    f.start_agents();
+
+    // The canary's switch takes three confirm windows: the control plane hears it is
+    // switching, and neither fails it nor refuses its confirm afterwards.
+    let canary = f.node("canary-01");
+    wait_for("the canary's switch to start", LONG, || {
+        !canary.machine.activations().is_empty()
+    });
+    let switching = Instant::now();
+    wait_for(
+        "the control plane to know the canary is switching",
+        LONG,
+        || waiting_of(&f, "canary-01").starts_with("activating: switching since"),
+    );
+    while switching.elapsed() < Duration::from_secs(3 * WINDOW_SECS) {
+        assert!(
+            !waiting_of(&f, "canary-01").starts_with("failed"),
+            "failed while switching: {}",
+            waiting_of(&f, "canary-01")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    canary.machine.set("hang", canary_gen1, false);
+    f.wait_confirmed(&["canary-01"]);
+    summary.timing("slow switch confirmed", switching.elapsed());
+    let log = canary.log();
+    assert!(!log.contains("(410)"), "{log}");
+    assert!(!log.contains("rolling back"), "{log}");
+    assert_eq!(
+        canary.machine.current().as_deref(),
+        Some(canary.gen1.as_str())
+    );
+
+    // web-01's switch never ends: failed after the activation timeout, saying so.
+    let web = f.node("web-01");
+    wait_for("web-01's switch to start", LONG, || {
+        !web.machine.activations().is_empty()
+    });
+    let started = Instant::now();
+    wait_for(
+        "the control plane to fail web-01",
+        Duration::from_secs(ACTIVATION_SECS) + LONG,
+        || waiting_of(&f, "web-01").starts_with("failed"),
+    );
+    let took = started.elapsed();
+    summary.timing("never-ending switch failed", took);
+    let why = waiting_of(&f, "web-01");
+    assert!(
+        why.starts_with("failed: activation timeout: still switching (since "),
+        "{why}"
+    );
+    assert!(
+        took < Duration::from_secs(ACTIVATION_SECS + WINDOW_SECS),
+        "failed {took:?} after the switch started: the activation timeout, not the confirm deadline, should end it"
+    );
+    wait_for("the rollout to halt", LONG, || {
+        f.rollout_state().get("halted").is_some()
+    });
+    web.machine.set("hang", web_gen1, false);
+}
+
 // ---- scenario 7 -----------------------------------------------------------------------------
 
 /// The NAR file the cache's narinfo for `closure` points at.
