@@ -767,6 +767,25 @@ impl Agent {
                 {
                     tracing::warn!("{e}; the manifest will be fetched again");
                 }
+                let machine = &self.state.machine;
+                let keep: Vec<&str> = [
+                    Some(target.rollout_id.as_str()),
+                    machine
+                        .phase
+                        .activation()
+                        .map(|a| a.target.rollout_id.as_str()),
+                    machine
+                        .last_activation
+                        .as_ref()
+                        .map(|a| a.target.rollout_id.as_str()),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                let pruned = self.dir.prune_manifests(&keep, store::MAX_CACHED_MANIFESTS);
+                if pruned > 0 {
+                    tracing::debug!(pruned, "older cached manifests deleted");
+                }
                 self.apply(Event::TargetAccepted { target, current });
             }
             Err(refusal) => {

@@ -17,6 +17,9 @@ use crate::machine::Machine;
 const MAX_FAILED_TARGETS: usize = 256;
 /// Unacknowledged reports kept while the control plane is unreachable.
 const MAX_OUTBOX: usize = 1024;
+/// Rollout manifests kept in the cache (besides those of activations still on record):
+/// a re-offered target is checked against its cached copy, an older one is fetched again.
+pub const MAX_CACHED_MANIFESTS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -216,6 +219,37 @@ impl StateDir {
         write_atomic(&base.with_extension("json"), manifest, 0o644)?;
         write_atomic(&base.with_extension("sig"), signature, 0o644)
     }
+
+    /// Deletes all but the `newest` most recently cached manifests, never one of `keep`
+    /// (the rollouts of activations still on record). Returns how many were deleted.
+    pub fn prune_manifests(&self, keep: &[&str], newest: usize) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.manifests()) else {
+            return 0;
+        };
+        let mut cached: Vec<(std::time::SystemTime, String)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let id = name.strip_suffix(".json")?.to_owned();
+                let modified = e.metadata().ok()?.modified().ok()?;
+                Some((modified, id))
+            })
+            .collect();
+        cached.sort_by(|a, b| b.cmp(a));
+        let mut deleted = 0;
+        for (_, id) in cached.into_iter().skip(newest) {
+            if keep.contains(&id.as_str()) {
+                continue;
+            }
+            let base = self.manifests().join(&id);
+            // The signature first: a manifest without one is never taken for cached.
+            let _ = std::fs::remove_file(base.with_extension("sig"));
+            if std::fs::remove_file(base.with_extension("json")).is_ok() {
+                deleted += 1;
+            }
+        }
+        deleted
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +281,42 @@ mod tests {
         std::fs::write(dir.state_file(), b"{not json").unwrap();
         let e = dir.load().unwrap_err().to_string();
         assert!(e.contains("state.json"), "{e}");
+    }
+
+    #[test]
+    fn the_manifest_cache_keeps_the_newest_and_those_still_on_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        let base = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for i in 0..6u64 {
+            let id = format!("r{i}");
+            dir.cache_manifest(&id, b"{}", b"sig").unwrap();
+            // Oldest first, a minute apart, whatever the file system's clock resolution.
+            let t = base + std::time::Duration::from_secs(60 * i);
+            std::fs::File::options()
+                .write(true)
+                .open(dir.manifests().join(format!("{id}.json")))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        assert_eq!(dir.prune_manifests(&["r0"], 3), 2);
+        for (id, kept) in [
+            ("r0", true),
+            ("r1", false),
+            ("r2", false),
+            ("r3", true),
+            ("r4", true),
+            ("r5", true),
+        ] {
+            assert_eq!(dir.cached_manifest(id).is_some(), kept, "{id}");
+            assert_eq!(
+                dir.manifests().join(format!("{id}.sig")).exists(),
+                kept,
+                "{id}.sig"
+            );
+        }
+        assert_eq!(dir.prune_manifests(&["r0"], 3), 0);
     }
 
     #[test]
