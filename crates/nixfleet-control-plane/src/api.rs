@@ -155,6 +155,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/hosts/{name}", get(host))
         .route("/metrics", get(metrics_operator))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::map_response(body_too_large))
         .layer(middleware::from_fn_with_state(
             app.clone(),
             protocol_and_latency,
@@ -171,6 +172,22 @@ pub fn metrics_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_plain))
         .with_state(app)
+}
+
+/// axum answers a body over the limit with a plain-text 413 and, not having read the rest,
+/// then drops the connection: the answer says so (`Connection: close`), or a kept-alive
+/// client sends its next request into the closed connection; and says why in JSON, as
+/// every other refusal does.
+async fn body_too_large(response: Response) -> Response {
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("request body is over the {BODY_LIMIT}-byte limit"),
+        close: true,
+    }
+    .into_response()
 }
 
 /// Refuses another protocol major version (426); a request without the header is served,
@@ -460,6 +477,8 @@ async fn checkin(
 /// is durable before the agent hears back.
 async fn share_attestation(app: &App, hostname: &str) -> ApiResult<()> {
     if !app.shared.replicated() {
+        // Written in batches by the tick loop: only this process reads it, after a restart.
+        app.shared.attestations.mark_unsaved(hostname);
         return Ok(());
     }
     let Some(attestation) = app.shared.attestations.get(hostname) else {
@@ -496,15 +515,21 @@ fn sanitize_failed_targets(req: &mut CheckinRequest) {
         );
     }
     for f in &mut req.failed_targets {
-        if f.reason.chars().count() > MAX_REASON_CHARS || f.reason.chars().any(char::is_control) {
+        if f.reason.chars().count() > MAX_REASON_CHARS || f.reason.chars().any(breaks_lines) {
             f.reason = f
                 .reason
                 .chars()
                 .take(MAX_REASON_CHARS)
-                .map(|c| if c.is_control() { ' ' } else { c })
+                .map(|c| if breaks_lines(c) { ' ' } else { c })
                 .collect();
         }
     }
+}
+
+/// Control characters, and the Unicode line and paragraph separators, which JSON leaves
+/// raw and which some log readers take for the end of a line.
+fn breaks_lines(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// Whether the newest signature of a target's rollout is past its freshness window (and
@@ -918,7 +943,8 @@ async fn enroll(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Enro
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     if !claimed {
-        tracing::warn!(host = %claims.hostname, nonce = %claims.nonce, "enrollment refused: token already used");
+        // The nonce is whatever text the token's signer chose: escaped, like all such text.
+        tracing::warn!(host = %claims.hostname, nonce = ?claims.nonce, "enrollment refused: token already used");
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "this bootstrap token was already used; mint a new one with `nixfleet mint-token`",

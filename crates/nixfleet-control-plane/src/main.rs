@@ -338,6 +338,15 @@ async fn run(config: Config) -> Result<(), String> {
     tracing::info!("shutting down: draining requests");
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
+    if !db.shared() {
+        // Every host's last check-in, so that the next start knows whom it saw and when.
+        let all: Vec<_> = shared.attestations.snapshot().into_iter().collect();
+        let hosts = all.len();
+        match db.save_attestations(all).await {
+            Ok(()) => tracing::info!(hosts, "last check-ins written"),
+            Err(e) => tracing::warn!("cannot write the last check-ins: {e}"),
+        }
+    }
     if let Err(e) = db.close().await {
         tracing::warn!("closing the database: {e}");
     }
@@ -393,6 +402,14 @@ async fn tick_loop(
                 tracing::warn!("reconcile tick not written: {e}; stepping down, the leadership is taken again from the stored state");
             }
             Some(Err(e)) => tracing::error!("reconcile tick failed: {e}"),
+        }
+        if !db.shared() {
+            let changed = shared.attestations.take_unsaved();
+            if !changed.is_empty() {
+                if let Err(e) = db.save_attestations(changed).await {
+                    tracing::warn!("cannot write changed check-ins: {e}");
+                }
+            }
         }
         // Confirm deadlines are watched closely while anything is mid-activation.
         let wait = if tick::anything_in_flight(&shared.stored()) {

@@ -19,6 +19,10 @@ const SHARDS: usize = 64;
 /// Latest attestation per host, sharded by hostname.
 pub struct Attestations {
     shards: Vec<Mutex<HashMap<String, Attestation>>>,
+    /// Hosts whose attestation changed since it was last written to a database no other
+    /// replica reads (a single control plane writes them in batches, so that after a
+    /// restart it knows which hosts it has seen before).
+    unsaved: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What a check-in changed, for logging at INFO only when something did.
@@ -39,6 +43,7 @@ impl Default for Attestations {
     fn default() -> Self {
         Attestations {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            unsaved: Mutex::new(std::collections::HashSet::new()),
         }
     }
 }
@@ -80,6 +85,21 @@ impl Attestations {
             Err(poisoned) => poisoned.into_inner(),
         };
         f(&mut shard)
+    }
+
+    /// Marks a host's attestation for the next batch write.
+    pub fn mark_unsaved(&self, hostname: &str) {
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+        unsaved.insert(hostname.to_owned());
+    }
+
+    /// The attestations marked since the last call.
+    pub fn take_unsaved(&self) -> Vec<(String, Attestation)> {
+        let hosts = std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()));
+        hosts
+            .into_iter()
+            .filter_map(|h| self.get(&h).map(|a| (h, a)))
+            .collect()
     }
 
     /// Records a check-in.

@@ -1,41 +1,19 @@
 //! The real control-plane binary on loopback, driven over mTLS by test agents and
 //! operators, with certificates and releases made by the `nixfleet` CLI.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use nixfleet_harness::*;
 use serde_json::{json, Value};
-
-/// Starts the control plane on a free port and enrolls the first `count` hosts.
-async fn start_enrolled(
-    s: &mut Setup,
-    state: &Path,
-    opts: &CpOptions,
-    count: usize,
-) -> (Cp, u16, Vec<Host>) {
-    let port = free_port();
-    let mut cp = Cp::start_on(&s.pki, &s.forge, port, state, opts);
-    cp.wait_ready(&s.pki);
-    let mut hosts = std::mem::take(&mut s.hosts);
-    for h in hosts.iter_mut().take(count) {
-        assert_eq!(enroll(&s.pki, port, h).await.status, 200);
-    }
-    (cp, port, hosts)
-}
+use support::{now_rfc3339, start_enrolled};
 
 fn in_an_hour() -> String {
     let t = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     t.replace_nanosecond(0)
-        .unwrap()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
         .unwrap()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap()
@@ -1271,4 +1249,58 @@ fn nixfleet_status_text(pki: &Pki, port: u16) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_never_seen_and_one_seen_before_a_restart_are_told_apart() {
+    let s = Setup::new(&["web-01", "web-02"], canary_policy("halt", 0), json!([]));
+    let state = s.pki.path("var");
+    let port = free_port();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let op = Client::operator(&s.pki, port);
+    let mut hosts = s.hosts;
+    assert_eq!(enroll(&s.pki, port, &mut hosts[0]).await.status, 200);
+    let web01 = Client::host(&s.pki, port, &hosts[0]);
+    let before = op.get("/v1/hosts").await.json();
+    assert_eq!(waiting(&before, "web-01").0, "waiting: never seen");
+    assert_eq!(waiting(&before, "web-01").1, Value::Null);
+    let r = web01
+        .post(
+            "/v1/agent/checkin",
+            &checkin_body("web-01", &closure("web-01", 0), None, json!([])),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+
+    // Restarted: web-01 has not checked in since, but it was seen before (it was
+    // dispatched meanwhile, which is what its reason says now), and its last check-in
+    // is still known.
+    cp.terminate();
+    let mut cp = Cp::start_on(&s.pki, &s.forge, port, &state, &CpOptions::default());
+    cp.wait_ready(&s.pki);
+    let after = op.get("/v1/hosts").await.json();
+    let (why, last) = waiting(&after, "web-01");
+    assert_ne!(why, "waiting: never seen", "{after}");
+    assert!(last.is_string(), "{after}");
+    assert!(
+        cp.log_text()
+            .contains("last check-ins before this start read"),
+        "{}",
+        cp.log_text()
+    );
+}
+
+/// A host's `waiting` and `last_checkin` in a `/v1/hosts` answer.
+fn waiting(hosts: &Value, name: &str) -> (String, Value) {
+    let h = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap();
+    (
+        h["waiting"].as_str().unwrap_or("").to_owned(),
+        h["last_checkin"].clone(),
+    )
 }
