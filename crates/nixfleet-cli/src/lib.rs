@@ -6,6 +6,7 @@ pub mod commands;
 pub mod demo;
 pub mod files;
 pub mod operator;
+pub mod pipeline;
 pub mod pki;
 pub mod release;
 pub mod serve;
@@ -51,6 +52,8 @@ pub enum CliError {
     Operator(#[from] operator::OperatorError),
     #[error(transparent)]
     Demo(#[from] demo::DemoError),
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
     #[error("{context}: {source}")]
     Pki {
         context: String,
@@ -59,6 +62,14 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// The process exit code: a release stage's own code (docs/release.md), else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Pipeline(e) => e.stage.exit_code(),
+            _ => 1,
+        }
+    }
+
     pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
         CliError::Io {
             action,

@@ -41,7 +41,7 @@ enum Command {
     Trust(TrustCommand),
     /// Validate the fleet, resolve waves, stamp and sign fleet.resolved and one rollout
     /// manifest per channel.
-    Release(ReleaseArgs),
+    Release(Box<ReleaseArgs>),
     /// Revocation list commands.
     #[command(subcommand)]
     Revocations(RevocationsCommand),
@@ -72,6 +72,27 @@ enum Command {
     /// host, and the disaster-recovery runbook with its recovery time. Needs Nix; besides
     /// the Nix store, nothing outside --dir changes.
     Demo(DemoArgs),
+    /// A read-only web page of the fleet, served on loopback: channels and rollouts with
+    /// their waves, hosts (filter, sort), one host with its events, a rollout's timeline.
+    ///
+    /// It asks the control plane with the operator certificate, like `nixfleet status`,
+    /// and refreshes itself every few seconds. See docs/dashboard.md.
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Args)]
+struct DashboardArgs {
+    /// Where to serve the page (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = operator::dashboard::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    /// Serve on an address that is not loopback: anyone who reaches it sees the fleet.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Seconds between refreshes of the page; 0 for none.
+    #[arg(long, default_value_t = operator::dashboard::DEFAULT_REFRESH_SECS)]
+    refresh_secs: u64,
+    #[command(flatten)]
+    endpoint: EndpointFlags,
 }
 
 #[derive(Args)]
@@ -97,6 +118,18 @@ struct DemoArgs {
 /// environment variable, then to the config file (see docs/operator-cli.md).
 #[derive(Args)]
 struct ConnectionFlags {
+    #[command(flatten)]
+    endpoint: EndpointFlags,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// When to colour the output.
+    #[arg(long, value_enum, default_value = "auto")]
+    color: ColorChoice,
+}
+
+#[derive(Args)]
+struct EndpointFlags {
     /// Control-plane URL, e.g. https://cp.example.org:8443.
     #[arg(long, env = "NIXFLEET_URL")]
     url: Option<String>,
@@ -115,12 +148,19 @@ struct ConnectionFlags {
     /// Config file [default: $XDG_CONFIG_HOME/nixfleet/config.toml].
     #[arg(long, env = "NIXFLEET_CONFIG")]
     config: Option<PathBuf>,
-    /// Print JSON for scripts instead of tables.
-    #[arg(long)]
-    json: bool,
-    /// When to colour the output.
-    #[arg(long, value_enum, default_value = "auto")]
-    color: ColorChoice,
+}
+
+impl EndpointFlags {
+    fn args(&self) -> operator::config::ConnectionArgs {
+        operator::config::ConnectionArgs {
+            url: self.url.clone(),
+            ca_cert: self.ca_cert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            timeout_secs: self.timeout_secs,
+            config: self.config.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -158,14 +198,7 @@ enum RolloutCommand {
 
 impl ConnectionFlags {
     fn args(&self) -> operator::config::ConnectionArgs {
-        operator::config::ConnectionArgs {
-            url: self.url.clone(),
-            ca_cert: self.ca_cert.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-            timeout_secs: self.timeout_secs,
-            config: self.config.clone(),
-        }
+        self.endpoint.args()
     }
 
     /// Colour and width for stdout; a spinner only when stderr is a terminal.
@@ -300,27 +333,233 @@ impl SignWith {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct ReleaseArgs {
-    /// Unsigned fleet description (fleet.resolved shape, meta.signedAt null).
-    #[arg(long)]
-    fleet: PathBuf,
+    #[command(subcommand)]
+    command: Option<ReleaseCommand>,
+    /// Unsigned fleet description (fleet.resolved shape, meta.signedAt null); the manual
+    /// path, with --closures and --ci-commit.
+    #[arg(
+        long,
+        required_unless_present_any = ["flake", "resign"],
+        conflicts_with_all = ["flake", "resign"],
+        requires_all = ["closures", "ci_commit"]
+    )]
+    fleet: Option<PathBuf>,
     /// JSON object: hostname -> Nix store basename of its system closure.
-    #[arg(long)]
-    closures: PathBuf,
-    /// The commit the release was built from.
-    #[arg(long)]
-    ci_commit: String,
+    #[arg(long, requires = "fleet")]
+    closures: Option<PathBuf>,
+    /// The commit the release was built from; with --flake, the flake's git HEAD by default.
+    #[arg(long, conflicts_with = "resign")]
+    ci_commit: Option<String>,
     #[command(flatten)]
     sign: SignWith,
-    /// Output directory: fleet.resolved.json(.sig) and rollouts/<id>.json(.sig).
-    #[arg(long)]
-    out: PathBuf,
-    /// Verify the written release against this trust file before declaring success.
-    #[arg(long)]
+    /// Output directory: fleet.resolved.json(.sig) and rollouts/<id>.json(.sig). With
+    /// --resign, defaults to --from.
+    #[arg(long, required_unless_present = "resign")]
+    out: Option<PathBuf>,
+    /// Verify the written release against this trust file before declaring success
+    /// (required with --flake and --resign; its cacheKeys prove the push).
+    #[arg(long, required_if_eq_any = [("resign", "true")])]
     trust_file: Option<PathBuf>,
     /// Stamp this signing time instead of now (reproducing a release).
     #[arg(long, value_parser = parse_time)]
     signed_at: Option<OffsetDateTime>,
+    #[command(flatten)]
+    pipeline: PipelineFlags,
+}
+
+/// `--flake`: evaluate, build, push, sign, publish and verify in one command.
+#[derive(Args)]
+struct PipelineFlags {
+    /// Directory of the fleet's flake (a git checkout: its HEAD is the commit).
+    #[arg(long, requires = "trust_file", conflicts_with = "resign")]
+    flake: Option<PathBuf>,
+    /// The flake output holding mkFleet's result; its `.resolved` is evaluated.
+    #[arg(long, default_value = "fleet", requires = "flake")]
+    fleet_attr: String,
+    /// Attribute path of a host's system closure; `{host}` is the host name.
+    #[arg(
+        long,
+        default_value = "nixosConfigurations.{host}.config.system.build.toplevel",
+        requires = "flake"
+    )]
+    toplevel_attr: String,
+    /// Build only this host (repeat); the others keep the closure of the previous release
+    /// found in --publish-dir or --out.
+    #[arg(long = "host", requires = "flake")]
+    hosts: Vec<String>,
+    /// Builds run at the same time.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64), requires = "flake")]
+    jobs: u32,
+    /// Release from a git tree with uncommitted changes.
+    #[arg(long, requires = "flake")]
+    allow_dirty: bool,
+    /// A Nix setting for every nix command, NAME=VALUE (repeat), e.g. sandbox=false.
+    #[arg(long = "nix-option", value_parser = parse_nix_option, requires = "flake")]
+    nix_options: Vec<(String, String)>,
+    #[arg(long, default_value_t = 600, requires = "flake")]
+    eval_timeout_secs: u64,
+    /// Per host.
+    #[arg(long, default_value_t = 3600, requires = "flake")]
+    build_timeout_secs: u64,
+    /// Per push command (`nix store sign`, `nix copy`, each --push-cmd run).
+    #[arg(long, default_value_t = 1800, requires = "flake")]
+    push_timeout_secs: u64,
+    /// Nix store URL to copy the closures to (file://…, s3://…, ssh://…).
+    #[arg(long, requires = "flake", conflicts_with = "push_cmd")]
+    push_to: Option<String>,
+    /// Binary-cache secret key (nix-store --generate-binary-cache-key) to sign every path
+    /// of each closure with before --push-to.
+    #[arg(long, requires = "push_to")]
+    cache_signing_key: Option<PathBuf>,
+    /// Push command, run under /bin/sh -c once per closure with NIXFLEET_CLOSURE (store
+    /// path), NIXFLEET_HOST and NIXFLEET_CACHE_URL set; needs --cache-url.
+    #[arg(long, requires_all = ["flake", "cache_url"])]
+    push_cmd: Option<String>,
+    /// The cache the hosts fetch from (file:// or http(s)://), read back before signing;
+    /// defaults to --push-to when that is file:// or http(s)://.
+    #[arg(long, requires = "flake")]
+    cache_url: Option<String>,
+    /// Also publish the release here, swapped in atomically (the directory the forge serves).
+    #[arg(long)]
+    publish_dir: Option<PathBuf>,
+    /// Also commit the release to BRANCH of the git remote REMOTE and push it (for a
+    /// control plane fetching from a forge); REMOTE:BRANCH, split at the last ':'.
+    #[arg(long, value_name = "REMOTE:BRANCH", conflicts_with = "fleet")]
+    publish_git: Option<String>,
+    /// Re-sign the release in --from (new signedAt, same rollout ids); nothing is built.
+    #[arg(long, requires = "from")]
+    resign: bool,
+    /// The published release to re-sign.
+    #[arg(long, requires = "resign")]
+    from: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Exit 20 when the release in --from goes stale within --within-minutes (or is
+    /// stale or invalid), 0 otherwise: for a timer that re-signs only when needed.
+    CheckFresh {
+        /// The published release (fleet.resolved.json, revocations.json if present).
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        trust_file: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        within_minutes: u32,
+        /// Check as of this instant instead of now.
+        #[arg(long, value_parser = parse_time)]
+        now: Option<OffsetDateTime>,
+    },
+}
+
+fn parse_nix_option(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE (e.g. sandbox=false)"))?;
+    if name.trim().is_empty() {
+        return Err(format!("{s:?} has no setting name"));
+    }
+    Ok((name.trim().to_owned(), value.trim().to_owned()))
+}
+
+fn release(args: ReleaseArgs) -> Result<String, CliError> {
+    use nixfleet_cli::pipeline::{self, Push};
+    let flags = args.pipeline;
+    let signer = args.sign.signer();
+    if flags.resign {
+        let (Some(from), Some(trust_file)) = (flags.from, args.trust_file) else {
+            return Err(CliError::Usage(
+                "--resign needs --from DIR and --trust-file".into(),
+            ));
+        };
+        return Ok(pipeline::resign(pipeline::Resign {
+            from,
+            out: args.out,
+            publish_dir: flags.publish_dir,
+            publish_git: flags.publish_git,
+            signer: signer?,
+            trust_file,
+            signed_at: args.signed_at,
+        })?);
+    }
+    let out = args
+        .out
+        .ok_or_else(|| CliError::Usage("pass --out DIR".into()))?;
+    if let Some(flake) = flags.flake {
+        let trust_file = args
+            .trust_file
+            .ok_or_else(|| CliError::Usage("--flake needs --trust-file".into()))?;
+        let push = match (flags.push_to, flags.push_cmd) {
+            (Some(url), _) => Push::To {
+                url,
+                signing_key: flags.cache_signing_key,
+            },
+            (None, Some(command)) => Push::Command(command),
+            (None, None) => Push::None,
+        };
+        let signer = signer.map_err(|e| {
+            CliError::Pipeline(pipeline::PipelineError {
+                stage: pipeline::Stage::Sign,
+                message: format!("{e}; nothing was built or signed"),
+            })
+        })?;
+        let (summary, warnings) = pipeline::release_flake(pipeline::FlakeRelease {
+            flake,
+            fleet_attr: flags.fleet_attr,
+            toplevel_attr: flags.toplevel_attr,
+            hosts: flags.hosts,
+            jobs: flags.jobs as usize,
+            allow_dirty: flags.allow_dirty,
+            ci_commit: args.ci_commit,
+            nix_options: flags.nix_options,
+            eval_timeout: std::time::Duration::from_secs(flags.eval_timeout_secs),
+            build_timeout: std::time::Duration::from_secs(flags.build_timeout_secs),
+            push_timeout: std::time::Duration::from_secs(flags.push_timeout_secs),
+            push,
+            cache_url: flags.cache_url,
+            signer,
+            trust_file,
+            out,
+            publish_dir: flags.publish_dir,
+            publish_git: flags.publish_git,
+            signed_at: args.signed_at,
+        })?;
+        for warning in warnings {
+            eprintln!("warning: {warning}");
+        }
+        return Ok(summary);
+    }
+    let (Some(fleet), Some(closures), Some(ci_commit)) =
+        (args.fleet, args.closures, args.ci_commit)
+    else {
+        return Err(CliError::Usage(
+            "pass --fleet, --closures and --ci-commit, or --flake DIR".into(),
+        ));
+    };
+    let (summary, warnings) = commands::release(&commands::ReleaseArgs {
+        signer: signer?,
+        fleet,
+        closures,
+        ci_commit,
+        out: out.clone(),
+        trust_file: args.trust_file,
+        signed_at: args.signed_at,
+    })?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    if let Some(dir) = flags.publish_dir {
+        pipeline::publish::publish(&out, &dir).map_err(|message| {
+            CliError::Pipeline(pipeline::PipelineError {
+                stage: pipeline::Stage::Publish,
+                message,
+            })
+        })?;
+        return Ok(format!("{summary}\npublished to {}", dir.display()));
+    }
+    Ok(summary)
 }
 
 #[derive(Subcommand)]
@@ -446,21 +685,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
             })?;
             eprintln!("{summary}");
         }
-        Command::Release(args) => {
-            let (summary, warnings) = commands::release(&commands::ReleaseArgs {
-                signer: args.sign.signer()?,
-                fleet: args.fleet,
-                closures: args.closures,
-                ci_commit: args.ci_commit,
-                out: args.out,
-                trust_file: args.trust_file,
-                signed_at: args.signed_at,
-            })?;
-            for warning in warnings {
-                eprintln!("warning: {warning}");
-            }
-            out(&summary);
-        }
+        Command::Release(args) => match *args {
+            ReleaseArgs {
+                command:
+                    Some(ReleaseCommand::CheckFresh {
+                        from,
+                        trust_file,
+                        within_minutes,
+                        now,
+                    }),
+                ..
+            } => out(&nixfleet_cli::pipeline::check_fresh(
+                &from,
+                &trust_file,
+                within_minutes,
+                now,
+            )?),
+            args => out(&release(args)?),
+        },
         Command::Revocations(RevocationsCommand::Sign {
             input,
             sign,
@@ -584,6 +826,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rollout(RolloutCommand::Trace { id, connection }) => {
             print_text(&connection.run(operator::Query::Trace(id))?)?
         }
+        Command::Dashboard(args) => operator::dashboard::run(
+            &operator::dashboard::DashboardArgs {
+                listen: args.listen,
+                allow_remote: args.allow_remote,
+                refresh_secs: args.refresh_secs,
+            },
+            &args.endpoint.args(),
+        )?,
         Command::Demo(args) if args.install_hint => print_text(demo::INSTALL_HINT)?,
         Command::Demo(args) => demo::run(&demo::DemoArgs {
             dir: args.dir,
@@ -618,7 +868,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

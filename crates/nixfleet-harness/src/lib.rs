@@ -4,7 +4,9 @@
 //! `nixfleet-agent` processes, and a signed Nix binary cache with tiny system closures.
 
 pub mod agent;
+pub mod browser;
 pub mod compromised;
+pub mod flake;
 pub mod haproxy;
 pub mod nix;
 pub mod pg;

@@ -90,16 +90,7 @@ impl Machine {
     /// first try cache.nixos.org (seconds of retries per build when offline).
     pub fn build(&self, name: &str) -> String {
         let options = ["--option", "substituters", ""];
-        let d = self.dir.display();
-        let script = format!(
-            r#"#!/bin/sh
-echo @out@ >> {d}/activations
-while [ -e {d}/hang-{name} ]; do sleep 0.1; done
-if [ -e {d}/fail-{name} ]; then echo "switch-to-configuration failing on purpose" >&2; exit 1; fi
-ln -sfn @out@ {d}/current-system.new && mv -T {d}/current-system.new {d}/current-system
-if [ -e {d}/unhealthy-{name} ]; then echo 1 > {d}/failed-units; else echo 0 > {d}/failed-units; fi
-"#
-        );
+        let script = self.switch_script(name);
         let mut cmd = nix_command("nix-build");
         cmd.arg(self.dir.join("system.nix"))
             .args(["--no-out-link", "--argstr", "name", name])
@@ -111,6 +102,21 @@ if [ -e {d}/unhealthy-{name} ]; then echo 1 > {d}/failed-units; else echo 0 > {d
             .unwrap()
             .to_string_lossy()
             .into_owned()
+    }
+
+    /// The `bin/switch-to-configuration` of a closure named `name` on this machine
+    /// (`@out@` stands for the closure's store path); see the module doc.
+    pub fn switch_script(&self, name: &str) -> String {
+        let d = self.dir.display();
+        format!(
+            r#"#!/bin/sh
+echo @out@ >> {d}/activations
+while [ -e {d}/hang-{name} ]; do sleep 0.1; done
+if [ -e {d}/fail-{name} ]; then echo "switch-to-configuration failing on purpose" >&2; exit 1; fi
+ln -sfn @out@ {d}/current-system.new && mv -T {d}/current-system.new {d}/current-system
+if [ -e {d}/unhealthy-{name} ]; then echo 1 > {d}/failed-units; else echo 0 > {d}/failed-units; fi
+"#
+        )
     }
 
     /// Makes `closure` the running system as an installer would: profile and link.

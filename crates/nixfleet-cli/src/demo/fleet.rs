@@ -1132,6 +1132,23 @@ impl Demo {
     }
 
     fn keep_running(&mut self) -> Result<(), DemoError> {
+        // The web dashboard, on the same connection file as the commands above: on
+        // 127.0.0.1:8080, or any free port when that is taken.
+        use crate::operator::dashboard;
+        let connection = crate::operator::config::ConnectionArgs {
+            config: Some(self.path("nixfleet.toml")),
+            ..Default::default()
+        };
+        let on_port = |port: u16| dashboard::DashboardArgs {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            allow_remote: false,
+            refresh_secs: dashboard::DEFAULT_REFRESH_SECS,
+        };
+        let addr = dashboard::spawn(&self.runtime, &on_port(8080), &connection)
+            .or_else(|_| dashboard::spawn(&self.runtime, &on_port(0), &connection))?;
+        self.screen.say(&format!(
+            "Dashboard: http://{addr}/ (read-only; open it in a browser)"
+        ));
         self.screen.wait("fleet running; Ctrl-C stops it");
         loop {
             if interrupted() {

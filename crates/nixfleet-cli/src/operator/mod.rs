@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod render;
 
 use std::path::PathBuf;
@@ -80,6 +81,10 @@ pub enum OperatorError {
     BadName { name: String },
     #[error("cannot start the async runtime: {0}")]
     Runtime(String),
+    #[error("{addr} is not a loopback address: the dashboard shows the fleet to anyone who reaches it, with the operator's certificate; use 127.0.0.1 or [::1], or pass --allow-remote to serve it anyway")]
+    NotLoopback { addr: String },
+    #[error("cannot listen on {addr}: {detail} (pick another --listen address or port)")]
+    Listen { addr: String, detail: String },
 }
 
 impl OperatorError {
