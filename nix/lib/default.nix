@@ -6,4 +6,5 @@ let
 in
 {
   inherit (fleet) mkFleet mergeFleets;
+  compliance = import ./compliance; # controls as data: docs/compliance.md
 }
