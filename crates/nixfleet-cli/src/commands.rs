@@ -400,6 +400,11 @@ pub enum VerifyTarget {
         last_applied: Option<OffsetDateTime>,
     },
     Token,
+    /// A host-signed report, checked against the host key the signed fleet pins.
+    Report {
+        fleet: PathBuf,
+        fleet_sig: Option<PathBuf>,
+    },
 }
 
 /// `nixfleet verify …`: the one-line summary of a valid artifact.
@@ -469,6 +474,54 @@ pub fn verify_artifact(
                 rfc3339(v.signed_at),
                 signed_by(v.signed_by),
                 v.value.revocations.len()
+            )
+        }
+        VerifyTarget::Report { fleet, fleet_sig } => {
+            let fleet = verify_fleet_file(fleet, fleet_sig.as_deref(), &trust, now)?;
+            let bytes = files::read_limited(path, limits.report_bytes)?;
+            let bad = |detail: String| CliError::Usage(format!("{}: {detail}", path.display()));
+            // The host it claims to be from picks the key; the signature then decides.
+            let claimed: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| bad(format!("not a report (JSON: {e})")))?;
+            let hostname = claimed["report"]["hostname"]
+                .as_str()
+                .ok_or_else(|| bad("not a report: no report.hostname".to_owned()))?;
+            let host = fleet.value.hosts.get(hostname).ok_or_else(|| {
+                bad(format!(
+                    "host {hostname:?} is not in the given fleet (signed {})",
+                    rfc3339(fleet.signed_at)
+                ))
+            })?;
+            let pubkey = host.pubkey.as_deref().ok_or_else(|| {
+                bad(format!(
+                    "the fleet pins no key for {hostname} (hosts.{hostname}.pubkey), so its reports cannot be verified"
+                ))
+            })?;
+            let v = verify::verify_report(&bytes, hostname, pubkey, &limits).map_err(|source| {
+                CliError::Verify {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+            let r = &v.value.report;
+            format!(
+                "ok: {} report {} from {} at {}{}{}, signed by the host key the fleet pins ({})",
+                serde_json::to_value(r.kind)
+                    .ok()
+                    .and_then(|k| k.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                r.report_id,
+                r.hostname,
+                rfc3339(r.at),
+                r.rollout_id
+                    .as_deref()
+                    .map(|id| format!(" for rollout {id}"))
+                    .unwrap_or_default(),
+                r.closure_hash
+                    .as_deref()
+                    .map(|c| format!(", closure {c}"))
+                    .unwrap_or_default(),
+                nixfleet_trust::keys::ssh_fingerprint(pubkey).unwrap_or_default()
             )
         }
         VerifyTarget::Token => {

@@ -615,6 +615,23 @@ enum VerifyCommand {
         #[arg(long, value_parser = parse_time)]
         last_applied: Option<OffsetDateTime>,
     },
+    /// Verify a host-signed report (as the agent sends it: {"report", "signature"})
+    /// against the host key pinned in a signed fleet.
+    Report {
+        file: PathBuf,
+        /// The fleet.resolved.json whose hosts.<name>.pubkey signs the report (its own
+        /// signature is checked with --trust-file).
+        #[arg(long)]
+        fleet: PathBuf,
+        /// Signature of --fleet; defaults to FLEET.sig.
+        #[arg(long)]
+        fleet_sig: Option<PathBuf>,
+        #[arg(long)]
+        trust_file: PathBuf,
+        /// Check the fleet's freshness as of this instant (auditing a past date).
+        #[arg(long, value_parser = parse_time)]
+        now: Option<OffsetDateTime>,
+    },
     /// Verify a bootstrap token file against the org root key.
     Token {
         file: PathBuf,
@@ -730,6 +747,21 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     common,
                     last_applied,
                 } => (VerifyTarget::Revocations { last_applied }, common),
+                VerifyCommand::Report {
+                    file,
+                    fleet,
+                    fleet_sig,
+                    trust_file,
+                    now,
+                } => (
+                    VerifyTarget::Report { fleet, fleet_sig },
+                    VerifyCommon {
+                        file,
+                        sig: None,
+                        trust_file,
+                        now,
+                    },
+                ),
                 VerifyCommand::Token {
                     file,
                     trust_file,

@@ -823,6 +823,41 @@ async fn host_signed_reports_are_stored_once_and_forgeries_refused() {
     let mut forged = body.clone();
     forged["report"]["reason"] = json!("all good");
     assert_eq!(web01.post("/v1/agent/report", &forged).await.status, 401);
+
+    // An auditor checks the same report offline, against the key the signed fleet pins.
+    let verify = |report: &Value| {
+        let file = s.pki.path("report.json");
+        std::fs::write(&file, report.to_string()).unwrap();
+        let out = Command::new(bin("nixfleet"))
+            .args(["verify", "report"])
+            .arg(&file)
+            .arg("--fleet")
+            .arg(s.forge.root.join("fleet.resolved.json"))
+            .arg("--trust-file")
+            .arg(s.pki.path("etc/trust.json"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = verify(&body);
+    assert!(ok, "{text}");
+    assert!(
+        text.starts_with("ok: rolled-back report r-1 from web-01 at "),
+        "{text}"
+    );
+    let (ok, text) = verify(&forged);
+    assert!(!ok && text.contains("signature"), "{text}");
+    let mut elsewhere = body.clone();
+    elsewhere["report"]["hostname"] = json!("db-01");
+    let (ok, text) = verify(&elsewhere);
+    assert!(
+        !ok && text.contains("\"db-01\" is not in the given fleet"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
