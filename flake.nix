@@ -40,6 +40,7 @@
         agent = ./nix/modules/agent.nix;
         control-plane = ./nix/modules/control-plane.nix;
       };
+      darwinModules.agent = ./nix/modules/darwin-agent.nix; # nix-darwin: docs/darwin.md
 
       packages = builtins.listToAttrs (
         map (system: {

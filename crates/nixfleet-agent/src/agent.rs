@@ -17,7 +17,7 @@ use rand_core::RngCore as _;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::activation::nixos::{Nixos, RealiseError, SwitchStatus};
+use crate::activation::nixos::{RealiseError, SwitchStatus, System};
 use crate::backoff;
 use crate::client::CpClient;
 use crate::config::Config;
@@ -58,7 +58,7 @@ pub struct Agent {
     ca_pem: String,
     dir: StateDir,
     state: AgentState,
-    nixos: Nixos,
+    system: System,
     client: Option<CpClient>,
     boot_id: String,
     failures: u32,
@@ -105,7 +105,8 @@ impl Agent {
         let state = dir.load()?;
         let state_phase_name = state.machine.phase.name();
         let poll_cap = Duration::from_secs(config.poll_interval_secs.max(1));
-        let nixos = Nixos {
+        let system = System {
+            backend: config.activation,
             profile: config.profile.clone(),
             current_system_link: config.current_system_link.clone(),
             substituters: config.substituters.clone(),
@@ -122,7 +123,7 @@ impl Agent {
             ca_pem,
             dir,
             state,
-            nixos,
+            system,
             client: None,
             boot_id: health::boot_id(),
             failures: 0,
@@ -156,7 +157,7 @@ impl Agent {
             env!("CARGO_PKG_VERSION")
         );
         if let Phase::AwaitingConfirm { activation, .. } = &self.state.machine.phase {
-            let target_running = self.nixos.current_closure().as_deref()
+            let target_running = self.system.current_closure().as_deref()
                 == Some(activation.target.closure_hash.as_str());
             self.apply(Event::Resumed { target_running });
         }
@@ -253,8 +254,8 @@ impl Agent {
         }
         if matches!(next.machine.phase, Phase::Idle) {
             if let Some(id) = finished {
-                self.nixos.clear_run(&id);
-                self.nixos.clear_run(&format!("rb-{id}"));
+                self.system.clear_run(&id);
+                self.system.clear_run(&format!("rb-{id}"));
             }
         }
         if self.phase_since.0 != to {
@@ -509,7 +510,11 @@ impl Agent {
                 .filter(|c| c.closure_hash == current)
                 .map(|c| c.at),
             failed_targets: self.state.failed_targets.clone(),
-            health: health::collect(self.config.health_command.as_deref()).await,
+            health: health::collect(
+                self.config.health_command.as_deref(),
+                self.config.activation,
+            )
+            .await,
             activation: self.progress(),
         }
     }
@@ -561,7 +566,7 @@ impl Agent {
         let Some(client) = self.client.clone() else {
             return;
         };
-        let current = self.nixos.current_closure().unwrap_or_default();
+        let current = self.system.current_closure().unwrap_or_default();
         let request = self.checkin_request(&current).await;
         let phase = self.phase_since.0;
         match client.post("/v1/agent/checkin", &request).await {
@@ -591,7 +596,7 @@ impl Agent {
         let Some(client) = self.client.clone() else {
             return self.failed();
         };
-        let current = self.nixos.current_closure().unwrap_or_default();
+        let current = self.system.current_closure().unwrap_or_default();
         let request = self.checkin_request(&current).await;
         let reply = match client.post("/v1/agent/checkin", &request).await {
             Ok(reply) => reply,
@@ -816,7 +821,7 @@ impl Agent {
             self.config.substituters.join(" ")
         );
         let event = match self
-            .while_reporting(self.nixos.realise(closure, &trust.cache_keys))
+            .while_reporting(self.system.realise(closure, &trust.cache_keys))
             .await
         {
             Ok(verified) => Event::Realised {
@@ -840,29 +845,31 @@ impl Agent {
     async fn switch(&mut self, activation: Activation) -> Duration {
         let id = activation.id();
         let closure = activation.target.closure_hash.clone();
-        if self.nixos.switch_status(&id) == SwitchStatus::NotStarted {
-            if self.nixos.lock_held().await {
+        if self.system.switch_status(&id) == SwitchStatus::NotStarted {
+            if self.system.lock_held().await {
                 tracing::info!(
                     "{} is held by another switch-to-configuration; deferring the switch to {closure}",
                     self.config.switch_lock.display()
                 );
                 return LOCK_RETRY.min(self.poll_cap());
             }
-            if let Err(reason) = self.nixos.set_profile(&closure).await {
+            if let Err(reason) = self.system.set_profile(&closure).await {
                 self.apply(Event::SwitchFailed { reason });
                 return Duration::ZERO;
             }
             tracing::info!(
-                "profile {} set to {closure}; running switch-to-configuration detached",
-                self.config.profile.display()
+                "profile {} set to {closure}; running {} detached",
+                self.config.profile.display(),
+                self.system.activation_name()
             );
         } else {
             tracing::info!(
-                "switch-to-configuration of {closure} was started before; waiting for its outcome"
+                "{} of {closure} was started before; waiting for its outcome",
+                self.system.activation_name()
             );
         }
         let event = match self
-            .while_reporting(self.nixos.switch_to(&id, &closure))
+            .while_reporting(self.system.switch_to(&id, &closure))
             .await
         {
             Ok(()) => Event::SwitchSucceeded,
@@ -948,7 +955,7 @@ impl Agent {
     /// A check-in while an activation awaits its confirm: only a rollback signal for it,
     /// or a refusal of a target that swaps its rollout, can come of it.
     async fn checkin_in_flight(&mut self, client: &CpClient, activation: &Activation) {
-        let current = self.nixos.current_closure().unwrap_or_default();
+        let current = self.system.current_closure().unwrap_or_default();
         let request = self.checkin_request(&current).await;
         let Ok(reply) = client.post("/v1/agent/checkin", &request).await else {
             return;
@@ -1025,15 +1032,15 @@ impl Agent {
             });
             return Duration::ZERO;
         }
-        if self.nixos.switch_status(&id) == SwitchStatus::NotStarted {
-            if self.nixos.lock_held().await {
+        if self.system.switch_status(&id) == SwitchStatus::NotStarted {
+            if self.system.lock_held().await {
                 tracing::info!(
                     "{} is held by another switch-to-configuration; deferring the rollback",
                     self.config.switch_lock.display()
                 );
                 return LOCK_RETRY.min(self.poll_cap());
             }
-            if let Err(reason) = self.nixos.set_profile(&previous).await {
+            if let Err(reason) = self.system.set_profile(&previous).await {
                 self.apply(Event::RollbackFailed { reason });
                 return Duration::ZERO;
             }
@@ -1042,7 +1049,7 @@ impl Agent {
                 self.config.profile.display()
             );
         }
-        let event = match self.nixos.switch_to(&id, &previous).await {
+        let event = match self.system.switch_to(&id, &previous).await {
             Ok(()) => Event::RolledBack,
             Err(reason) => Event::RollbackFailed { reason },
         };

@@ -9,7 +9,15 @@ use clap::{Parser, ValueEnum};
 pub enum ActivationBackend {
     /// nix-store --realise, nix-env --set, switch-to-configuration.
     Nixos,
+    /// nix-store --realise, nix-env --set, the nix-darwin closure's `activate`.
+    Darwin,
 }
+
+/// The backend of this platform: darwin on macOS, nixos elsewhere.
+#[cfg(target_os = "macos")]
+const DEFAULT_ACTIVATION: &str = "darwin";
+#[cfg(not(target_os = "macos"))]
+const DEFAULT_ACTIVATION: &str = "nixos";
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -64,12 +72,14 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_AGENT_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
 
-    /// How targets are activated.
+    /// How targets are activated: nixos (switch-to-configuration) or darwin (nix-darwin's
+    /// `activate`); the default is this platform's.
     #[arg(
         long,
+        alias = "activation-backend",
         env = "NIXFLEET_AGENT_ACTIVATION",
         value_enum,
-        default_value = "nixos"
+        default_value = DEFAULT_ACTIVATION
     )]
     pub activation: ActivationBackend,
 
@@ -90,7 +100,8 @@ pub struct Config {
     pub current_system_link: PathBuf,
 
     /// A shell command printing {"failedUnits": N}; default: count `systemctl --failed`
-    /// when systemd runs, else 0.
+    /// when systemd runs (nixos), the org.nixos.* launchd jobs that exited non-zero
+    /// (darwin), else 0.
     #[arg(long, env = "NIXFLEET_AGENT_HEALTH_COMMAND")]
     pub health_command: Option<String>,
 
@@ -123,7 +134,8 @@ pub struct Config {
     )]
     pub realise_timeout_secs: u64,
 
-    /// How long switch-to-configuration may run before it counts as failed, seconds.
+    /// How long switch-to-configuration (or `activate`) may run before it counts as
+    /// failed, seconds.
     #[arg(
         long,
         env = "NIXFLEET_AGENT_SWITCH_TIMEOUT_SECS",
@@ -132,7 +144,7 @@ pub struct Config {
     pub switch_timeout_secs: u64,
 
     /// A lock that switch-to-configuration holds while it runs; while someone else holds
-    /// it, activation waits.
+    /// it, activation waits (nixos only).
     #[arg(
         long,
         env = "NIXFLEET_AGENT_SWITCH_LOCK",
@@ -185,5 +197,36 @@ mod tests {
         );
         assert_eq!(c.host_key, PathBuf::from("/etc/ssh/ssh_host_ed25519_key"));
         assert_eq!(c.current_system_link, PathBuf::from("/run/current-system"));
+        let expected = if cfg!(target_os = "macos") {
+            ActivationBackend::Darwin
+        } else {
+            ActivationBackend::Nixos
+        };
+        assert_eq!(c.activation, expected);
+    }
+
+    #[test]
+    fn the_backend_is_chosen_by_flag_alias_or_environment() {
+        for flag in ["--activation", "--activation-backend"] {
+            let c = Config::try_parse_from([
+                "nixfleet-agent",
+                "--control-plane-url",
+                "https://cp:8443",
+                flag,
+                "darwin",
+            ])
+            .unwrap();
+            assert_eq!(c.activation, ActivationBackend::Darwin, "{flag}");
+        }
+        let err = Config::try_parse_from([
+            "nixfleet-agent",
+            "--control-plane-url",
+            "https://cp:8443",
+            "--activation",
+            "windows",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nixos") && err.contains("darwin"), "{err}");
     }
 }

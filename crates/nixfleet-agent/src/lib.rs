@@ -1,7 +1,8 @@
 //! nixfleet agent (SPEC.md §7). The decisions are pure and live in [`machine`] (the
 //! activation state machine), [`gate`] (what a target must prove) and [`backoff`]; the
 //! rest is the shell that does I/O: [`agent`] (the loop), [`client`] (mTLS to the
-//! control plane), [`identity`] (enrollment and renewal), [`activation`] (Nix) and
+//! control plane), [`identity`] (enrollment and renewal), [`activation`] (Nix: NixOS or
+//! nix-darwin), [`startup`] (waiting for the key, the CA and a sane clock at boot) and
 //! [`store`] (the state dir, written atomically).
 
 pub mod activation;
@@ -13,4 +14,5 @@ pub mod gate;
 pub mod health;
 pub mod identity;
 pub mod machine;
+pub mod startup;
 pub mod store;

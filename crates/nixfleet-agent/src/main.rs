@@ -5,6 +5,7 @@ use std::io::IsTerminal as _;
 use clap::Parser as _;
 use nixfleet_agent::agent::Agent;
 use nixfleet_agent::config::Config;
+use nixfleet_agent::startup;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
@@ -27,6 +28,15 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = tx.send(true);
+        });
+        // At boot the key, the CA and the clock may not be ready yet: wait for them.
+        if !startup::wait_until_ready(&config, &mut rx).await {
+            return std::process::ExitCode::SUCCESS;
+        }
         let agent = match Agent::new(config) {
             Ok(agent) => agent,
             Err(e) => {
@@ -34,11 +44,6 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            let _ = tx.send(true);
-        });
         match agent.run(rx).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -14,6 +14,94 @@ const HOST: &str = "web-01";
 const COMMIT: &str = "1111111111111111111111111111111111111111";
 const LONG: Duration = Duration::from_secs(60);
 
+/// The shape of the host's system closures, and so the agent's activation backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// `bin/switch-to-configuration`; the agent's default backend on Linux.
+    Nixos,
+    /// nix-darwin's `activate`, `activate-user` and `sw/bin`; `--activation darwin`.
+    Darwin,
+}
+
+/// A nix-darwin-shaped toy system: `activate` is the machine's switch script (it records
+/// the activation and repoints current-system, as nix-darwin's `activate` sets
+/// /run/current-system), `activate-user` records that it ran, `sw/bin` has a program. No
+/// `bin/switch-to-configuration`.
+const DARWIN_SYSTEM_NIX: &str = r#"{ name, script, userScript }:
+derivation {
+  inherit name script userScript;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/bin:/usr/bin";
+  args = [ "-c" ''
+    mkdir -p $out/sw/bin
+    printf '%s\n' "$script" | sed "s|@out@|$out|g" > $out/activate
+    printf '%s\n' "$userScript" > $out/activate-user
+    printf '#!/bin/sh\necho %s\n' "$name" > $out/sw/bin/darwin-version
+    chmod +x $out/activate $out/activate-user $out/sw/bin/darwin-version
+  '' ];
+}
+"#;
+
+impl Layout {
+    /// The closure name of generation `n` (the steering files are keyed by it).
+    fn name(self, n: u32) -> String {
+        match self {
+            Layout::Nixos => format!("nixos-system-{HOST}-{n}"),
+            Layout::Darwin => format!("darwin-system-{HOST}-{n}"),
+        }
+    }
+
+    fn build(self, machine: &Machine, n: u32) -> String {
+        let name = self.name(n);
+        match self {
+            Layout::Nixos => machine.build(&name),
+            Layout::Darwin => {
+                let file = machine.dir.join("darwin-system.nix");
+                std::fs::write(&file, DARWIN_SYSTEM_NIX).unwrap();
+                // Last, as nix-darwin's postActivation `launchctl kickstart -k` of the
+                // agent's daemon: with `restart-agent-<name>`, the agent is killed.
+                let activate = format!(
+                    "{}if [ -e {d}/restart-agent-{name} ]; then kill -9 \"$(cat {d}/agent.pid)\"; fi\n",
+                    machine.switch_script(&name),
+                    d = machine.dir.display()
+                );
+                let user = format!(
+                    "#!/bin/sh\necho {name} >> {}/user-activations",
+                    machine.dir.display()
+                );
+                let out = nixfleet_harness::nix::nix_command("nix-build")
+                    .arg(&file)
+                    .args(["--no-out-link", "--argstr", "name", &name])
+                    .args(["--argstr", "script", &activate])
+                    .args(["--argstr", "userScript", &user])
+                    .args(["--option", "substituters", ""])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "nix-build of a darwin-shaped closure: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+                for file in ["activate", "activate-user", "sw/bin/darwin-version"] {
+                    assert!(path.join(file).is_file(), "{file} in {}", path.display());
+                }
+                assert!(!path.join("bin/switch-to-configuration").exists());
+                path.file_name().unwrap().to_string_lossy().into_owned()
+            }
+        }
+    }
+
+    /// What the agent says when the activation exits non-zero.
+    fn activation_name(self) -> &'static str {
+        match self {
+            Layout::Nixos => "switch-to-configuration",
+            Layout::Darwin => "activate",
+        }
+    }
+}
+
 /// One host on a test machine running generation 0, a CP, a forge serving the release
 /// and the binary cache (under `cache/`), and a bootstrap token for the host.
 struct Fleet {
@@ -28,17 +116,22 @@ struct Fleet {
     gen0: String,
     cp: Option<Cp>,
     cp_port: u16,
+    layout: Layout,
 }
 
 impl Fleet {
     fn new(policy: Value) -> Fleet {
+        Fleet::with_layout(policy, Layout::Nixos)
+    }
+
+    fn with_layout(policy: Value, layout: Layout) -> Fleet {
         let tmp = tempfile::tempdir().unwrap();
         let forge_dir = tmp.path().join("forge");
         let cache = Cache::new(&forge_dir.join("cache"), "fleet-cache-1");
         let pki = Pki::with_cache_keys(tmp.path(), &[&cache.public_key]);
         let host = Host::from_ssh_keygen(HOST, &tmp.path().join("hostkey"));
         let machine = Machine::new(&tmp.path().join("machine"));
-        let gen0 = machine.build(&format!("nixos-system-{HOST}-0"));
+        let gen0 = layout.build(&machine, 0);
         machine.install(&gen0);
         host.token_file(&pki, &machine.dir.join("token.json"));
         let fleet = fleet_json(&[&host], policy);
@@ -56,13 +149,19 @@ impl Fleet {
             gen0,
             cp: None,
             cp_port: free_port(),
+            layout,
         }
+    }
+
+    /// The closure name of generation `n`, for steering files.
+    fn name(&self, n: u32) -> String {
+        self.layout.name(n)
     }
 
     /// Builds generation `n`, pushes it to the cache (signed unless `push` says
     /// otherwise) and removes it from the local store.
     fn closure(&self, n: u32, push: impl FnOnce(&Cache, &str)) -> String {
-        let closure = self.machine.build(&format!("nixos-system-{HOST}-{n}"));
+        let closure = self.layout.build(&self.machine, n);
         push(&self.cache, &closure);
         delete_from_store(&closure);
         closure
@@ -102,14 +201,20 @@ impl Fleet {
     }
 
     fn agent_config(&self) -> AgentConfig {
-        AgentConfig::new(
+        let mut config = AgentConfig::new(
             &self.pki,
             self.cp_port,
             &self.host,
             &self.tmp.path().join("hostkey"),
             &self.machine,
             &self.forge.url("cache"),
-        )
+        );
+        if self.layout == Layout::Darwin {
+            config
+                .extra
+                .extend(["--activation".into(), "darwin".into()]);
+        }
+        config
     }
 
     fn agent(&self) -> AgentProc {
@@ -170,10 +275,19 @@ fn single_wave() -> Value {
 
 #[test]
 fn happy_path_enrolls_realises_switches_confirms_and_reports_current() {
+    happy_path(Layout::Nixos);
+}
+
+#[test]
+fn darwin_happy_path_activates_with_activate_confirms_and_reports_current() {
+    happy_path(Layout::Darwin);
+}
+
+fn happy_path(layout: Layout) {
     if !nix_or_skip() {
         return;
     }
-    let mut f = Fleet::new(single_wave());
+    let mut f = Fleet::with_layout(single_wave(), layout);
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
@@ -191,6 +305,10 @@ fn happy_path_enrolls_realises_switches_confirms_and_reports_current() {
     assert_eq!(f.phase(), "idle");
     assert!(f.state()["failedTargets"].as_array().unwrap().is_empty());
     assert!(!agent.log_text().contains("rolled back"));
+    assert!(
+        !f.machine.dir.join("user-activations").exists(),
+        "activate-user is not run by the agent"
+    );
 }
 
 #[test]
@@ -240,14 +358,23 @@ fn stop_cp(f: &mut Fleet) {
 
 #[test]
 fn cp_unreachable_for_the_whole_confirm_window_rolls_back_and_reports_failed_target() {
+    cp_unreachable_whole_window(Layout::Nixos);
+}
+
+#[test]
+fn darwin_cp_unreachable_for_the_whole_confirm_window_rolls_back() {
+    cp_unreachable_whole_window(Layout::Darwin);
+}
+
+fn cp_unreachable_whole_window(layout: Layout) {
     if !nix_or_skip() {
         return;
     }
-    let mut f = Fleet::new(single_wave());
+    let mut f = Fleet::with_layout(single_wave(), layout);
     let gen1 = f.closure(1, |c, p| c.push(p));
     let rollout = f.release(&gen1, COMMIT, &[]);
     f.start_cp(&["--confirm-window-secs", "12"]);
-    let name1 = format!("nixos-system-{HOST}-1");
+    let name1 = f.name(1);
     f.machine.set("hang", &name1, true);
     let mut agent = f.agent();
     wait_for("the switch to start", LONG, || {
@@ -308,15 +435,23 @@ fn transient_outage_inside_the_confirm_window_still_confirms_without_rollback() 
 
 #[test]
 fn rollback_signal_from_a_tripped_health_gate_rolls_back() {
+    health_gate_rollback(Layout::Nixos);
+}
+
+#[test]
+fn darwin_rollback_signal_from_a_tripped_health_gate_rolls_back() {
+    health_gate_rollback(Layout::Darwin);
+}
+
+fn health_gate_rollback(layout: Layout) {
     if !nix_or_skip() {
         return;
     }
-    let mut f = Fleet::new(canary_policy("rollback-and-halt", 0));
+    let mut f = Fleet::with_layout(canary_policy("rollback-and-halt", 0), layout);
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
-    f.machine
-        .set("unhealthy", &format!("nixos-system-{HOST}-1"), true);
+    f.machine.set("unhealthy", &f.name(1), true);
     let mut agent = f.agent();
     agent.wait_log("confirm of", LONG);
     agent.wait_log("rollback signal for rollout", LONG);
@@ -384,14 +519,23 @@ fn kill9_before_the_switch_resumes_with_exactly_one_activation() {
 
 #[test]
 fn kill9_mid_switch_resumes_with_exactly_one_activation() {
+    kill9_mid_activation(Layout::Nixos);
+}
+
+#[test]
+fn darwin_kill9_mid_activate_resumes_with_exactly_one_activation() {
+    kill9_mid_activation(Layout::Darwin);
+}
+
+fn kill9_mid_activation(layout: Layout) {
     if !nix_or_skip() {
         return;
     }
-    let mut f = Fleet::new(single_wave());
+    let mut f = Fleet::with_layout(single_wave(), layout);
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
-    let name1 = format!("nixos-system-{HOST}-1");
+    let name1 = f.name(1);
     f.machine.set("hang", &name1, true);
     let mut agent = f.agent();
     wait_for("the switch to start", LONG, || {
@@ -761,15 +905,23 @@ fn revoked_certificate_is_logged_plainly_and_retried_with_bounded_backoff() {
 
 #[test]
 fn failing_switch_to_configuration_rolls_back_and_never_reports_success() {
+    failing_activation(Layout::Nixos);
+}
+
+#[test]
+fn darwin_failing_activate_rolls_back_and_never_reports_success() {
+    failing_activation(Layout::Darwin);
+}
+
+fn failing_activation(layout: Layout) {
     if !nix_or_skip() {
         return;
     }
-    let mut f = Fleet::new(single_wave());
+    let mut f = Fleet::with_layout(single_wave(), layout);
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
-    f.machine
-        .set("fail", &format!("nixos-system-{HOST}-1"), true);
+    f.machine.set("fail", &f.name(1), true);
     let mut agent = f.agent();
     agent.wait_log("rolled back from", LONG);
     assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
@@ -777,7 +929,10 @@ fn failing_switch_to_configuration_rolls_back_and_never_reports_success() {
     assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
     f.wait_cp_log("kind=rolled-back");
     assert!(!f.cp_log_has("kind=activated"));
-    assert!(agent.log_text().contains("exited with status 1"));
+    assert!(agent.log_text().contains(&format!(
+        "{} of {gen1} exited with status 1",
+        layout.activation_name()
+    )));
 }
 
 #[test]
@@ -892,16 +1047,24 @@ fn corrupted_closure_in_the_cache_is_refused_and_reported() {
 
 #[test]
 fn kill9_mid_rollback_finishes_the_rollback_with_exactly_one_switch_back() {
+    kill9_mid_rollback(Layout::Nixos);
+}
+
+#[test]
+fn darwin_kill9_mid_rollback_finishes_it_with_exactly_one_reactivation() {
+    kill9_mid_rollback(Layout::Darwin);
+}
+
+fn kill9_mid_rollback(layout: Layout) {
     if !nix_or_skip() {
         return;
     }
-    let mut f = Fleet::new(single_wave());
+    let mut f = Fleet::with_layout(single_wave(), layout);
     let gen1 = f.closure(1, |c, p| c.push(p));
     f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
-    f.machine
-        .set("fail", &format!("nixos-system-{HOST}-1"), true);
-    let name0 = format!("nixos-system-{HOST}-0");
+    f.machine.set("fail", &f.name(1), true);
+    let name0 = f.name(0);
     f.machine.set("hang", &name0, true);
     let mut agent = f.agent();
     wait_for("the switch back to start", LONG, || {
@@ -1354,4 +1517,228 @@ fn closure_in_the_local_store_signed_by_a_pinned_key_is_activated_without_a_fetc
         std::fs::read_dir(&f.cache.dir).unwrap().next().is_none(),
         "the fleet cache never held it"
     );
+}
+
+// ---- the same scenarios on both backends: a frozen control plane, a wiped one ----------
+
+/// Sends `signal` (STOP, CONT) to the control plane's process.
+fn signal_cp(f: &Fleet, signal: &str) {
+    let pid = f.cp().child.as_ref().unwrap().id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+#[test]
+fn cp_frozen_for_the_whole_confirm_window_rolls_back_by_itself() {
+    cp_frozen_whole_window(Layout::Nixos);
+}
+
+#[test]
+fn darwin_cp_frozen_for_the_whole_confirm_window_rolls_back_by_itself() {
+    cp_frozen_whole_window(Layout::Darwin);
+}
+
+/// Magic rollback against a control plane that accepts connections but never answers
+/// (SIGSTOP): the confirm attempts time out, and at the window's end the agent activates
+/// the previous generation again by itself.
+fn cp_frozen_whole_window(layout: Layout) {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::with_layout(single_wave(), layout);
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&["--confirm-window-secs", "12"]);
+    let name1 = f.name(1);
+    f.machine.set("hang", &name1, true);
+    let mut agent = f.agent();
+    wait_for("the activation to start", LONG, || {
+        !f.machine.activations().is_empty()
+    });
+    signal_cp(&f, "STOP");
+    f.machine.set("hang", &name1, false);
+    agent.wait_log("confirm not sent", LONG);
+    agent.wait_log("rolled back from", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.profile_target().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
+    assert_eq!(f.state()["failedTargets"][0]["closureHash"], gen1.as_str());
+    assert_eq!(f.state()["failedTargets"][0]["rolloutId"], rollout.as_str());
+    assert!(
+        !agent.log_text().contains("confirm of"),
+        "no success after a rollback"
+    );
+    // Thawed: the queued report arrives and the host is seen back on generation 0.
+    signal_cp(&f, "CONT");
+    f.wait_cp_log("kind=rolled-back");
+    wait_for("the CP to see the host back on generation 0", LONG, || {
+        f.host_view()["current_closure"] == f.gen0.as_str()
+    });
+    assert_eq!(f.machine.activations().len(), 2);
+}
+
+#[test]
+fn failed_targets_survive_a_control_plane_wipe() {
+    failed_targets_across_a_wipe(Layout::Nixos);
+}
+
+#[test]
+fn darwin_failed_targets_survive_a_control_plane_wipe() {
+    failed_targets_across_a_wipe(Layout::Darwin);
+}
+
+/// The control plane loses its state (a new database) while the release still gives the
+/// host a closure whose activation failed there: the agent's check-ins carry its
+/// failedTargets, so the new control plane counts the host failed and offers nothing, and
+/// the agent activates nothing.
+fn failed_targets_across_a_wipe(layout: Layout) {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::with_layout(single_wave(), layout);
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.machine.set("fail", &f.name(1), true);
+    let rollout = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("rolled back from", LONG);
+    f.wait_cp_log("kind=rolled-back");
+    assert_eq!(f.state()["failedTargets"][0]["closureHash"], gen1.as_str());
+    assert_eq!(f.state()["failedTargets"][0]["cause"], "activation");
+    // It would succeed now, so an activation after the wipe would show.
+    f.machine.set("fail", &f.name(1), false);
+    stop_cp(&mut f);
+    let cp_dir = f.tmp.path().join("cp");
+    std::fs::remove_dir_all(&cp_dir).unwrap();
+    f.start_cp(&[]);
+    assert_contains(&f.cp().log_text(), "stored rollout state loaded rollouts=0");
+    let failure = format!(
+        "{} of {gen1} exited with status 1",
+        layout.activation_name()
+    );
+    let start = std::time::Instant::now();
+    loop {
+        // The new control plane records the failure from the check-in alone (its own
+        // record of the activation is gone) and the host's rollout state is failed.
+        let view = f.host_view();
+        let learned = view["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| {
+                e["kind"] == "fail"
+                    && e["detail"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(&failure))
+            })
+        });
+        if view["rollout"] == rollout.as_str() && view["rollout_state"] == "failed" && learned {
+            break;
+        }
+        assert!(
+            start.elapsed() < LONG,
+            "the wiped CP did not learn the failure: {view}\nagent:\n{}\ncp:\n{}",
+            agent.log_text(),
+            f.cp().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..2 {
+        let seen = f.host_view()["last_checkin"].clone();
+        wait_for("a check-in", LONG, || f.host_view()["last_checkin"] != seen);
+    }
+    assert_eq!(
+        f.machine.activations(),
+        vec![gen1.clone(), f.gen0.clone()],
+        "nothing activated after the wipe"
+    );
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.state()["failedTargets"][0]["closureHash"], gen1.as_str());
+}
+
+#[test]
+fn darwin_backend_refuses_a_nixos_shaped_closure_and_stays_on_its_system() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::with_layout(single_wave(), Layout::Darwin);
+    // A NixOS closure sent to a nix-darwin host: signed, realised, but no `activate`.
+    let gen1 = Layout::Nixos.build(&f.machine, 1);
+    f.cache.push(&gen1);
+    delete_from_store(&gen1);
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("rolled back from", LONG);
+    assert_contains(&agent.log_text(), "it is not a nix-darwin system closure");
+    assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.profile_target().as_deref(), Some(f.gen0.as_str()));
+    assert_eq!(f.machine.activations(), vec![f.gen0.clone()]);
+    assert_eq!(f.state()["failedTargets"][0]["closureHash"], gen1.as_str());
+    f.wait_cp_log("kind=rolled-back");
+}
+
+#[test]
+fn agent_started_before_its_host_key_exists_waits_for_it_then_proceeds() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::with_layout(single_wave(), Layout::Darwin);
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    // At boot, before sshd generated the host key.
+    let key = f.tmp.path().join("hostkey/ssh_host_ed25519_key");
+    let aside = f.tmp.path().join("hostkey/aside");
+    std::fs::rename(&key, &aside).unwrap();
+    let mut agent = f.agent();
+    agent.wait_log(
+        &format!(
+            "waiting for the host key {} (it does not exist yet)",
+            key.display()
+        ),
+        LONG,
+    );
+    agent.wait_log("looking again in 2 s", LONG);
+    assert!(!f.machine.dir.join("agent-state/cert.pem").exists());
+    std::fs::rename(&aside, &key).unwrap();
+    agent.wait_log("everything the agent needs is there; starting", LONG);
+    agent.wait_log(&format!("confirm of {gen1}"), LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+}
+
+#[test]
+fn darwin_activate_that_restarts_the_agent_is_followed_by_the_new_agent_to_the_confirm() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::with_layout(single_wave(), Layout::Darwin);
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    f.machine.set("restart-agent", &f.name(1), true);
+    let mut agent = f.agent();
+    let pid = agent.child.as_ref().unwrap().id();
+    std::fs::write(f.machine.dir.join("agent.pid"), pid.to_string()).unwrap();
+    // `activate` kills the agent that started it (launchd stopping the daemon's job)...
+    wait_for("activate to stop the agent", LONG, || {
+        agent
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    });
+    agent.kill9();
+    // ...and finishes all the same, detached from it.
+    wait_for("the detached activate to finish", LONG, || {
+        f.machine.current().as_deref() == Some(gen1.as_str())
+    });
+    // launchd's KeepAlive starts a new agent, which learns the outcome from the run's
+    // directory and confirms.
+    agent.restart();
+    agent.wait_log("was started before; waiting for its outcome", LONG);
+    agent.wait_log(&format!("confirm of {gen1}"), LONG);
+    assert_eq!(f.machine.activations(), vec![gen1.clone()]);
+    assert_eq!(f.machine.profile_target().as_deref(), Some(gen1.as_str()));
+    f.wait_cp_log("kind=activated");
+    assert!(!agent.log_text().contains("rolled back"));
 }

@@ -200,7 +200,10 @@ fn flake_exposes_the_library_without_any_input() {
     );
     assert!(out.success, "{}", out.stderr);
     let got: Value = serde_json::from_str(&out.stdout).unwrap();
-    assert_eq!(got["lib"], serde_json::json!(["compliance", "mergeFleets", "mkFleet"]));
+    assert_eq!(
+        got["lib"],
+        serde_json::json!(["compliance", "mergeFleets", "mkFleet"])
+    );
     let golden = read_json(&repo().join("nix/tests/positive/example/expected.json"));
     assert_eq!(got["resolved"], golden);
     assert_eq!(got["merged"], golden, "merging one fleet changes nothing");

@@ -1195,3 +1195,295 @@ fn flake_packages_build_each_binary_from_its_crate() {
     }
     assert_eq!(got["default"]["mainProgram"], "nixfleet");
 }
+
+// ------------------------------------------------------------- the nix-darwin module
+
+/// Evaluates a module without nixpkgs or nix-darwin (stand-ins for the lib functions the
+/// agent modules use; launchd, system.activationScripts and environment.etc are plain
+/// attributes, as the module defines them), with services.nixfleet-agent enabled. `fill`
+/// and `set` as in nix/tests/modules/eval.nix; `darwin` also returns the daemon, the
+/// activation scripts and /etc. Not nix-darwin: types are names, nothing is merged.
+fn eval_agent_module(module: &str, darwin: bool, fill: bool, set: Value, trust: Value) -> Value {
+    eval(
+        &format!(
+            r#"{{ input }}:
+            let
+              i = builtins.fromJSON input;
+              type = name: sample: {{ inherit name sample; }};
+              types = {{
+                bool = type "bool" true;
+                str = type "str" "sample value with spaces, % and $";
+                path = type "path" "/sample/path";
+                package = type "package" null;
+                ints.positive = type "positive int" 7;
+                strMatching = regex: type "string matching ${{regex}}" "/sample/matching";
+                enum = values: type "enum ${{builtins.concatStringsSep "," values}}" (builtins.head values);
+                nullOr = t: type "null or ${{t.name}}" t.sample;
+                listOf = t: type "list of ${{t.name}}" [ t.sample "${{toString t.sample}}-2" ];
+                submodule = _: type "submodule" {{ }};
+              }};
+              mkIf = condition: content: {{ _type = "if"; inherit condition content; }};
+              isFalseIf = v: builtins.isAttrs v && v._type or null == "if" && !v.condition;
+              resolve = value:
+                if builtins.isAttrs value && value._type or null == "if" then
+                  (if value.condition then resolve value.content else {{ }})
+                else if builtins.isAttrs value && !(value ? outPath) then
+                  builtins.mapAttrs (_: resolve) (builtins.removeAttrs value
+                    (builtins.filter (n: isFalseIf value.${{n}}) (builtins.attrNames value)))
+                else value;
+              lib = {{
+                inherit types mkIf;
+                mkOption = args: args // {{ _type = "option"; }};
+                mkEnableOption = what: {{ _type = "option"; type = types.bool; default = false; }};
+                literalExpression = text: {{ _type = "literalExpression"; inherit text; }};
+                optional = cond: x: if cond then [ x ] else [ ];
+                optionalAttrs = cond: attrs: if cond then attrs else {{ }};
+                mapAttrs = builtins.mapAttrs;
+                concatStringsSep = builtins.concatStringsSep;
+                escapeShellArg = arg: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] arg + "'";
+                getExe = pkg: "${{pkg}}/bin/${{pkg.meta.mainProgram}}";
+              }};
+              fakePackage = name: mainProgram: {{
+                type = "derivation";
+                inherit name;
+                outPath = "/nix/store/00000000000000000000000000000000-${{name}}";
+                meta = {{ inherit mainProgram; }};
+              }};
+              pkgs.callPackage = _fn: args: fakePackage args.crate args.mainProgram;
+              evaluated = import ./{module} {{ inherit lib pkgs config; }};
+              options = evaluated.options.services.nixfleet-agent;
+              valueOf = name: option:
+                let
+                  default = option.default or null;
+                  unset = default == null || default == [ ];
+                in
+                if i.fill && unset && option.type.sample != null then option.type.sample else default;
+              config = {{
+                services.nixfleet-agent = builtins.mapAttrs valueOf options // {{ enable = true; }} // i.set;
+                nixfleet.trust = if i.trust == null
+                  then {{ ciReleaseKey = null; orgRootKey = null; cacheKeys = [ ]; }}
+                  else i.trust;
+                nix.package = fakePackage "nix" "nix";
+              }};
+              out = resolve evaluated.config.content;
+            in
+            {{
+              imports = map toString evaluated.imports;
+              options = builtins.mapAttrs (_: o: {{
+                type = o.type.name;
+                default = if o.type.name == "package" then null else o.default or null;
+              }}) options;
+            }}
+            // (if {darwin} then {{
+              daemon = out.launchd.daemons.nixfleet-agent.serviceConfig;
+              preActivation = out.system.activationScripts.preActivation.text;
+              postActivation = out.system.activationScripts.postActivation.text;
+              etc = builtins.mapAttrs (_: f: {{ inherit (f) text; }}) (out.environment.etc or {{ }});
+              assertions = map (a: a.assertion) out.assertions;
+            }} else {{ }})"#,
+        ),
+        &json!({"fill": fill, "set": set, "trust": trust}),
+    )
+}
+
+const DARWIN_MODULE: &str = "nix/modules/darwin-agent.nix";
+
+fn eval_darwin(fill: bool, set: Value, trust: Value) -> Value {
+    eval_agent_module(DARWIN_MODULE, true, fill, set, trust)
+}
+
+/// The same drift check as the NixOS module's, on the launchd daemon's ProgramArguments:
+/// every flag passed exists and gets a value exactly when it takes one, and every flag of
+/// the binary is an option with the binary's default, on the command line once set. Only
+/// `activation` defaults otherwise: to darwin, as the binary does on macOS.
+#[test]
+fn darwin_agent_module_program_arguments_match_the_binary() {
+    let cli = cli_flags(AGENT.binary);
+    let filled = eval_darwin(true, json!({}), Value::Null);
+    let words: Vec<String> = filled["daemon"]["ProgramArguments"]
+        .as_array()
+        .expect("ProgramArguments is a list")
+        .iter()
+        .map(|w| w.as_str().expect("each argument a string").to_owned())
+        .collect();
+    assert_eq!(
+        words[0],
+        "/nix/store/00000000000000000000000000000000-nixfleet-agent/bin/nixfleet-agent"
+    );
+    let mut failures = Vec::new();
+    let mut passed = BTreeSet::new();
+    for (flag, value) in flag_pairs(&words) {
+        match cli.get(&flag) {
+            None => failures.push(format!(
+                "{DARWIN_MODULE} passes --{flag} ({value:?}), which nixfleet-agent does not define"
+            )),
+            Some(spec) if spec.takes_value != value.is_some() => failures.push(format!(
+                "{DARWIN_MODULE} passes --{flag} {value:?}, but its taking a value is {}",
+                spec.takes_value
+            )),
+            Some(_) => {}
+        }
+        passed.insert(flag);
+    }
+    // Values are passed as they are (launchd runs no shell): the sample keeps its spaces.
+    assert!(
+        words.iter().any(|w| w == STR_SAMPLE),
+        "a string value is one argument: {words:?}"
+    );
+    let options = filled["options"].as_object().unwrap();
+    for (flag, spec) in &cli {
+        let option = option_of(&AGENT, flag);
+        let Some(declared) = options.get(&option) else {
+            failures.push(format!(
+                "nixfleet-agent defines --{flag}, but {DARWIN_MODULE} has no option {option}"
+            ));
+            continue;
+        };
+        if !passed.contains(flag) {
+            failures.push(format!(
+                "{DARWIN_MODULE} has an option {option}, but does not pass --{flag} when it is set"
+            ));
+        }
+        let expected = if flag == "activation" {
+            Some("darwin".to_owned())
+        } else {
+            spec.default.clone()
+        };
+        let module_default = default_text(&declared["default"]);
+        if module_default != expected {
+            failures.push(format!(
+                "{DARWIN_MODULE}: option {option} defaults to {module_default:?}, expected {expected:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}\n", failures.join("\n"));
+
+    // Defaults only: the backend is darwin, and unset options pass nothing.
+    let defaults = eval_darwin(false, (AGENT.required)(), Value::Null);
+    let words: Vec<&str> = defaults["daemon"]["ProgramArguments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let pairs: Vec<(String, Option<String>)> =
+        flag_pairs(&words.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>());
+    assert!(
+        pairs.contains(&("activation".to_owned(), Some("darwin".to_owned()))),
+        "{words:?}"
+    );
+    assert!(!pairs
+        .iter()
+        .any(|(f, _)| f == "bootstrap-token-file" || f == "health-command"));
+}
+
+/// One fleet's `services.nixfleet-agent` settings work on NixOS and nix-darwin alike: the
+/// same option names with the same types and defaults, `activation` aside (it also
+/// accepts darwin there, and defaults to it).
+#[test]
+fn darwin_agent_module_has_the_nixos_modules_option_tree() {
+    let nixos = eval_agent_module(AGENT.module, false, false, (AGENT.required)(), Value::Null);
+    let darwin = eval_darwin(false, (AGENT.required)(), Value::Null);
+    let (nixos, darwin) = (
+        nixos["options"].as_object().unwrap(),
+        darwin["options"].as_object().unwrap(),
+    );
+    assert_eq!(
+        nixos.keys().collect::<Vec<_>>(),
+        darwin.keys().collect::<Vec<_>>()
+    );
+    for (name, option) in nixos {
+        if name == "activation" {
+            assert_eq!(option["type"], "enum nixos");
+            assert_eq!(darwin[name]["type"], "enum darwin,nixos");
+            assert_eq!(darwin[name]["default"], "darwin");
+            continue;
+        }
+        assert_eq!(&darwin[name], option, "option {name}");
+    }
+}
+
+#[test]
+fn darwin_agent_daemon_is_kept_alive_finds_nix_and_restarts_after_activation() {
+    let module = eval_darwin(
+        false,
+        json!({
+            "controlPlaneUrl": "https://cp.example.org:8443",
+            "stateDir": "/var/lib/nixfleet agent",
+            "logLevel": "debug",
+        }),
+        Value::Null,
+    );
+    let daemon = &module["daemon"];
+    assert_eq!(daemon["Label"], "org.nixos.nixfleet-agent");
+    assert_eq!(daemon["KeepAlive"], true);
+    assert_eq!(daemon["RunAtLoad"], true);
+    assert_eq!(daemon["AbandonProcessGroup"], true);
+    assert_eq!(daemon["Umask"], 0o077);
+    assert_eq!(daemon["EnvironmentVariables"]["NIXFLEET_LOG"], "debug");
+    let path: Vec<&str> = daemon["EnvironmentVariables"]["PATH"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .collect();
+    for dir in [
+        "/run/current-system/sw/bin",
+        "/nix/var/nix/profiles/default/bin",
+        "/usr/local/bin",
+        "/bin",
+        "/usr/bin",
+        "/usr/sbin",
+    ] {
+        assert!(path.contains(&dir), "PATH lacks {dir}: {path:?}");
+    }
+    assert_eq!(
+        module["imports"],
+        json!([repo().join("nix/modules/trust.nix")])
+    );
+    // The state directory exists, private, before launchd starts the daemon (quoted).
+    let pre = module["preActivation"].as_str().unwrap();
+    assert!(pre.contains("mkdir -p '/var/lib/nixfleet agent'"), "{pre}");
+    assert!(
+        pre.contains("chmod 0700 '/var/lib/nixfleet agent'"),
+        "{pre}"
+    );
+    // A restart after each activation.
+    let post = module["postActivation"].as_str().unwrap();
+    assert!(
+        post.contains("launchctl kickstart -k system/org.nixos.nixfleet-agent"),
+        "{post}"
+    );
+    assert_eq!(module["etc"], json!({}));
+    assert_eq!(module["assertions"], json!([true]));
+
+    // With nixfleet.trust set, trust.json is written from it, as on NixOS.
+    let trust = json!({
+        "ciReleaseKey": slot("AAAA", "ecdsa-p256"),
+        "orgRootKey": slot("BBBB", "ed25519"),
+        "cacheKeys": ["fleet-cache-1:Ff8AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="],
+    });
+    let with_trust = eval_darwin(false, (AGENT.required)(), trust.clone());
+    let nixos = eval_module(&AGENT, false, (AGENT.required)(), trust);
+    assert_eq!(
+        with_trust["etc"]["nixfleet/agent/trust.json"]["text"],
+        nixos["etc"]["nixfleet/agent/trust.json"]["text"]
+    );
+}
+
+#[test]
+fn flake_exports_the_darwin_agent_module() {
+    let got = eval(
+        r#"{ input }:
+        let
+          flake = import ./flake.nix;
+          inputs = builtins.mapAttrs (name: _: throw "needs the flake input ${name}")
+            (builtins.functionArgs flake.outputs);
+          outputs = flake.outputs (inputs // { self = outputs; });
+        in builtins.mapAttrs (_: toString) outputs.darwinModules"#,
+        &Value::Null,
+    );
+    assert_eq!(
+        got,
+        json!({ "agent": repo().join("nix/modules/darwin-agent.nix") })
+    );
+}

@@ -1,7 +1,10 @@
-//! Activation backends. `nixos` is the real one (SPEC.md §7): nix-store --realise, a
-//! check that every path of the closure carries a pinned cache key's signature
-//! ([`signatures`]), nix-env --profile … --set, switch-to-configuration.
+//! Activation backends (SPEC.md §7): nix-store --realise, a check that every path of the
+//! closure carries a pinned cache key's signature ([`signatures`]), nix-env --profile …
+//! --set, then the closure's own activation: switch-to-configuration (`nixos`) or
+//! nix-darwin's `activate` (`darwin`). [`nixos`] is the code both share; [`darwin`] holds
+//! what differs.
 
+pub mod darwin;
 pub mod nixos;
 pub mod signatures;
 

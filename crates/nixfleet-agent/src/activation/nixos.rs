@@ -1,17 +1,23 @@
-//! The `nixos` backend: real Nix, with the profile and the current-system link
-//! configurable so that it runs on any Linux with Nix installed.
+//! Activation through real Nix, with the profile and the current-system link configurable
+//! so that it runs on any machine with Nix installed. The `nixos` and `darwin` backends
+//! share all of it (realise, signature check, profile, run directories, waiting for the
+//! outcome); what differs, the closure's activation program and how it is detached, is
+//! asked of [`ActivationBackend`] (see [`super::darwin`]).
 //!
-//! switch-to-configuration runs detached from the agent (systemd-run when systemd is PID 1,
-//! else its own session through setsid) because it may restart the agent. Each run has a
-//! directory under `<state dir>/switch/<run id>`; the wrapper creates it with `mkdir`,
-//! which only one process can win, so a run is started at most once however often the
-//! agent is killed and restarted around it. The wrapper writes the exit status there.
+//! The activation (switch-to-configuration, or nix-darwin's `activate`) runs detached from
+//! the agent (nixos: systemd-run when systemd is PID 1, else its own session through
+//! setsid; darwin: a process group of its own, reparented to launchd) because it may
+//! restart the agent. Each run has a directory under `<state dir>/switch/<run id>`; the
+//! wrapper creates it with `mkdir`, which only one process can win, so a run is started
+//! at most once however often the agent is killed and restarted around it. The wrapper
+//! writes the exit status there.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::signatures::{self, CacheKey, CacheKeyError, Verified};
 use super::{run, run_bounded, tail};
+use crate::config::ActivationBackend;
 
 const STORE_DIR: &str = "/nix/store";
 
@@ -19,8 +25,9 @@ const STORE_DIR: &str = "/nix/store";
 /// closures far beyond a NixOS system's few thousand paths.
 const MAX_PATH_INFO_BYTES: usize = 32 << 20;
 
-/// The wrapper around switch-to-configuration: $1 = run directory, the rest = command.
-const SWITCH_WRAPPER: &str = r#"d="$1"; shift
+/// The wrapper around the activation (switch-to-configuration, activate): $1 = run
+/// directory, the rest = command.
+pub(super) const SWITCH_WRAPPER: &str = r#"d="$1"; shift
 mkdir "$d" 2>/dev/null || exit 0
 echo $$ > "$d/pid"
 exec >"$d/log" 2>&1 </dev/null
@@ -53,7 +60,8 @@ pub enum SwitchStatus {
 }
 
 #[derive(Debug, Clone)]
-pub struct Nixos {
+pub struct System {
+    pub backend: ActivationBackend,
     pub profile: PathBuf,
     pub current_system_link: PathBuf,
     pub substituters: Vec<String>,
@@ -79,7 +87,12 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-impl Nixos {
+impl System {
+    /// What the activation is called in log lines: switch-to-configuration or activate.
+    pub fn activation_name(&self) -> &'static str {
+        self.backend.activation_name()
+    }
+
     /// The store basename the current-system link points at.
     pub fn current_closure(&self) -> Option<String> {
         let target = std::fs::read_link(&self.current_system_link).ok()?;
@@ -194,9 +207,9 @@ impl Nixos {
         }
     }
 
-    /// Whether someone else holds the switch-to-configuration lock.
+    /// Whether someone else holds the switch-to-configuration lock (nix-darwin has none).
     pub async fn lock_held(&self) -> bool {
-        if !self.switch_lock.exists() {
+        if !self.backend.uses_switch_lock() || !self.switch_lock.exists() {
             return false;
         }
         let mut cmd = tokio::process::Command::new("flock");
@@ -246,69 +259,61 @@ impl Nixos {
         }
     }
 
-    /// Starts `<closure>/bin/switch-to-configuration switch` detached, unless this run was
-    /// started before.
+    /// Starts the closure's activation (`bin/switch-to-configuration switch`, or
+    /// `activate`) detached, unless this run was started before.
     pub async fn launch_switch(&self, run_id: &str, closure: &str) -> Result<(), String> {
         if self.switch_status(run_id) != SwitchStatus::NotStarted {
             return Ok(());
         }
-        let program = store_path(closure).join("bin/switch-to-configuration");
+        let closure_path = store_path(closure);
+        let (program, args) = self.backend.activation_command(&closure_path);
+        if !program.exists() {
+            return Err(format!(
+                "{} has no {}: it is not a {} system closure; build the host's closure for this platform (or set --activation)",
+                closure_path.display(),
+                program.strip_prefix(&closure_path).unwrap_or(&program).display(),
+                self.backend.system_kind()
+            ));
+        }
         let dir = self.run_dir(run_id);
-        let mut cmd = if systemd_is_pid1() && is_root() {
-            let mut cmd = tokio::process::Command::new("systemd-run");
-            let unit: String = run_id.chars().take(40).collect();
-            cmd.arg(format!("--unit=nixfleet-switch-{unit}")).args([
-                "--collect",
-                "--no-block",
-                "--quiet",
-                "--",
-            ]);
-            cmd
-        } else {
-            let mut cmd = tokio::process::Command::new("setsid");
-            cmd.arg("--fork");
-            cmd
+        let mut cmd = match self.backend {
+            ActivationBackend::Nixos => nixos_detached(run_id),
+            ActivationBackend::Darwin => super::darwin::detached(),
         };
-        cmd.args(["/bin/sh", "-c", SWITCH_WRAPPER, "sh"])
-            .arg(&dir)
-            .arg(&program)
-            .arg("switch");
-        let output = run(
-            &mut cmd,
-            self.command_timeout,
-            "launching switch-to-configuration",
-        )
-        .await?;
+        cmd.arg(&dir).arg(&program).args(args);
+        let name = self.activation_name();
+        let output = run(&mut cmd, self.command_timeout, &format!("launching {name}")).await?;
         if output.status.success() {
             Ok(())
         } else {
             Err(format!(
-                "could not start {} switch: {}",
+                "could not start {}: {}",
                 program.display(),
                 tail(&output.stderr)
             ))
         }
     }
 
-    /// Runs the switch to `closure` (or waits for the run already started) and checks that
+    /// Runs the activation of `closure` (or waits for the run already started) and checks that
     /// the current-system link points at it afterwards.
     pub async fn switch_to(&self, run_id: &str, closure: &str) -> Result<(), String> {
         self.launch_switch(run_id, closure).await?;
+        let name = self.activation_name();
         let start = Instant::now();
         let status = loop {
             match self.switch_status(run_id) {
                 SwitchStatus::Exited(code) => break code,
                 SwitchStatus::Lost => {
                     return Err(format!(
-                    "switch-to-configuration of {closure} stopped without an exit status (see {})",
-                    self.run_dir(run_id).join("log").display()
-                ))
+                        "{name} of {closure} stopped without an exit status (see {})",
+                        self.run_dir(run_id).join("log").display()
+                    ))
                 }
                 SwitchStatus::NotStarted | SwitchStatus::Running => {}
             }
             if start.elapsed() > self.switch_timeout {
                 return Err(format!(
-                    "switch-to-configuration of {closure} still runs after {} s (see {})",
+                    "{name} of {closure} still runs after {} s (see {})",
                     self.switch_timeout.as_secs(),
                     self.run_dir(run_id).join("log").display()
                 ));
@@ -318,14 +323,14 @@ impl Nixos {
         if status != 0 {
             let log = std::fs::read(self.run_dir(run_id).join("log")).unwrap_or_default();
             return Err(format!(
-                "switch-to-configuration of {closure} exited with status {status}: {}",
+                "{name} of {closure} exited with status {status}: {}",
                 tail(&log)
             ));
         }
         match self.current_closure() {
             Some(current) if current == closure => Ok(()),
             current => Err(format!(
-                "after switch-to-configuration, {} points at {} instead of {closure}",
+                "after {name}, {} points at {} instead of {closure}",
                 self.current_system_link.display(),
                 current.as_deref().unwrap_or("nothing")
             )),
@@ -338,16 +343,50 @@ impl Nixos {
     }
 }
 
-/// A process that exists and is not a zombie.
+/// switch-to-configuration's detacher: a transient unit when systemd runs and the agent is
+/// root, else a session of its own. The wrapper's arguments follow.
+fn nixos_detached(run_id: &str) -> tokio::process::Command {
+    let mut cmd = if systemd_is_pid1() && is_root() {
+        let mut cmd = tokio::process::Command::new("systemd-run");
+        let unit: String = run_id.chars().take(40).collect();
+        cmd.arg(format!("--unit=nixfleet-switch-{unit}")).args([
+            "--collect",
+            "--no-block",
+            "--quiet",
+            "--",
+        ]);
+        cmd
+    } else {
+        let mut cmd = tokio::process::Command::new("setsid");
+        cmd.arg("--fork");
+        cmd
+    };
+    cmd.args(["/bin/sh", "-c", SWITCH_WRAPPER, "sh"]);
+    cmd
+}
+
+/// A process that exists and is not a zombie: from /proc where there is one (Linux), else
+/// from `ps` (macOS).
 fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    if Path::new("/proc/self/stat").exists() {
+        return std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .flatten()
+            .is_some_and(|state| state != 'Z' && state != 'X');
+    }
+    std::process::Command::new("ps")
+        .args(["-o", "stat=", "-p", &pid.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
         .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().chars().next())
-        })
-        .flatten()
-        .is_some_and(|state| state != 'Z' && state != 'X')
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().chars().next())
+        .is_some_and(|state| state != 'Z')
 }
 
 #[cfg(test)]
