@@ -1211,6 +1211,7 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
     Some(HostStatus {
         name: name.to_owned(),
         channel: host.channel.clone(),
+        system: Some(host.system.clone()),
         declared_closure: host.closure_hash.clone(),
         current_closure,
         last_checkin: attestation.as_ref().map(|a| a.last_seen).or(seen_before),

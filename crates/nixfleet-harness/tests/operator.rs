@@ -287,6 +287,15 @@ async fn status_shows_the_waiting_reason_of_every_host_not_converged() {
 
     // One host in detail: its reason and its recent events.
     let detail = f.nixfleet_ok(&["status", "--host", "web-02"]);
+    let platform = status["hosts"][0]["system"].as_str().unwrap().to_owned();
+    assert!(
+        detail
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with(&format!("  {platform}")),
+        "the platform on the first line:\n{detail}"
+    );
     assert!(detail.contains("confirming: deadline"), "{detail}");
     assert!(detail.contains(&store_closure("web-02", 1)), "{detail}");
     assert!(detail.contains("Recent events"), "{detail}");
@@ -414,6 +423,7 @@ fn check_host(h: &Value) {
         set(&[
             "name",
             "channel",
+            "system",
             "declared_closure",
             "current_closure",
             "last_checkin",
@@ -430,7 +440,10 @@ fn check_host(h: &Value) {
         h["revoked"].is_null() || h["revoked"]["not_before"].is_string(),
         "{h}"
     );
-    assert!(h["name"].is_string() && h["channel"].is_string(), "{h}");
+    assert!(
+        h["name"].is_string() && h["channel"].is_string() && h["system"].is_string(),
+        "{h}"
+    );
     for k in [
         "declared_closure",
         "current_closure",

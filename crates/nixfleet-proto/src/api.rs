@@ -57,6 +57,9 @@ pub struct ChannelStatus {
 pub struct HostStatus {
     pub name: String,
     pub channel: String,
+    /// The platform the fleet declares for the host (`x86_64-linux`, `aarch64-darwin`, …).
+    #[serde(default)]
+    pub system: Option<String>,
     /// The closure the verified fleet declares for the host.
     pub declared_closure: Option<String>,
     /// The closure the host last said it runs.

@@ -542,9 +542,13 @@ fn events_table(events: &[RolloutEventRecord], with_host: bool, style: &Style) -
 pub fn host_detail(detail: &HostDetail, now: OffsetDateTime, style: &Style) -> String {
     let h = &detail.host;
     let mut out = vec![format!(
-        "{}  channel {}",
-        style.paint(Tone::Bold, &elide(&h.name, style.width.saturating_sub(30))),
-        elide(&h.channel, 20)
+        "{}  channel {}{}",
+        style.paint(Tone::Bold, &elide(&h.name, style.width.saturating_sub(50))),
+        elide(&h.channel, 20),
+        h.system
+            .as_deref()
+            .map(|s| format!("  {}", elide(s, 20)))
+            .unwrap_or_default()
     )];
     let room = style.width.saturating_sub(13);
     let label = |name: &str, value: &str| format!("  {name:<10} {}", elide_middle(value, room));
@@ -788,6 +792,7 @@ mod tests {
         HostStatus {
             name: name.into(),
             channel: "stable".into(),
+            system: Some("x86_64-linux".into()),
             declared_closure: Some("abcdef0123-nixos-system-x-2".into()),
             current_closure: Some(if converged {
                 "abcdef0123-nixos-system-x-2".into()

@@ -873,6 +873,7 @@ pub fn host(chrome: &Chrome, detail: &HostDetail) -> String {
     };
     row("State", state_badge(state));
     row("Channel", esc(&h.channel));
+    row("Platform", esc(h.system.as_deref().unwrap_or("-")));
     row(
         "Rollout",
         h.rollout
@@ -1152,6 +1153,7 @@ mod tests {
         HostStatus {
             name: name.into(),
             channel: "stable".into(),
+            system: Some("x86_64-linux".into()),
             declared_closure: Some("abc-nixos-system-2".into()),
             current_closure: Some("def-nixos-system-1".into()),
             last_checkin: Some(NOW - time::Duration::seconds(3)),
