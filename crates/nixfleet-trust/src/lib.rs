@@ -5,6 +5,7 @@
 //! outside inputs are the OS RNG, used by key generation, and `verify::read_trust_file`,
 //! so that every binary reads trust.json the same way.
 
+pub mod cache;
 pub mod jcs;
 pub mod keys;
 pub mod verify;

@@ -13,8 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine as _;
-use nixfleet_proto::Algorithm;
-use nixfleet_trust::keys::PublicKey;
+use nixfleet_trust::cache;
 use serde::Deserialize;
 
 /// Nix's base-32 alphabet (no e, o, u, t).
@@ -24,12 +23,7 @@ const SHA256_LEN: usize = 32;
 const MAX_NAMES: usize = 4;
 const MAX_NAME_CHARS: usize = 64;
 
-/// A pinned binary-cache key: its name (`fleet-cache-1`) and the ed25519 key.
-#[derive(Debug, Clone)]
-pub struct CacheKey {
-    pub name: String,
-    key: PublicKey,
-}
+pub use nixfleet_trust::cache::CacheKey;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CacheKeyError {
@@ -45,18 +39,7 @@ pub fn parse_cache_keys(keys: &[String]) -> Result<Vec<CacheKey>, CacheKeyError>
         return Err(CacheKeyError::NoKeys);
     }
     keys.iter()
-        .map(|text| {
-            let invalid = || CacheKeyError::Invalid(text.clone());
-            let (name, b64) = text.trim().split_once(':').ok_or_else(invalid)?;
-            if name.is_empty() {
-                return Err(invalid());
-            }
-            let key = PublicKey::from_base64(Algorithm::Ed25519, b64).map_err(|_| invalid())?;
-            Ok(CacheKey {
-                name: name.to_owned(),
-                key,
-            })
-        })
+        .map(|text| CacheKey::parse(text).ok_or_else(|| CacheKeyError::Invalid(text.clone())))
         .collect()
 }
 
@@ -77,27 +60,17 @@ pub struct PathInfo {
 impl PathInfo {
     /// The bytes a binary-cache signature of this path is over.
     pub fn fingerprint(&self) -> String {
-        let references: BTreeSet<&str> = self.references.iter().map(String::as_str).collect();
-        format!(
-            "1;{};{};{};{}",
-            self.path,
-            self.nar_hash,
+        cache::fingerprint(
+            &self.path,
+            &self.nar_hash,
             self.nar_size,
-            references.into_iter().collect::<Vec<_>>().join(",")
+            self.references.iter().map(String::as_str),
         )
     }
 
     /// The name of the first pinned key with a valid signature on this path.
     pub fn signed_by<'k>(&self, keys: &'k [CacheKey]) -> Option<&'k str> {
-        let fingerprint = self.fingerprint();
-        self.signatures.iter().find_map(|sig| {
-            let (name, b64) = sig.split_once(':')?;
-            let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-            keys.iter()
-                .filter(|k| k.name == name)
-                .find(|k| k.key.verify(fingerprint.as_bytes(), &raw).is_ok())
-                .map(|k| k.name.as_str())
-        })
+        cache::signed_by(&self.fingerprint(), &self.signatures, keys)
     }
 }
 

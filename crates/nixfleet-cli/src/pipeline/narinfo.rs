@@ -11,22 +11,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine as _;
-use nixfleet_proto::Algorithm;
-use nixfleet_trust::keys::PublicKey;
-
 const STORE_DIR: &str = "/nix/store";
 /// A narinfo is a few hundred bytes; anything this large is not one.
 const NARINFO_LIMIT: usize = 1 << 20;
 /// Paths in one closure, at most (a NixOS system has a few thousand).
 const MAX_PATHS: usize = 200_000;
 
-/// A pinned cache key.
-#[derive(Debug, Clone)]
-pub struct CacheKey {
-    pub name: String,
-    key: PublicKey,
-}
+pub use nixfleet_trust::cache::CacheKey;
 
 /// Parses trust.json's `cacheKeys` with the trust crate's parser.
 pub fn cache_keys(entries: &[String]) -> Result<Vec<CacheKey>, String> {
@@ -36,15 +27,7 @@ pub fn cache_keys(entries: &[String]) -> Result<Vec<CacheKey>, String> {
     entries
         .iter()
         .map(|entry| {
-            let (name, bytes) = nixfleet_trust::verify::parse_cache_key(entry.trim())
-                .ok_or_else(|| format!("cacheKeys entry {entry:?} in the trust file is not NAME:BASE64 of a 32-byte ed25519 key"))?;
-            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-            let key = PublicKey::from_base64(Algorithm::Ed25519, &b64)
-                .map_err(|e| format!("cacheKeys entry {entry:?}: {e}"))?;
-            Ok(CacheKey {
-                name: name.to_owned(),
-                key,
-            })
+            CacheKey::parse(entry).ok_or_else(|| format!("cacheKeys entry {entry:?} in the trust file is not NAME:BASE64 of a 32-byte ed25519 key"))
         })
         .collect()
 }
@@ -88,31 +71,22 @@ impl NarInfo {
     }
 
     pub fn fingerprint(&self) -> String {
-        let refs: BTreeSet<String> = self
+        let refs: Vec<String> = self
             .references
             .iter()
             .map(|r| format!("{STORE_DIR}/{r}"))
             .collect();
-        format!(
-            "1;{};{};{};{}",
-            self.store_path,
-            self.nar_hash,
+        nixfleet_trust::cache::fingerprint(
+            &self.store_path,
+            &self.nar_hash,
             self.nar_size,
-            refs.into_iter().collect::<Vec<_>>().join(",")
+            refs.iter().map(String::as_str),
         )
     }
 
     /// The name of a pinned key whose signature on this narinfo verifies.
     pub fn signed_by<'k>(&self, keys: &'k [CacheKey]) -> Option<&'k str> {
-        let fingerprint = self.fingerprint();
-        self.sigs.iter().find_map(|sig| {
-            let (name, b64) = sig.split_once(':')?;
-            let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-            keys.iter()
-                .filter(|k| k.name == name)
-                .find(|k| k.key.verify(fingerprint.as_bytes(), &raw).is_ok())
-                .map(|k| k.name.as_str())
-        })
+        nixfleet_trust::cache::signed_by(&self.fingerprint(), &self.sigs, keys)
     }
 
     fn signer_names(&self) -> String {
@@ -346,6 +320,8 @@ pub fn check_closure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use nixfleet_proto::Algorithm;
     use nixfleet_trust::keys::PrivateKey;
 
     fn signed(key: &PrivateKey, name: &str, info: &NarInfo) -> String {
