@@ -516,6 +516,7 @@ impl Agent {
             )
             .await,
             activation: self.progress(),
+            compliance_evidence_at: None,
         }
     }
 

@@ -446,6 +446,7 @@ pub fn manifests(fleet: &FleetResolved, fleet_hash: &str) -> Vec<RolloutManifest
             compliance_frameworks: channel.compliance.frameworks.clone(),
             disruption_budgets,
             freshness_window: Some(channel.freshness_window),
+            compliance: None,
             introduced: fleet.meta.signed_at.map(|signed_at| Introduced {
                 ci_commit: fleet.meta.ci_commit.clone(),
                 signed_at,

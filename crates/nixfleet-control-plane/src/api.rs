@@ -414,6 +414,7 @@ async fn checkin(
             &req.hostname,
             directives.active.contains(&req.hostname),
         ),
+        compliance_evidence_at: None,
     };
     let mut delivered_now = false;
     if let Some(signal) = directives.rollbacks.get(&req.hostname) {

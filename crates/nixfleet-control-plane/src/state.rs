@@ -117,6 +117,8 @@ impl Attestations {
                         health_at: Some(now),
                         delivered: None,
                         activation: progress(None, req, now),
+                        compliance: None,
+                        compliance_claimed_at: None,
                     },
                 );
                 Change::FirstSinceStart
@@ -186,6 +188,8 @@ impl Attestations {
                     health_at: None,
                     delivered: None,
                     activation: None,
+                    compliance: None,
+                    compliance_claimed_at: None,
                 });
             a.last_seen = now;
             a.current_closure = Some(closure.to_owned());

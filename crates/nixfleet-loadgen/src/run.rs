@@ -257,6 +257,7 @@ impl Agent {
                 uptime_secs: (now - self.booted).whole_seconds().max(0) as u64,
             },
             activation: None,
+            compliance_evidence_at: None,
         };
         let body = serde_json::to_vec(&request).map_err(|_| ErrorKind::Request)?;
         let started = std::time::Instant::now();

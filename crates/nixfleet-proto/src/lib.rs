@@ -6,6 +6,7 @@
 //! snake_case. This crate holds types and the selector semantics only; it does no I/O.
 
 pub mod api;
+pub mod compliance;
 pub mod fleet;
 pub mod manifest;
 pub mod meta;

@@ -41,7 +41,22 @@ pub struct RolloutManifest {
     /// re-signs. Signed, but outside the identity. Null in manifests from before it.
     #[serde(default)]
     pub introduced: Option<Introduced>,
+    /// The channel's compliance mode and the controls that failed hosts' static checks at
+    /// release time (a `permissive` channel releases with them; `enforce` does not
+    /// release). Signed, but outside the identity: the controls are checked again on the
+    /// hosts. Absent in manifests from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compliance: Option<ManifestCompliance>,
     pub meta: Meta,
+}
+
+/// The static compliance gate's outcome for a channel, in its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestCompliance {
+    pub mode: crate::compliance::ComplianceMode,
+    #[serde(default)]
+    pub static_failures: Vec<crate::compliance::StaticFailure>,
 }
 
 /// Provenance of a rollout's intent: the commit and signing time of its first release.

@@ -83,6 +83,11 @@ pub struct CheckinRequest {
     /// predate it). The control plane's activation timeout and confirm window use it.
     #[serde(default)]
     pub activation: Option<ActivationProgress>,
+    /// `collectedAt` of the newest compliance evidence the agent holds; null when it has
+    /// none. Ahead of what the control plane has stored, the host's compliance is pending
+    /// (a wipe, or evidence on its way) and the control plane asks for it again.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub compliance_evidence_at: Option<OffsetDateTime>,
 }
 
 /// An activation under way on the host, as its check-ins report it.
@@ -160,6 +165,9 @@ pub enum FailureCause {
     /// Refused before activation: the manifest, its freshness, or the closure's cache
     /// signature. Says nothing about the closure itself.
     Refused,
+    /// The closure's compliance probes failed or erred on this host after the switch, in
+    /// `enforce` mode, so it was rolled back without a confirm.
+    Compliance,
     /// A cause this build does not know (a newer agent); treated as an activation failure.
     #[serde(other)]
     Other,
@@ -187,7 +195,12 @@ pub fn closure_blocked<'a>(
     let closure_level = |f: &&&FailedTarget| {
         matches!(
             f.cause,
-            None | Some(FailureCause::Activation | FailureCause::Health | FailureCause::Other)
+            None | Some(
+                FailureCause::Activation
+                    | FailureCause::Health
+                    | FailureCause::Compliance
+                    | FailureCause::Other
+            )
         )
     };
     if let Some(f) = same.iter().find(closure_level) {
@@ -218,6 +231,10 @@ pub struct CheckinResponse {
     #[serde(default)]
     pub rollback: Option<RollbackSignal>,
     pub next_checkin_secs: u32,
+    /// `collectedAt` of the newest evidence of this host the control plane has stored;
+    /// null when it has none. An agent holding newer evidence sends it again.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub compliance_evidence_at: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -81,10 +81,11 @@ fn checkin_round_trip_and_missing_optionals() {
         target: None,
         rollback: None,
         next_checkin_secs: 60,
+        compliance_evidence_at: None,
     };
     assert_eq!(
         serde_json::to_string(&resp).unwrap(),
-        r#"{"target":null,"rollback":null,"nextCheckinSecs":60}"#
+        r#"{"target":null,"rollback":null,"nextCheckinSecs":60,"complianceEvidenceAt":null}"#
     );
 }
 
@@ -119,6 +120,7 @@ fn manifest_membership_uses_the_sorted_host_set() {
         freshness_window: Some(60),
         introduced: None,
         meta: Meta::unsigned(1),
+        compliance: None,
     };
     assert!(m.contains("b", 1, "c2"));
     assert!(!m.contains("b", 0, "c2"), "wrong wave");
@@ -190,7 +192,7 @@ fn a_closure_that_failed_on_a_host_is_blocked_by_cause() {
     assert_eq!(closure_blocked(&twice, "C", "c").unwrap().rollout_id, "B");
     // Older agents send no cause; a newer one may send a cause this build does not know.
     let parsed: FailedTarget = serde_json::from_str(
-        r#"{"rolloutId":"A","closureHash":"c","reason":"x","at":"2026-11-27T10:00:00Z","cause":"compliance"}"#,
+        r#"{"rolloutId":"A","closureHash":"c","reason":"x","at":"2026-11-27T10:00:00Z","cause":"quantum-flux"}"#,
     )
     .unwrap();
     assert_eq!(parsed.cause, Some(Other));

@@ -160,6 +160,7 @@ fn input() -> Input {
             freshness_window: Some(1440),
             introduced: None,
             meta: meta(),
+            compliance: None,
         };
         let mut records = BTreeMap::new();
         for (k, h) in members.iter().enumerate() {
@@ -174,6 +175,8 @@ fn input() -> Input {
                 health_at: None,
                 delivered: None,
                 activation: None,
+                compliance: None,
+                compliance_claimed_at: None,
             };
             if k % 200 == 7 {
                 att.last_seen = NOW - Duration::hours(1);

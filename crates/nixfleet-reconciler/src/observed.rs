@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use nixfleet_proto::compliance::ComplianceSummary;
 use nixfleet_proto::wire::{ActivationProgress, FailedTarget};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -59,6 +60,13 @@ pub struct Attestation {
     /// The activation in flight, as the last check-in reported it.
     #[serde(default)]
     pub activation: Option<ActivationProgress>,
+    /// The host's newest verified compliance evidence, summarised.
+    #[serde(default)]
+    pub compliance: Option<ComplianceSummary>,
+    /// `complianceEvidenceAt` of the last check-in: the newest evidence the agent holds.
+    /// Newer than `compliance` (or with none stored), the host's compliance is pending.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub compliance_claimed_at: Option<OffsetDateTime>,
 }
 
 /// A check-in answer carried the target of `rolloutId` at `at`; the confirm deadline runs

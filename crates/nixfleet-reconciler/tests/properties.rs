@@ -52,6 +52,8 @@ fn scramble(world: &mut World, seed: u64, share: f64) {
                 health_at: None,
                 delivered: None,
                 activation: None,
+                compliance: None,
+                compliance_claimed_at: None,
             }
         });
         att.last_seen = now - Duration::seconds(rng.below(900) as i64);

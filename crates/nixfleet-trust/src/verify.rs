@@ -35,6 +35,7 @@ pub struct Limits {
     pub revocations_bytes: usize,
     pub token_bytes: usize,
     pub report_bytes: usize,
+    pub evidence_bytes: usize,
     pub trust_bytes: usize,
 }
 
@@ -46,6 +47,7 @@ impl Default for Limits {
             revocations_bytes: 16 << 20,
             token_bytes: 16 << 10,
             report_bytes: 64 << 10,
+            evidence_bytes: nixfleet_proto::compliance::MAX_EVIDENCE_BYTES,
             trust_bytes: 64 << 10,
         }
     }
@@ -59,6 +61,7 @@ pub enum Artifact {
     Revocations,
     Token,
     Report,
+    Evidence,
     TrustFile,
 }
 
@@ -70,6 +73,7 @@ impl std::fmt::Display for Artifact {
             Artifact::Revocations => "revocations list",
             Artifact::Token => "bootstrap token",
             Artifact::Report => "host report",
+            Artifact::Evidence => "compliance evidence",
             Artifact::TrustFile => "trust file",
         })
     }
@@ -176,6 +180,17 @@ pub enum VerifyError {
     ReportHostMismatch {
         report_host: String,
         expected_host: String,
+    },
+    #[error("compliance evidence is for host {evidence_host}, but was checked against the key of {expected_host}; another host's evidence is refused")]
+    EvidenceHostMismatch {
+        evidence_host: String,
+        expected_host: String,
+    },
+    #[error("compliance evidence of control {control} was collected at {collected_at}, before the closure was activated at {activated_at}; evidence older than the activation is refused")]
+    EvidenceBeforeActivation {
+        control: String,
+        collected_at: String,
+        activated_at: String,
     },
 }
 
@@ -643,6 +658,135 @@ pub fn verify_report(
         id: sha256.clone(),
         sha256,
         signed_at: request.report.at,
+        value: request,
+        canonical,
+        signed_by: SignedBy::Current,
+    })
+}
+
+/// Verifies a host-signed compliance evidence document (`EvidenceRequest` bytes as
+/// received) against the host's SSH ed25519 public key line from fleet.resolved: the
+/// size, the signature over the canonical bytes of `evidence`, the host name, the shape
+/// (closure hash, unique control ids, `sha256:` output hashes, at most
+/// [`nixfleet_proto::compliance::MAX_CONTROLS`] controls), and that nothing in it was
+/// collected before the activation it claims to follow. Replays (older than the host's
+/// latest) are the caller's to refuse: only it knows the latest.
+pub fn verify_evidence(
+    bytes: &[u8],
+    hostname: &str,
+    host_pubkey_line: &str,
+    limits: &Limits,
+) -> Result<Verified<nixfleet_proto::compliance::EvidenceRequest>, VerifyError> {
+    use nixfleet_proto::compliance::{EvidenceRequest, MAX_CONTROLS};
+    let artifact = Artifact::Evidence;
+    let (canonical, whole) = canonical_member(artifact, bytes, limits.evidence_bytes, "evidence")?;
+    let request: EvidenceRequest =
+        serde_json::from_value(whole).map_err(|e| VerifyError::Shape {
+            artifact,
+            detail: e.to_string(),
+        })?;
+    let key = keys::parse_ssh_ed25519_public(host_pubkey_line).map_err(|source| {
+        VerifyError::TrustKey {
+            slot: Slot::HostKey,
+            source,
+        }
+    })?;
+    let signature = decode_signature(artifact, &request.signature)?;
+    if signature.len() != keys::SIGNATURE_LEN {
+        return Err(VerifyError::SignatureLength {
+            artifact,
+            len: signature.len(),
+        });
+    }
+    key.verify(&canonical, &signature)
+        .map_err(|_| VerifyError::BadSignature {
+            artifact,
+            slot: Slot::HostKey,
+        })?;
+    let evidence = &request.evidence;
+    if evidence.hostname != hostname {
+        return Err(VerifyError::EvidenceHostMismatch {
+            evidence_host: evidence.hostname.clone(),
+            expected_host: hostname.to_owned(),
+        });
+    }
+    let shape = |detail: String| VerifyError::Shape { artifact, detail };
+    if !nixfleet_proto::wire::is_store_basename(&evidence.closure_hash) {
+        return Err(shape(format!(
+            "closureHash {:?} is not a store path basename",
+            evidence.closure_hash
+        )));
+    }
+    if evidence
+        .rollout_id
+        .as_deref()
+        .is_some_and(|id| !nixfleet_proto::wire::is_rollout_id(id))
+    {
+        return Err(shape(
+            "rolloutId must be null or 64 lowercase hex digits".into(),
+        ));
+    }
+    if evidence.controls.len() > MAX_CONTROLS {
+        return Err(shape(format!(
+            "{} controls, over the limit of {MAX_CONTROLS}",
+            evidence.controls.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for control in &evidence.controls {
+        if control.id.is_empty()
+            || control.id.len() > 128
+            || !control
+                .id
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'))
+        {
+            return Err(shape(format!(
+                "control id {:?} is not a control id",
+                control.id
+            )));
+        }
+        if !seen.insert(control.id.as_str()) {
+            return Err(shape(format!("control {} appears twice", control.id)));
+        }
+        let hash_ok = control
+            .output_hash
+            .strip_prefix("sha256:")
+            .is_some_and(nixfleet_proto::wire::is_rollout_id);
+        if !hash_ok {
+            return Err(shape(format!(
+                "control {}: outputHash must be sha256:<64 hex digits>",
+                control.id
+            )));
+        }
+        if control.collected_at < evidence.activated_at {
+            return Err(VerifyError::EvidenceBeforeActivation {
+                control: control.id.clone(),
+                collected_at: rfc3339(control.collected_at),
+                activated_at: rfc3339(evidence.activated_at),
+            });
+        }
+        if control.collected_at > evidence.collected_at {
+            return Err(shape(format!(
+                "control {} was collected at {}, after the evidence's collectedAt {}",
+                control.id,
+                rfc3339(control.collected_at),
+                rfc3339(evidence.collected_at)
+            )));
+        }
+    }
+    if evidence.collected_at < evidence.activated_at {
+        return Err(VerifyError::EvidenceBeforeActivation {
+            control: "(the evidence as a whole)".into(),
+            collected_at: rfc3339(evidence.collected_at),
+            activated_at: rfc3339(evidence.activated_at),
+        });
+    }
+    let sha256 = jcs::sha256_hex(&canonical);
+    Ok(Verified {
+        id: sha256.clone(),
+        sha256,
+        signed_at: request.evidence.collected_at,
         value: request,
         canonical,
         signed_by: SignedBy::Current,

@@ -94,6 +94,7 @@ fn manifest(fleet_hash: &str, signed_at: OffsetDateTime) -> RolloutManifest {
         freshness_window: Some(120),
         introduced: None,
         meta: meta(Some(signed_at)),
+        compliance: None,
     }
 }
 

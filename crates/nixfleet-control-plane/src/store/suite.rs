@@ -512,6 +512,8 @@ fn attestation(t: OffsetDateTime, closure: &str) -> Attestation {
         health_at: Some(t),
         delivered: None,
         activation: None,
+        compliance: None,
+        compliance_claimed_at: None,
     }
 }
 

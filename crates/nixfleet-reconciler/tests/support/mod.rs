@@ -308,6 +308,7 @@ impl World {
                 freshness_window: Some(1440),
                 introduced: None,
                 meta: meta(START - Duration::minutes(10)),
+                compliance: None,
             };
             manifests.insert(format!("{channel}-r1"), manifest);
         }
@@ -643,6 +644,8 @@ fn attestation(agent: &Agent, seen: OffsetDateTime) -> Attestation {
         health_at: Some(seen),
         delivered: agent.delivered.clone(),
         activation: None,
+        compliance: None,
+        compliance_claimed_at: None,
     }
 }
 
