@@ -191,3 +191,29 @@ pub struct StatusReport {
     /// Every host of the verified fleet, by name.
     pub hosts: Vec<HostStatus>,
 }
+
+/// `GET /v1/compliance[?channel=C]`: every host's newest compliance evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComplianceReport {
+    /// Sorted by hostname.
+    pub hosts: Vec<HostCompliance>,
+}
+
+/// One host in [`ComplianceReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCompliance {
+    pub hostname: String,
+    pub channel: String,
+    /// The channel's `compliance.mode` and `compliance.frameworks` in the signed fleet.
+    pub mode: String,
+    pub frameworks: Vec<String>,
+    /// The agent holds newer evidence than the control plane has stored (after a wipe,
+    /// until the agent sends it again).
+    pub pending: bool,
+    /// The newest stored evidence, summarised; null when none is stored.
+    pub summary: Option<crate::compliance::ComplianceSummary>,
+    /// The same evidence as the host signed it (an `EvidenceRequest`, camelCase, byte for
+    /// byte what `nixfleet verify evidence` checks once written to a file); null when
+    /// none is stored.
+    pub evidence: Option<serde_json::Value>,
+}
