@@ -1,5 +1,6 @@
 //! The sentences that answer "why hasn't host X upgraded?".
 
+use nixfleet_proto::compliance::FailingControl;
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
@@ -76,6 +77,21 @@ pub(crate) fn activation_timeout(
         rfc3339(since),
         timeout.whole_seconds()
     )
+}
+
+/// `compliance: control ssh-root-login-key-only fail, auditd-enabled error`: a soaking
+/// host's evidence for its target closure, in an `enforce` rollout.
+pub(crate) fn compliance_failed(failing: &[FailingControl]) -> String {
+    let list: Vec<String> = failing
+        .iter()
+        .map(|c| format!("{} {}", c.id, c.status.as_str()))
+        .collect();
+    let plural = if failing.len() == 1 { "" } else { "s" };
+    format!("compliance: control{plural} {}", list.join(", "))
+}
+
+pub(crate) fn compliance_awaited(host: &str) -> String {
+    format!("soaking: waiting for compliance evidence from {host} for its new closure")
 }
 
 #[cfg(test)]

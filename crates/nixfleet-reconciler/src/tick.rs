@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use nixfleet_proto::compliance::{ComplianceMode, FailingControl};
 use nixfleet_proto::wire::{closure_blocked, ActivationPhase, FailedTarget};
 use nixfleet_proto::{ChannelEdge, FleetResolved, HostSetEntry, RolloutManifest, Selector};
 use time::{Duration, OffsetDateTime};
@@ -73,6 +74,8 @@ struct Ctx<'a> {
     edges: BTreeMap<&'a str, Vec<&'a str>>,
     /// Channel edges: `after` → its `before`s, sorted.
     channel_preds: BTreeMap<&'a str, Vec<&'a str>>,
+    /// Channels whose fleet declares `compliance.mode = "enforce"`.
+    enforcing: BTreeSet<&'a str>,
 }
 
 impl<'a> Ctx<'a> {
@@ -97,6 +100,12 @@ impl<'a> Ctx<'a> {
             list.dedup();
         }
         let offline_after = secs(config.offline_after_secs);
+        let enforcing = fleet
+            .channels
+            .iter()
+            .filter(|(_, c)| c.compliance.mode == ComplianceMode::Enforce.as_str())
+            .map(|(name, _)| name.as_str())
+            .collect();
         Ctx {
             now,
             confirm_window: secs(config.confirm_window_secs),
@@ -110,6 +119,20 @@ impl<'a> Ctx<'a> {
             hosts: &observed.hosts,
             edges,
             channel_preds,
+            enforcing,
+        }
+    }
+
+    /// Whether a rollout's compliance evidence gates it: its signed manifest says
+    /// `enforce` (or, for manifests from before that was recorded, its channel does), and
+    /// it selects at least one framework.
+    fn enforces_compliance(&self, manifest: &RolloutManifest) -> bool {
+        if manifest.compliance_frameworks.is_empty() {
+            return false;
+        }
+        match &manifest.compliance {
+            Some(c) => c.mode == ComplianceMode::Enforce,
+            None => self.enforcing.contains(manifest.channel.as_str()),
         }
     }
 
@@ -233,6 +256,8 @@ impl<'a> Slot<'a> {
 struct View<'a> {
     id: &'a str,
     manifest: &'a RolloutManifest,
+    /// Hosts soak only with passing compliance evidence for the target closure.
+    enforce_compliance: bool,
     state: RolloutState,
     /// One per host of the manifest's host set, by hostname.
     slots: Vec<Slot<'a>>,
@@ -482,6 +507,7 @@ impl<'a> Tick<'a> {
         View {
             id,
             manifest,
+            enforce_compliance: ctx.enforces_compliance(manifest),
             state: record.map_or(RolloutState::Pending { reason: None }, |r| r.state.clone()),
             slots,
             waves,
@@ -507,8 +533,14 @@ impl<'a> Tick<'a> {
         let soak = view.soak(view.slots[i].wave);
         for _ in 0..MAX_HOST_STEPS {
             let slot = &mut view.slots[i];
-            let Some(event) = next_event(&self.ctx, view.id, view.manifest, mode, soak, slot)
-            else {
+            let rollout = Rollout {
+                id: view.id,
+                manifest: view.manifest,
+                mode,
+                soak,
+                enforce_compliance: view.enforce_compliance,
+            };
+            let Some(event) = next_event(&self.ctx, &rollout, slot) else {
                 return;
             };
             let Some(next) = slot.state.on(&event) else {
@@ -871,14 +903,52 @@ impl<'a> Tick<'a> {
 }
 
 /// The next transition a host's attestation and the clock call for, if any.
-fn next_event(
-    ctx: &Ctx,
-    rollout_id: &str,
-    manifest: &RolloutManifest,
+/// What [`next_event`] needs to know of the rollout a host is in.
+struct Rollout<'a> {
+    id: &'a str,
+    manifest: &'a RolloutManifest,
     mode: Mode,
     soak: Duration,
-    slot: &Slot,
-) -> Option<HostEvent> {
+    enforce_compliance: bool,
+}
+
+/// Where a soaking host's compliance evidence for its target closure stands.
+enum Evidence<'a> {
+    /// Every control passed.
+    Passed,
+    /// Controls did not pass: `(id, status)`.
+    Failing(&'a [FailingControl]),
+    /// None stored for this closure, or the agent holds newer than what is stored.
+    Awaited,
+}
+
+fn evidence_for<'a>(obs: Option<&'a Attestation>, closure: &str) -> Evidence<'a> {
+    let Some(obs) = obs else {
+        return Evidence::Awaited;
+    };
+    match &obs.compliance {
+        Some(s)
+            if s.closure_hash == closure
+                && obs.compliance_claimed_at.is_none_or(|c| c <= s.collected_at) =>
+        {
+            if s.failing.is_empty() {
+                Evidence::Passed
+            } else {
+                Evidence::Failing(&s.failing)
+            }
+        }
+        _ => Evidence::Awaited,
+    }
+}
+
+fn next_event(ctx: &Ctx, rollout: &Rollout, slot: &Slot) -> Option<HostEvent> {
+    let Rollout {
+        id: rollout_id,
+        manifest,
+        mode,
+        soak,
+        enforce_compliance,
+    } = *rollout;
     let on_target = slot.on_target();
     let confirmed = if on_target {
         slot.obs.and_then(|a| a.last_confirmed_at)
@@ -1051,6 +1121,19 @@ fn next_event(
                     });
                 }
             }
+            if enforce_compliance && on_target {
+                match evidence_for(slot.obs, &slot.entry.target_closure) {
+                    Evidence::Failing(failing) => {
+                        return Some(HostEvent::Fail {
+                            reason: reason::compliance_failed(failing),
+                            at: ctx.now,
+                        })
+                    }
+                    // Never promoted on a host that has not shown its controls pass.
+                    Evidence::Awaited => return None,
+                    Evidence::Passed => {}
+                }
+            }
             (ctx.now - start >= soak).then_some(HostEvent::Soak)
         }
         HostState::Soaked => (mode == Mode::Converged).then_some(HostEvent::Complete),
@@ -1168,8 +1251,18 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
             let start = slot.confirmed_at.unwrap_or(slot.since);
             let soak = view.soak(slot.wave);
             if ctx.now - start >= soak {
-                // Soaked long enough, so only the health gate holds it.
-                "soaking: waiting for a health report since the confirm".to_owned()
+                let awaited = view.enforce_compliance
+                    && slot.on_target()
+                    && matches!(
+                        evidence_for(slot.obs, &slot.entry.target_closure),
+                        Evidence::Awaited
+                    );
+                if awaited {
+                    reason::compliance_awaited(slot.hostname())
+                } else {
+                    // Soaked long enough, so only the health gate holds it.
+                    "soaking: waiting for a health report since the confirm".to_owned()
+                }
             } else {
                 reason::soaking(
                     (ctx.now - start).whole_minutes().max(0),
