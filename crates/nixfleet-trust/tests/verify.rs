@@ -713,6 +713,7 @@ proptest! {
         prop_assert!(verify_revocations(&bytes, &sig, &t, now(), None, &l).is_err());
         prop_assert!(verify_token(&bytes, &t, now(), &l).is_err());
         prop_assert!(verify_report(&bytes, "h", "ssh-ed25519 AAAA", &l).is_err());
+        prop_assert!(nixfleet_trust::verify::verify_evidence(&bytes, "h", "ssh-ed25519 AAAA", &l).is_err());
         let _ = check_trust_file("t", &bytes, 0o600, &l);
     }
 
