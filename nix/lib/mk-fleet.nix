@@ -36,6 +36,7 @@ let
     lessThan
     listToAttrs
     mapAttrs
+    removeAttrs
     match
     sort
     toJSON
@@ -218,6 +219,11 @@ let
       test = v: elem v [ "halt" "rollback-and-halt" ];
       what = ''"halt" or "rollback-and-halt"'';
     };
+    # `lib.compliance` or what its `extend` returns: the functions the release gate calls.
+    complianceLibrary = {
+      test = v: isAttrs v && all (f: isFunction (v.${f} or null)) [ "controlsFor" "evaluateHost" "probesFor" ];
+      what = "a compliance library (lib.compliance, or lib.compliance.extend { … })";
+    };
     # A NixOS configuration (module, attribute set or function): CI builds it, so it is
     # neither checked nor written to the fleet JSON.
     anything = {
@@ -277,6 +283,20 @@ let
     complianceFrameworks = optional kinds.strings;
     revocations = optional kinds.list;
   };
+  # `compliance` is checked on its own, so that the list of fleet attributes in the
+  # errors above stays the reference's.
+  checkFleet =
+    place: value:
+    if isAttrs value then
+      checkFields place fleetFields (removeAttrs value [ "compliance" ])
+      ++ (
+        if !isSet value "compliance" || kinds.complianceLibrary.test value.compliance then
+          [ ]
+        else
+          [ "${place}: compliance must be ${kinds.complianceLibrary.what}, not ${describe value.compliance}" ]
+      )
+    else
+      checkFields place fleetFields value;
   hostFields = {
     configuration = optional kinds.anything;
     system = required kinds.string;
@@ -453,6 +473,8 @@ let
     else
       throw "${header}:\n${concatStringsSep "\n" (map (e: "  - ${e}") errors)}";
 
+  defaultCompliance = import ./compliance;
+
   # ---------------------------------------------------------------- mkFleet
 
   mkFleet =
@@ -469,7 +491,7 @@ let
       inputBudgets = section "disruptionBudgets";
       inputRevocations = section "revocations";
 
-      topErrors = checkFields "fleet" fleetFields fleet;
+      topErrors = checkFleet "fleet" fleet;
       shapeErrors =
         if topErrors != [ ] then
           topErrors
@@ -818,6 +840,10 @@ let
       revocations = checked revocations;
 
       warnings = checked warnings;
+
+      # The controls `nixfleet release --flake` checks each host against (its static
+      # gate): nixfleet's own library unless the fleet passes `compliance`.
+      compliance = get (if isAttrs fleet then fleet else { }) "compliance" defaultCompliance;
     };
 
   # ---------------------------------------------------------------- mergeFleets
@@ -832,7 +858,7 @@ let
         if !isList fleets then
           [ "mergeFleets takes a list of fleets, not ${describe fleets}" ]
         else
-          concatLists (imap0 (i: checkFields "merged fleet ${toString i}" fleetFields) fleets);
+          concatLists (imap0 (i: checkFleet "merged fleet ${toString i}") fleets);
 
       section = name: map (f: get f name defaults.fleet.${name}) fleets;
 
@@ -863,8 +889,18 @@ let
           duplicates "hosts" "host"
           ++ duplicates "tags" "tag"
           ++ duplicates "channels" "channel"
-          ++ duplicates "rolloutPolicies" "rollout policy";
+          ++ duplicates "rolloutPolicies" "rollout policy"
+          # Libraries hold functions, which cannot be compared: only one fleet may set it.
+          ++ (
+            if length withCompliance > 1 then
+              [
+                "compliance: set by more than one merged fleet (fleets ${concatStringsSep ", " (map toString withCompliance)}); set it once, with every fleet's controls in one extend"
+              ]
+            else
+              [ ]
+          );
 
+      withCompliance = filter (i: isSet (elemAt fleets i) "compliance") (genList (i: i) (length fleets));
       union = name: foldl' (a: b: a // b) { } (section name);
       concat = name: concatLists (section name);
       # Only from the fleets that set them: the others must not bring in the default list.
@@ -885,6 +921,7 @@ let
         revocations = concat "revocations";
       }
       // (if withFrameworks == [ ] then { } else { complianceFrameworks = frameworks; })
+      // (if withCompliance == [ ] then { } else { compliance = (elemAt fleets (head withCompliance)).compliance; })
     );
 in
 {

@@ -121,6 +121,16 @@ let
   };
 
   trustWritten = trust.ciReleaseKey != null && trust.orgRootKey != null;
+
+  # The options' defaults again, for evaluations that do not merge submodules (the
+  # option tests in crates/nixfleet-cli/tests/packaging.rs); a no-op under NixOS.
+  compliance = {
+    frameworks = [ ];
+    mode = "disabled";
+    library = import ../lib/compliance;
+  }
+  // cfg.compliance;
+  complianceOn = compliance.mode != "disabled" && compliance.frameworks != [ ];
 in
 {
   imports = [ ./trust.nix ];
@@ -144,6 +154,38 @@ in
       example = "debug";
       description = "Log filter (`NIXFLEET_LOG`, tracing's EnvFilter syntax); the binary logs at info by default.";
     };
+
+    # Not a flag: the probe set the closure carries, /etc/nixfleet/compliance.json
+    # (nixfleet_proto::compliance::ProbeSet), which the agent runs after activation.
+    compliance = mkOption {
+      type = types.submodule {
+        options = {
+          frameworks = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "cis" "nis2" ];
+            description = "The frameworks of this host's channel (its `compliance.frameworks` in mkFleet).";
+          };
+          mode = mkOption {
+            type = types.enum [
+              "enforce"
+              "permissive"
+              "disabled"
+            ];
+            default = "disabled";
+            description = "The compliance mode of this host's channel (its `compliance.mode` in mkFleet). With disabled, or no frameworks, no probe set is written.";
+          };
+          library = mkOption {
+            type = types.raw;
+            default = import ../lib/compliance;
+            defaultText = lib.literalExpression "nixfleet's lib.compliance";
+            description = "The compliance library whose controls' probes are written: the fleet's (`fleet.compliance`, the one mkFleet got) when it adds controls.";
+          };
+        };
+      };
+      default = { };
+      description = "The channel's compliance, as in mkFleet: the probes of its frameworks' controls go into /etc/nixfleet/compliance.json for the agent to run after activation.";
+    };
   }
   // lib.mapAttrs (_: mkOption) flagOptions;
 
@@ -162,6 +204,15 @@ in
     environment.etc."nixfleet/agent/trust.json" = lib.mkIf trustWritten {
       text = cli.trustJson trust;
       mode = "0644";
+    };
+
+    # Inside the closure CI signed (<toplevel>/etc/nixfleet/compliance.json), so the
+    # control plane cannot change which probes run.
+    environment.etc."nixfleet/compliance.json" = lib.mkIf complianceOn {
+      text = builtins.toJSON {
+        inherit (compliance) mode frameworks;
+        probes = compliance.library.probesFor (compliance.library.controlsFor compliance.frameworks);
+      };
     };
 
     systemd.services.nixfleet-agent = {

@@ -28,6 +28,7 @@ let
     "enable"
     "package"
     "logLevel"
+    "compliance"
   ];
   flagNames = builtins.filter (name: !(builtins.elem name notFlags)) (builtins.attrNames shared);
 
@@ -74,6 +75,15 @@ let
   ];
 
   trustWritten = trust.ciReleaseKey != null && trust.orgRootKey != null;
+
+  # As in ./agent.nix: the defaults again, for evaluations that do not merge submodules.
+  compliance = {
+    frameworks = [ ];
+    mode = "disabled";
+    library = import ../lib/compliance;
+  }
+  // cfg.compliance;
+  complianceOn = compliance.mode != "disabled" && compliance.frameworks != [ ];
 in
 {
   imports = [ ./trust.nix ];
@@ -92,6 +102,14 @@ in
     # agent's check (not writable by group or others) accepts.
     environment.etc."nixfleet/agent/trust.json" = lib.mkIf trustWritten {
       text = cli.trustJson trust;
+    };
+
+    # The probe set, in the closure (<system>/etc/nixfleet/compliance.json) as on NixOS.
+    environment.etc."nixfleet/compliance.json" = lib.mkIf complianceOn {
+      text = builtins.toJSON {
+        inherit (compliance) mode frameworks;
+        probes = compliance.library.probesFor (compliance.library.controlsFor compliance.frameworks);
+      };
     };
 
     # Before launchd (re)starts the daemon: its state directory, private to root.

@@ -16,7 +16,9 @@ use nixfleet_trust::verify::{self, Limits, ManifestContext, SignedBy, Verified};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 
+use crate::compliance_gate;
 use crate::files;
+use crate::pipeline::{PipelineError, Stage};
 use crate::release::{self, Stamp};
 use crate::signer::Signer;
 use crate::CliError;
@@ -188,8 +190,21 @@ fn canonical_of<T: serde::Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, 
 
 /// `nixfleet release`: validate, resolve, stamp, sign; returns the summary and warnings.
 pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
+    release_with_compliance(args, None)
+}
+
+/// `nixfleet release --compliance-results FILE`: the same, through the static compliance
+/// gate first (an enforce channel with a failed control is refused with exit code 12,
+/// nothing written); each gated channel's manifest records the outcome. Without a file,
+/// a manifest keeps what an earlier release of the same intent recorded (a re-sign).
+pub fn release_with_compliance(
+    args: &ReleaseArgs,
+    compliance_results: Option<&Path>,
+) -> Result<(String, Vec<String>), CliError> {
     let fleet: FleetResolved = read_json(&args.fleet)?;
     let closures: BTreeMap<String, String> = read_json(&args.closures)?;
+    let results: Option<compliance_gate::Results> =
+        compliance_results.map(read_json).transpose()?;
     let trust = args.trust_file.as_deref().map(load_trust).transpose()?;
     let stamp = Stamp {
         ci_commit: args.ci_commit.clone(),
@@ -198,6 +213,28 @@ pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
     };
     let resolved = release::resolve(fleet, &closures, &stamp).map_err(CliError::Fleet)?;
     let fleet = resolved.fleet;
+    let mut warnings = resolved.warnings;
+    // Before anything is written: a refused release leaves --out as it was.
+    let gate = match &results {
+        Some(results) => {
+            let decision = compliance_gate::decide(&fleet, results).map_err(|e| {
+                let message = match &e {
+                    compliance_gate::GateError::Refused(_) => e.to_string(),
+                    _ => format!(
+                        "{}: {e}; nothing was signed",
+                        compliance_results.unwrap_or(Path::new("")).display()
+                    ),
+                };
+                CliError::Pipeline(PipelineError {
+                    stage: Stage::Compliance,
+                    message,
+                })
+            })?;
+            warnings.extend(decision.warnings);
+            Some(decision.channels)
+        }
+        None => None,
+    };
 
     files::create_dir(&args.out.join("rollouts").join("channel"))?;
     let fleet_path = args.out.join("fleet.resolved.json");
@@ -217,10 +254,16 @@ pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
         let rollout_id = verify::rollout_id(&canonical_of(&manifest, &args.out)?)
             .map_err(|e| json_error(&args.out, e))?;
         let path = args.out.join("rollouts").join(format!("{rollout_id}.json"));
-        // A re-sign of an unchanged intent keeps the provenance of its first release.
-        if let Some(first) = earlier_introduction(&path, &rollout_id) {
+        // A re-sign of an unchanged intent keeps the provenance of its first release, and
+        // (without new results) what the gate recorded for it: the closures are the same.
+        let earlier = earlier_manifest(&path, &rollout_id);
+        if let Some(first) = earlier.as_ref().and_then(introduction_of) {
             manifest.introduced = Some(first);
         }
+        manifest.compliance = match &gate {
+            Some(channels) => channels.get(&manifest.channel).cloned(),
+            None => earlier.and_then(|m| m.compliance),
+        };
         let canonical = canonical_of(&manifest, &args.out)?;
         // Also under the channel's name, for control planes that fetch the current
         // manifest of each channel by URL (the id cannot be known before the bytes).
@@ -254,18 +297,22 @@ pub fn release(args: &ReleaseArgs) -> Result<(String, Vec<String>), CliError> {
                 .unwrap_or_default()
         ));
     }
-    Ok((lines.join("\n"), resolved.warnings))
+    Ok((lines.join("\n"), warnings))
 }
 
-/// The `introduced` of the manifest already at `path` when it carries the same intent;
-/// anything unreadable is ignored (this release then counts as the first).
-fn earlier_introduction(path: &Path, rollout_id: &str) -> Option<Introduced> {
+/// The manifest already at `path` when it carries the same intent; anything unreadable
+/// is ignored (this release then counts as the first).
+fn earlier_manifest(path: &Path, rollout_id: &str) -> Option<RolloutManifest> {
     let bytes = std::fs::read(path).ok()?;
     if verify::rollout_id(&bytes).ok()? != rollout_id {
         return None;
     }
-    let earlier: RolloutManifest = serde_json::from_slice(&bytes).ok()?;
-    earlier.introduced.or_else(|| {
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The provenance of an earlier manifest of the same intent.
+fn introduction_of(earlier: &RolloutManifest) -> Option<Introduced> {
+    earlier.introduced.clone().or_else(|| {
         earlier.meta.signed_at.map(|signed_at| Introduced {
             ci_commit: earlier.meta.ci_commit.clone(),
             signed_at,

@@ -3,7 +3,9 @@
 //! here so that it can be tested without spawning the binary.
 
 pub mod commands;
+pub mod compliance_gate;
 pub mod demo;
+pub mod evidence;
 pub mod files;
 pub mod operator;
 pub mod pipeline;

@@ -64,6 +64,9 @@ enum Command {
     /// Rollouts: list them, or trace one's events with the reconciler's reasons.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Compliance evidence the hosts signed: per host and control, the newest status.
+    #[command(subcommand)]
+    Compliance(ComplianceCommand),
     /// Run a local fleet under --dir, roll two signed releases out to it, wipe its control
     /// plane.
     ///
@@ -232,6 +235,31 @@ impl ConnectionFlags {
 }
 
 #[derive(Subcommand)]
+enum ComplianceCommand {
+    /// Per host and control, the newest status with its articles and output hash, from
+    /// the evidence the hosts signed (docs/compliance.md).
+    Report {
+        /// Only this channel's hosts.
+        #[arg(long)]
+        channel: Option<String>,
+        /// Only hosts whose channel selects this framework, and only the controls that
+        /// cite it (cis, nis2, iso27001, anssi, dora).
+        #[arg(long)]
+        framework: Option<String>,
+        #[command(flatten)]
+        connection: ConnectionFlags,
+    },
+    /// Print a host's newest evidence as it signed it; save it for `nixfleet verify
+    /// evidence`.
+    Evidence {
+        #[arg(long)]
+        host: String,
+        #[command(flatten)]
+        endpoint: EndpointFlags,
+    },
+}
+
+#[derive(Subcommand)]
 enum CaCommand {
     /// Create the fleet CA: DIR/fleet-ca-key.pem (0600), DIR/fleet-ca-cert.pem and DIR/ca.pem
     /// (the same certificate, for clients' --cacert). Existing files are never overwritten.
@@ -349,6 +377,11 @@ struct ReleaseArgs {
     /// JSON object: hostname -> Nix store basename of its system closure.
     #[arg(long, requires = "fleet")]
     closures: Option<PathBuf>,
+    /// JSON object: hostname -> its `lib.compliance.evaluateHost` list; applies the static
+    /// compliance gate (enforce channels with a failed control are refused, exit 12;
+    /// permissive ones record the failures in their manifest).
+    #[arg(long, requires = "fleet")]
+    compliance_results: Option<PathBuf>,
     /// The commit the release was built from; with --flake, the flake's git HEAD by default.
     #[arg(long, conflicts_with = "resign")]
     ci_commit: Option<String>,
@@ -385,6 +418,14 @@ struct PipelineFlags {
         requires = "flake"
     )]
     toplevel_attr: String,
+    /// Attribute path of a host's configuration, which the compliance controls of its
+    /// channel read (the static gate); `{host}` is the host name.
+    #[arg(
+        long,
+        default_value = "nixosConfigurations.{host}.config",
+        requires = "flake"
+    )]
+    config_attr: String,
     /// Build only this host (repeat); the others keep the closure of the previous release
     /// found in --publish-dir or --out.
     #[arg(long = "host", requires = "flake")]
@@ -509,6 +550,7 @@ fn release(args: ReleaseArgs) -> Result<String, CliError> {
             flake,
             fleet_attr: flags.fleet_attr,
             toplevel_attr: flags.toplevel_attr,
+            config_attr: flags.config_attr,
             hosts: flags.hosts,
             jobs: flags.jobs as usize,
             allow_dirty: flags.allow_dirty,
@@ -538,15 +580,18 @@ fn release(args: ReleaseArgs) -> Result<String, CliError> {
             "pass --fleet, --closures and --ci-commit, or --flake DIR".into(),
         ));
     };
-    let (summary, warnings) = commands::release(&commands::ReleaseArgs {
-        signer: signer?,
-        fleet,
-        closures,
-        ci_commit,
-        out: out.clone(),
-        trust_file: args.trust_file,
-        signed_at: args.signed_at,
-    })?;
+    let (summary, warnings) = commands::release_with_compliance(
+        &commands::ReleaseArgs {
+            signer: signer?,
+            fleet,
+            closures,
+            ci_commit,
+            out: out.clone(),
+            trust_file: args.trust_file,
+            signed_at: args.signed_at,
+        },
+        args.compliance_results.as_deref(),
+    )?;
     for warning in warnings {
         eprintln!("warning: {warning}");
     }
@@ -629,6 +674,34 @@ enum VerifyCommand {
         #[arg(long)]
         trust_file: PathBuf,
         /// Check the fleet's freshness as of this instant (auditing a past date).
+        #[arg(long, value_parser = parse_time)]
+        now: Option<OffsetDateTime>,
+    },
+    /// Verify host-signed compliance evidence (as `nixfleet compliance evidence` prints
+    /// it) against the host key pinned in a signed fleet; with --manifest, that it was
+    /// collected on the closure that rollout gives the host; with --latest, that it is not
+    /// older than evidence of the host already held (a replay).
+    Evidence {
+        file: PathBuf,
+        /// The fleet.resolved.json whose hosts.<name>.pubkey signs the evidence.
+        #[arg(long)]
+        fleet: PathBuf,
+        /// Signature of --fleet; defaults to FLEET.sig.
+        #[arg(long)]
+        fleet_sig: Option<PathBuf>,
+        #[arg(long)]
+        trust_file: PathBuf,
+        /// The host the evidence must come from.
+        #[arg(long)]
+        host: Option<String>,
+        /// A rollout manifest (rollouts/<id>.json, with its .sig) of the same fleet.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The newest evidence of the host already held.
+        #[arg(long)]
+        latest: Option<PathBuf>,
+        /// Check the fleet's and manifest's freshness as of this instant (auditing a past
+        /// date).
         #[arg(long, value_parser = parse_time)]
         now: Option<OffsetDateTime>,
     },
@@ -762,6 +835,30 @@ fn run(cli: Cli) -> Result<(), CliError> {
                         now,
                     },
                 ),
+                VerifyCommand::Evidence {
+                    file,
+                    fleet,
+                    fleet_sig,
+                    trust_file,
+                    host,
+                    manifest,
+                    latest,
+                    now,
+                } => {
+                    out(&nixfleet_cli::evidence::verify_evidence(
+                        &nixfleet_cli::evidence::VerifyEvidence {
+                            file,
+                            fleet,
+                            fleet_sig,
+                            trust_file,
+                            host,
+                            manifest,
+                            latest,
+                            now,
+                        },
+                    )?);
+                    return Ok(());
+                }
                 VerifyCommand::Token {
                     file,
                     trust_file,
@@ -857,6 +954,25 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Rollout(RolloutCommand::Trace { id, connection }) => {
             print_text(&connection.run(operator::Query::Trace(id))?)?
+        }
+        Command::Compliance(ComplianceCommand::Report {
+            channel,
+            framework,
+            connection,
+        }) => print_text(&connection.run(operator::Query::Compliance { channel, framework })?)?,
+        Command::Compliance(ComplianceCommand::Evidence { host, endpoint }) => {
+            print_text(&operator::run(
+                &operator::Query::Evidence(host),
+                &endpoint.args(),
+                operator::Ui {
+                    json: true,
+                    style: operator::render::Style {
+                        width: 80,
+                        colour: false,
+                    },
+                    spinner: false,
+                },
+            )?)?
         }
         Command::Dashboard(args) => operator::dashboard::run(
             &operator::dashboard::DashboardArgs {

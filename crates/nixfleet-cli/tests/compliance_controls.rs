@@ -1059,6 +1059,11 @@ fn the_docs_shell_blocks_run() {
         .env("NIXFLEET_SRC", repo())
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("HOME", scratch.path())
+        .env("PATH", {
+            // The auditor's walk runs this build's `nixfleet`.
+            let bin = Path::new(env!("CARGO_BIN_EXE_nixfleet")).parent().unwrap();
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+        })
         .env_remove("NIX_PATH")
         .output()
         .unwrap();

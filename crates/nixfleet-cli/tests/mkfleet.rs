@@ -608,3 +608,59 @@ fn golden_fleets_round_trip_through_release_and_verify() {
         assert_eq!(round_tripped, fleet, "{name}: release changed the fleet");
     }
 }
+
+/// `fleet.compliance` is the library the static gate of `nixfleet release --flake` uses:
+/// nixfleet's own by default, the fleet's when it passes `compliance` (one merged fleet at
+/// most); anything else is refused, and `resolved` is the same either way.
+#[test]
+fn the_fleet_exposes_the_compliance_library_its_gate_uses() {
+    let out = eval_expr(
+        r#"
+        let
+          lib = import ./nix/lib;
+          input = import ./nix/tests/positive/example/fleet.nix;
+          own = lib.compliance.extend { allowedLoginUsers = [ "root" "alice" ]; };
+          plain = lib.mkFleet input;
+          extended = lib.mkFleet (input // { compliance = own; });
+          merged = lib.mkFleet (lib.mergeFleets [ { compliance = own; } input ]);
+        in {
+          plain = plain.compliance.allowedLoginUsers;
+          extended = extended.compliance.allowedLoginUsers;
+          merged = merged.compliance.allowedLoginUsers;
+          cis = map (c: c.id) (extended.compliance.controlsFor [ "cis" ]);
+          same = plain.resolved == extended.resolved && plain.resolved == merged.resolved;
+        }
+        "#,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let got: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(got["plain"], serde_json::json!(["root"]));
+    assert_eq!(got["extended"], serde_json::json!(["root", "alice"]));
+    assert_eq!(got["merged"], serde_json::json!(["root", "alice"]));
+    assert!(got["cis"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("ssh-root-login-key-only")));
+    assert_eq!(got["same"], true);
+
+    let out = eval_expr(
+        r#"((import ./nix/lib).mkFleet ((import ./nix/tests/positive/example/fleet.nix) // { compliance = { }; })).resolved"#,
+    );
+    assert!(!out.success, "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("fleet: compliance must be a compliance library"),
+        "{}",
+        out.stderr
+    );
+    let out = eval_expr(
+        r#"let lib = import ./nix/lib; in lib.mergeFleets [ { compliance = lib.compliance; } { compliance = lib.compliance; } ]"#,
+    );
+    assert!(!out.success, "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("compliance: set by more than one merged fleet (fleets 0, 1)"),
+        "{}",
+        out.stderr
+    );
+}

@@ -1273,12 +1273,12 @@ fn eval_agent_module(module: &str, darwin: bool, fill: bool, set: Value, trust: 
                 type = o.type.name;
                 default = if o.type.name == "package" then null else o.default or null;
               }}) options;
+              etc = builtins.mapAttrs (_: f: {{ inherit (f) text; }}) (out.environment.etc or {{ }});
             }}
             // (if {darwin} then {{
               daemon = out.launchd.daemons.nixfleet-agent.serviceConfig;
               preActivation = out.system.activationScripts.preActivation.text;
               postActivation = out.system.activationScripts.postActivation.text;
-              etc = builtins.mapAttrs (_: f: {{ inherit (f) text; }}) (out.environment.etc or {{ }});
               assertions = map (a: a.assertion) out.assertions;
             }} else {{ }})"#,
         ),
@@ -1486,4 +1486,57 @@ fn flake_exports_the_darwin_agent_module() {
         got,
         json!({ "agent": repo().join("nix/modules/darwin-agent.nix") })
     );
+}
+
+/// The agent modules write the channel's probe set into the closure
+/// (`etc/nixfleet/compliance.json`, nixfleet_proto's ProbeSet) when the channel's
+/// compliance is on, with the probes of `lib.compliance` for its frameworks, and nothing
+/// otherwise.
+#[test]
+fn agent_modules_write_the_channels_probe_set() {
+    let want = eval(
+        r#"{ input }: let c = (import ./nix/lib).compliance; in map (p: p.id) (c.probesFor (c.controlsFor (builtins.fromJSON input)))"#,
+        &json!(["cis"]),
+    );
+    assert!(
+        want.as_array()
+            .unwrap()
+            .contains(&json!("ssh-root-login-key-only")),
+        "{want}"
+    );
+    for (module, darwin) in [(AGENT.module, false), (DARWIN_MODULE, true)] {
+        let mut set = (AGENT.required)();
+        set["compliance"] = json!({"frameworks": ["cis"], "mode": "permissive"});
+        let got = eval_agent_module(module, darwin, false, set.clone(), Value::Null);
+        let text = got["etc"]["nixfleet/compliance.json"]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{module}: no etc/nixfleet/compliance.json: {got}"));
+        let probe_set: nixfleet_proto::compliance::ProbeSet =
+            serde_json::from_str(text).expect("compliance.json is a ProbeSet");
+        assert_eq!(
+            probe_set.mode,
+            nixfleet_proto::compliance::ComplianceMode::Permissive
+        );
+        assert_eq!(probe_set.frameworks, ["cis"]);
+        let ids: Vec<Value> = probe_set.probes.iter().map(|p| json!(p.id)).collect();
+        assert_eq!(Value::Array(ids), want, "{module}");
+        assert!(probe_set
+            .probes
+            .iter()
+            .all(|p| p.command[0].starts_with('/') && p.timeout_secs > 0));
+
+        for off in [
+            json!({"frameworks": ["cis"], "mode": "disabled"}),
+            json!({"frameworks": [], "mode": "enforce"}),
+        ] {
+            set["compliance"] = off;
+            let got = eval_agent_module(module, darwin, false, set.clone(), Value::Null);
+            assert!(
+                got["etc"].get("nixfleet/compliance.json").is_none(),
+                "{module}: {got}"
+            );
+        }
+        let defaults = eval_agent_module(module, darwin, false, (AGENT.required)(), Value::Null);
+        assert!(defaults["etc"].get("nixfleet/compliance.json").is_none());
+    }
 }

@@ -40,14 +40,14 @@ pub fn nix_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-const SYSTEM_NIX: &str = r#"{ name, script }:
-derivation {
+const SYSTEM_NIX: &str = r#"{ name, script, compliance ? null }:
+derivation ({
   inherit name script;
   system = builtins.currentSystem;
   builder = "/bin/sh";
   PATH = "/bin:/usr/bin";
-  args = [ "-c" "mkdir -p $out/bin && printf '%s\n' \"$script\" | sed \"s|@out@|$out|g\" > $out/bin/switch-to-configuration && chmod +x $out/bin/switch-to-configuration" ];
-}
+  args = [ "-c" "mkdir -p $out/bin && printf '%s\n' \"$script\" | sed \"s|@out@|$out|g\" > $out/bin/switch-to-configuration && chmod +x $out/bin/switch-to-configuration && if [ -n \"$compliance\" ]; then mkdir -p $out/etc/nixfleet && printf '%s' \"$compliance\" > $out/etc/nixfleet/compliance.json; fi" ];
+} // (if compliance == null then { } else { inherit compliance; }))
 "#;
 
 /// A test machine: the directory with its profile, current-system link and steering files.
@@ -89,6 +89,16 @@ impl Machine {
     /// Built with no substituters: nothing is to be fetched, and nix-build would otherwise
     /// first try cache.nixos.org (seconds of retries per build when offline).
     pub fn build(&self, name: &str) -> String {
+        self.build_with(name, None)
+    }
+
+    /// As [`Machine::build`], with `probe_set` (a compliance `ProbeSet` as JSON) at the
+    /// closure's `etc/nixfleet/compliance.json`, where the NixOS module puts it.
+    pub fn build_with_probes(&self, name: &str, probe_set: &str) -> String {
+        self.build_with(name, Some(probe_set))
+    }
+
+    fn build_with(&self, name: &str, probe_set: Option<&str>) -> String {
         let options = ["--option", "substituters", ""];
         let script = self.switch_script(name);
         let mut cmd = nix_command("nix-build");
@@ -96,6 +106,9 @@ impl Machine {
             .args(["--no-out-link", "--argstr", "name", name])
             .args(["--argstr", "script", &script])
             .args(options);
+        if let Some(set) = probe_set {
+            cmd.args(["--argstr", "compliance", set]);
+        }
         let path = run(cmd, "nix-build of a test closure");
         Path::new(&path)
             .file_name()

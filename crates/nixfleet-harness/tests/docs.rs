@@ -305,6 +305,8 @@ fn every_operator_flag_is_documented() {
         &["nixfleet", "status"][..],
         &["nixfleet", "rollout", "list"],
         &["nixfleet", "rollout", "trace"],
+        &["nixfleet", "compliance", "report"],
+        &["nixfleet", "compliance", "evidence"],
     ] {
         for flag in help_flags(command) {
             assert!(

@@ -3,6 +3,7 @@
 //! render text (see [`render`]) or print the API's JSON.
 
 pub mod client;
+pub mod compliance;
 pub mod config;
 pub mod dashboard;
 pub mod render;
@@ -110,6 +111,13 @@ pub enum Query {
     Host(String),
     Rollouts,
     Trace(String),
+    /// `nixfleet compliance report`: optionally one channel, one framework.
+    Compliance {
+        channel: Option<String>,
+        framework: Option<String>,
+    },
+    /// `nixfleet compliance evidence --host H`: the host's newest signed evidence.
+    Evidence(String),
 }
 
 /// How to show it.
@@ -209,6 +217,16 @@ async fn answer(
                 render::trace(&id, rollout, &events, &ui.style)
             })
         }
+        Query::Compliance { channel, framework } => {
+            let report =
+                compliance::report(client, channel.as_deref(), framework.as_deref()).await?;
+            Ok(if ui.json {
+                json(&report)
+            } else {
+                compliance::render(&report, now, &ui.style)
+            })
+        }
+        Query::Evidence(host) => compliance::evidence(client, host).await,
     }
 }
 

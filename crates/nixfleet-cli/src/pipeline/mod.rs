@@ -4,7 +4,10 @@
 //! 1. evaluate: the flake's git state (HEAD is the commit; a dirty tree is refused) and
 //!    `<fleet attr>.resolved`, mkFleet's unsigned fleet;
 //! 2. build: each host's system closure, a bounded number at a time;
-//! 3. compliance: reserved;
+//! 3. compliance: the static gate: each host of a channel with compliance frameworks is
+//!    evaluated with the fleet's controls (`<fleet attr>.compliance.evaluateHost` on
+//!    `--config-attr`); a failed control stops an `enforce` release, a `permissive` one
+//!    records it in the channel's signed manifest;
 //! 4. push: to a Nix store URL (signed with the cache key) or through a command, then the
 //!    proof: every path of every closure is read back from the cache the hosts use and
 //!    must carry a signature by a key pinned in the trust file's `cacheKeys`;
@@ -17,6 +20,7 @@
 //! Also here: `--resign` (a scheduled re-sign of a published release, nothing rebuilt)
 //! and `check-fresh`.
 
+pub mod compliance;
 pub mod git_publish;
 pub mod narinfo;
 pub mod publish;
@@ -114,6 +118,9 @@ pub struct FlakeRelease {
     pub fleet_attr: String,
     /// An attribute path with `{host}` for the host name.
     pub toplevel_attr: String,
+    /// An attribute path with `{host}`: the host's configuration the compliance controls
+    /// read (`nixosConfigurations.{host}.config`).
+    pub config_attr: String,
     /// Build only these hosts; the others keep their closures from the previous release.
     pub hosts: Vec<String>,
     pub jobs: usize,
@@ -589,6 +596,7 @@ fn sign_error(e: CliError) -> PipelineError {
     match e {
         CliError::Verify { .. } => fail(Stage::Verify, format!("the signed release does not verify against the trust file: {e}; nothing was published")),
         CliError::Fleet(_) => fail(Stage::Evaluate, format!("{e}")),
+        CliError::Pipeline(e) => e,
         other => fail(Stage::Sign, format!("{other}; nothing was published")),
     }
 }
@@ -739,7 +747,35 @@ pub fn release_flake(args: FlakeRelease) -> Result<(String, Vec<String>), Pipeli
     }
 
     closures.extend(build(&args, &reference, &selected)?);
-    // Stage 3, compliance: reserved (exit code 12); nothing to check yet.
+    // Every host of a gated channel is checked, also one not rebuilt: the release signs
+    // its closure again, under the fleet's current controls.
+    // Always a results file for the signing step, empty when no channel is gated: then
+    // no manifest keeps an earlier release's record.
+    let compliance_results = compliance::evaluate(&args, &reference, &fleet)?.unwrap_or_default();
+    {
+        let decision =
+            crate::compliance_gate::decide(&fleet, &compliance_results).map_err(|e| match e {
+                crate::compliance_gate::GateError::Refused(_) => {
+                    fail(Stage::Compliance, e.to_string())
+                }
+                _ => fail(
+                    Stage::Compliance,
+                    format!("{e}; nothing was pushed or signed"),
+                ),
+            })?;
+        for (channel, outcome) in &decision.channels {
+            progress(&format!(
+                "compliance: channel {channel} ({}): {} failure(s){}",
+                outcome.mode.as_str(),
+                outcome.static_failures.len(),
+                if outcome.static_failures.is_empty() {
+                    ""
+                } else {
+                    ", recorded in its manifest"
+                }
+            ));
+        }
+    }
     push(
         &args,
         &closures
@@ -776,6 +812,7 @@ pub fn release_flake(args: FlakeRelease) -> Result<(String, Vec<String>), Pipeli
     })?;
     let fleet_path = write_input(&inputs.0, "fleet.json", &fleet)?;
     let closures_path = write_input(&inputs.0, "closures.json", &closures)?;
+    let compliance_path = write_input(&inputs.0, "compliance.json", &compliance_results)?;
     let release_args = commands::ReleaseArgs {
         fleet: fleet_path,
         closures: closures_path,
@@ -786,7 +823,9 @@ pub fn release_flake(args: FlakeRelease) -> Result<(String, Vec<String>), Pipeli
         signed_at: args.signed_at,
     };
     progress("signing");
-    let (summary, warnings) = commands::release(&release_args).map_err(sign_error)?;
+    let (summary, warnings) =
+        commands::release_with_compliance(&release_args, Some(&compliance_path))
+            .map_err(sign_error)?;
 
     progress(&format!("publishing to {}", args.out.display()));
     publish::publish(&staging.0, &args.out).map_err(|e| fail(Stage::Publish, e))?;

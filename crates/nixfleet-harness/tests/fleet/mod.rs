@@ -129,6 +129,20 @@ impl Fleet {
         revoked: Value,
         edit: impl FnOnce(&mut Value),
     ) -> Fleet {
+        Fleet::new_built(names, policy, revoked, edit, |machine, name| {
+            machine.build(name)
+        })
+    }
+
+    /// As [`Fleet::new_with`], with each host's released closure (gen1) built by
+    /// `build(machine, name)` rather than [`Machine::build`].
+    pub fn new_built(
+        names: &[String],
+        policy: Value,
+        revoked: Value,
+        edit: impl FnOnce(&mut Value),
+        build: impl Fn(&Machine, &str) -> String,
+    ) -> Fleet {
         let tmp = tempfile::tempdir().unwrap();
         let forge_dir = tmp.path().join("forge");
         let cache = Cache::new(&forge_dir.join("cache"), "fleet-cache-1");
@@ -140,7 +154,7 @@ impl Fleet {
             let machine = Machine::new(&tmp.path().join(format!("machine-{name}")));
             let gen0 = machine.build(&format!("nixos-system-{name}-0"));
             machine.install(&gen0);
-            let gen1 = machine.build(&format!("nixos-system-{name}-1"));
+            let gen1 = build(&machine, &format!("nixos-system-{name}-1"));
             cache.push(&gen1);
             delete_from_store(&gen1);
             host.token_file(&pki, &machine.dir.join("token.json"));
