@@ -28,10 +28,15 @@ struct Release {
     rollout: String,
 }
 
-/// The example fleet with web-01 and db-01 keys pinned, released and signed now.
-fn release() -> Release {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// Trust roots in `d`, and a signed release in `d/out` of the example fleet with `pinned`
+/// hosts' keys pinned; returns the stable channel's rollout id. The CI and org keys are
+/// removed afterwards: they have no place in an example.
+fn sign_example_release(
+    d: &Path,
+    pinned: &[(&str, &PrivateKey)],
+    signed_at: Option<&str>,
+    out: &str,
+) -> String {
     let ci = ok(d, &["keygen", "--out", "ci.pem"]);
     let org = ok(d, &["keygen", "--out", "org.pem"]);
     ok(
@@ -49,52 +54,65 @@ fn release() -> Release {
             "trust.json",
         ],
     );
-    let web = PrivateKey::generate(Algorithm::Ed25519);
-    let db = PrivateKey::generate(Algorithm::Ed25519);
     let repo = repo();
     let mut fleet: serde_json::Value =
         serde_json::from_slice(&fs::read(repo.join("examples/fleet.json")).unwrap()).unwrap();
-    for (host, key) in [("web-01", &web), ("db-01", &db)] {
-        fleet["hosts"][host]["pubkey"] =
+    for (host, key) in pinned {
+        fleet["hosts"][*host]["pubkey"] =
             keys::to_ssh_public_line(&key.public_key(), &format!("root@{host}"))
                 .unwrap()
                 .into();
     }
-    fs::write(d.join("fleet.json"), fleet.to_string()).unwrap();
-    ok(
-        d,
-        &[
-            "release",
-            "--fleet",
-            "fleet.json",
-            "--closures",
-            repo.join("examples/closures.json").to_str().unwrap(),
-            "--ci-commit",
-            "0123456789abcdef0123456789abcdef01234567",
-            "--key",
-            "ci.pem",
-            "--out",
-            "rel",
-            "--trust-file",
-            "trust.json",
-        ],
-    );
+    fs::write(
+        d.join("fleet.json"),
+        serde_json::to_string_pretty(&fleet).unwrap(),
+    )
+    .unwrap();
+    let closures = repo.join("examples/closures.json");
+    let mut args = vec![
+        "release",
+        "--fleet",
+        "fleet.json",
+        "--closures",
+        closures.to_str().unwrap(),
+        "--ci-commit",
+        "0123456789abcdef0123456789abcdef01234567",
+        "--key",
+        "ci.pem",
+        "--out",
+        out,
+    ];
+    if let Some(at) = signed_at {
+        args.extend(["--signed-at", at]);
+    }
+    ok(d, &args);
+    fs::remove_file(d.join("ci.pem")).unwrap();
+    fs::remove_file(d.join("org.pem")).unwrap();
+    let rollouts = d.join(out).join("rollouts");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(d.join("rel/rollouts/channel/stable.json")).unwrap())
-            .unwrap();
-    let rollout = fs::read_dir(d.join("rel/rollouts"))
+        serde_json::from_slice(&fs::read(rollouts.join("channel/stable.json")).unwrap()).unwrap();
+    fs::read_dir(&rollouts)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
         .find(|id| {
             id.len() == 64
                 && serde_json::from_slice::<serde_json::Value>(
-                    &fs::read(d.join(format!("rel/rollouts/{id}.json"))).unwrap(),
+                    &fs::read(rollouts.join(format!("{id}.json"))).unwrap(),
                 )
                 .unwrap()
                     == manifest
         })
-        .expect("the stable channel's manifest under its rollout id");
+        .expect("the stable channel's manifest under its rollout id")
+}
+
+/// The example fleet with web-01 and db-01 keys pinned, released and signed now.
+fn release() -> Release {
+    let dir = tempfile::tempdir().unwrap();
+    let web = PrivateKey::generate(Algorithm::Ed25519);
+    let db = PrivateKey::generate(Algorithm::Ed25519);
+    let rollout =
+        sign_example_release(dir.path(), &[("web-01", &web), ("db-01", &db)], None, "rel");
     Release {
         dir,
         web,
@@ -359,72 +377,13 @@ fn bless_audit_example(audit: &Path) {
     let _ = fs::remove_dir_all(audit);
     fs::create_dir_all(audit).unwrap();
     let d = audit;
-    let ci = ok(d, &["keygen", "--out", "ci.pem"]);
-    let org = ok(d, &["keygen", "--out", "org.pem"]);
-    ok(
-        d,
-        &[
-            "trust",
-            "init",
-            "--ci-release-key",
-            ci.trim(),
-            "--org-root-key",
-            org.trim(),
-            "--cache-key",
-            "cache-1:Ff8AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-            "--out",
-            "trust.json",
-        ],
-    );
     let web = PrivateKey::generate(Algorithm::Ed25519);
-    let repo = repo();
-    let mut fleet: serde_json::Value =
-        serde_json::from_slice(&fs::read(repo.join("examples/fleet.json")).unwrap()).unwrap();
-    fleet["hosts"]["web-01"]["pubkey"] = keys::to_ssh_public_line(&web.public_key(), "root@web-01")
-        .unwrap()
-        .into();
-    fs::write(
-        d.join("fleet.json"),
-        serde_json::to_string_pretty(&fleet).unwrap(),
-    )
-    .unwrap();
-    ok(
+    let rollout = sign_example_release(
         d,
-        &[
-            "release",
-            "--fleet",
-            "fleet.json",
-            "--closures",
-            repo.join("examples/closures.json").to_str().unwrap(),
-            "--ci-commit",
-            "0123456789abcdef0123456789abcdef01234567",
-            "--signed-at",
-            "2026-12-04T09:00:00Z",
-            "--key",
-            "ci.pem",
-            "--out",
-            "release",
-        ],
+        &[("web-01", &web)],
+        Some("2026-12-04T09:00:00Z"),
+        "release",
     );
-    // The private keys have no place in an example.
-    fs::remove_file(d.join("ci.pem")).unwrap();
-    fs::remove_file(d.join("org.pem")).unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(d.join("release/rollouts/channel/stable.json")).unwrap())
-            .unwrap();
-    let rollout = fs::read_dir(d.join("release/rollouts"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
-        .find(|id| {
-            id.len() == 64
-                && serde_json::from_slice::<serde_json::Value>(
-                    &fs::read(d.join(format!("release/rollouts/{id}.json"))).unwrap(),
-                )
-                .unwrap()
-                    == manifest
-        })
-        .unwrap();
     let at = |text: &str| {
         OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap()
     };

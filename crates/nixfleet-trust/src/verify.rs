@@ -556,6 +556,33 @@ fn canonical_member(
     Ok((part_canonical, whole))
 }
 
+/// An ed25519 signature (base64) by the host SSH key `host_pubkey_line` over `canonical`.
+fn check_host_signature(
+    artifact: Artifact,
+    canonical: &[u8],
+    signature: &str,
+    host_pubkey_line: &str,
+) -> Result<(), VerifyError> {
+    let key = keys::parse_ssh_ed25519_public(host_pubkey_line).map_err(|source| {
+        VerifyError::TrustKey {
+            slot: Slot::HostKey,
+            source,
+        }
+    })?;
+    let signature = decode_signature(artifact, signature)?;
+    if signature.len() != keys::SIGNATURE_LEN {
+        return Err(VerifyError::SignatureLength {
+            artifact,
+            len: signature.len(),
+        });
+    }
+    key.verify(canonical, &signature)
+        .map_err(|_| VerifyError::BadSignature {
+            artifact,
+            slot: Slot::HostKey,
+        })
+}
+
 fn decode_signature(artifact: Artifact, text: &str) -> Result<Vec<u8>, VerifyError> {
     base64::engine::general_purpose::STANDARD
         .decode(text)
@@ -635,24 +662,7 @@ pub fn verify_report(
             expected_host: hostname.to_owned(),
         });
     }
-    let key = keys::parse_ssh_ed25519_public(host_pubkey_line).map_err(|source| {
-        VerifyError::TrustKey {
-            slot: Slot::HostKey,
-            source,
-        }
-    })?;
-    let signature = decode_signature(artifact, &request.signature)?;
-    if signature.len() != keys::SIGNATURE_LEN {
-        return Err(VerifyError::SignatureLength {
-            artifact,
-            len: signature.len(),
-        });
-    }
-    key.verify(&canonical, &signature)
-        .map_err(|_| VerifyError::BadSignature {
-            artifact,
-            slot: Slot::HostKey,
-        })?;
+    check_host_signature(artifact, &canonical, &request.signature, host_pubkey_line)?;
     let sha256 = jcs::sha256_hex(&canonical);
     Ok(Verified {
         id: sha256.clone(),
@@ -685,24 +695,7 @@ pub fn verify_evidence(
             artifact,
             detail: e.to_string(),
         })?;
-    let key = keys::parse_ssh_ed25519_public(host_pubkey_line).map_err(|source| {
-        VerifyError::TrustKey {
-            slot: Slot::HostKey,
-            source,
-        }
-    })?;
-    let signature = decode_signature(artifact, &request.signature)?;
-    if signature.len() != keys::SIGNATURE_LEN {
-        return Err(VerifyError::SignatureLength {
-            artifact,
-            len: signature.len(),
-        });
-    }
-    key.verify(&canonical, &signature)
-        .map_err(|_| VerifyError::BadSignature {
-            artifact,
-            slot: Slot::HostKey,
-        })?;
+    check_host_signature(artifact, &canonical, &request.signature, host_pubkey_line)?;
     let evidence = &request.evidence;
     if evidence.hostname != hostname {
         return Err(VerifyError::EvidenceHostMismatch {
