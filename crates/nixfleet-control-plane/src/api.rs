@@ -53,6 +53,12 @@ pub struct App {
     /// Per-host report budget: `--reports-per-minute`, and each host's current window.
     pub reports_per_minute: u32,
     pub report_windows: Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+    /// The same budget for compliance evidence, counted apart: a report flood must not
+    /// keep a host's evidence out.
+    pub evidence_windows: Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+    /// One evidence document per host at a time: the replay check and the write that
+    /// makes it the host's latest go together (bounded by the fleet, like the windows).
+    pub evidence_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// `--reports-per-host`: how many of a host's reports are kept.
     pub reports_per_host: usize,
     /// Revoked hosts: when a refusal of each was last logged, and the enrollment time of
@@ -79,7 +85,15 @@ const MAX_REPORT_REASON_CHARS: usize = 4096;
 /// window, counted per host (a host is one enrolled certificate name, so the map is
 /// bounded by the fleet).
 fn report_allowed(app: &App, host: &str) -> bool {
-    let Ok(mut windows) = app.report_windows.lock() else {
+    within_budget(app, &app.report_windows, host)
+}
+
+pub(crate) fn within_budget(
+    app: &App,
+    windows: &Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+    host: &str,
+) -> bool {
+    let Ok(mut windows) = windows.lock() else {
         return true;
     };
     let now = std::time::Instant::now();
@@ -101,7 +115,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -136,7 +150,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -146,6 +160,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/agent/checkin", post(checkin))
         .route("/v1/agent/confirm", post(confirm))
         .route("/v1/agent/report", post(report))
+        .route("/v1/agent/evidence", post(crate::evidence::evidence))
+        .route("/v1/compliance", get(crate::evidence::compliance))
+        .route(
+            "/v1/hosts/{name}/evidence",
+            get(crate::evidence::host_evidence),
+        )
         .route("/v1/rollouts", get(list_rollouts))
         .route("/v1/rollouts/{id}", get(rollout_manifest))
         .route("/v1/rollouts/{id}/sig", get(rollout_signature))
@@ -228,7 +248,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 
 /// Agent routes: a host certificate for `hostname`, not revoked, and a revocation list
 /// applied (a wiped control plane must not accept a revoked certificate).
-fn require_host(app: &App, peer: &Peer, hostname: &str) -> ApiResult<()> {
+pub(crate) fn require_host(app: &App, peer: &Peer, hostname: &str) -> ApiResult<()> {
     if !app.shared.revocations_ready() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -309,7 +329,7 @@ fn require_host(app: &App, peer: &Peer, hostname: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn require_operator(peer: &Peer) -> ApiResult<()> {
+pub(crate) fn require_operator(peer: &Peer) -> ApiResult<()> {
     match peer {
         Peer::Identified(id) if id.not_after < OffsetDateTime::now_utc() => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -333,7 +353,7 @@ fn require_operator(peer: &Peer) -> ApiResult<()> {
     }
 }
 
-fn host_of(peer: &Peer) -> Option<&str> {
+pub(crate) fn host_of(peer: &Peer) -> Option<&str> {
     match peer {
         Peer::Identified(id) => id.role_hostname(),
         _ => None,
@@ -405,6 +425,24 @@ async fn checkin(
         }
         Change::Unchanged => tracing::debug!("checkin received {}", req.hostname),
     }
+    // The newest evidence stored; an agent holding newer sends it again (after a wipe).
+    let stored_evidence_at = app
+        .shared
+        .attestations
+        .get(&req.hostname)
+        .and_then(|a| a.compliance)
+        .map(|c| c.collected_at);
+    if let Some(claimed) = req
+        .compliance_evidence_at
+        .filter(|c| stored_evidence_at.is_none_or(|s| s < *c))
+    {
+        tracing::debug!(
+            host = %req.hostname,
+            "compliance evidence pending: the agent holds evidence collected at {}, the control plane {}; the agent sends it again",
+            rfc3339(claimed),
+            stored_evidence_at.map_or_else(|| "has none".to_owned(), |s| format!("has {}", rfc3339(s)))
+        );
+    }
     let directives = app.shared.directives();
     let mut response = CheckinResponse {
         target: None,
@@ -414,7 +452,7 @@ async fn checkin(
             &req.hostname,
             directives.active.contains(&req.hostname),
         ),
-        compliance_evidence_at: None,
+        compliance_evidence_at: stored_evidence_at,
     };
     let mut delivered_now = false;
     if let Some(signal) = directives.rollbacks.get(&req.hostname) {
@@ -574,7 +612,7 @@ impl Throttle {
     }
 }
 
-fn database_unavailable(e: crate::store::DbError) -> ApiError {
+pub(crate) fn database_unavailable(e: crate::store::DbError) -> ApiError {
     static WARN: Throttle = Throttle::new();
     if WARN.allow() {
         tracing::warn!(
@@ -590,7 +628,7 @@ fn database_unavailable(e: crate::store::DbError) -> ApiError {
 
 /// A replica that has lost its shared database answers 503 rather than from state that
 /// may be stale; the agent retries (through the load balancer, another replica).
-fn require_fresh_database(app: &App) -> ApiResult<()> {
+pub(crate) fn require_fresh_database(app: &App) -> ApiResult<()> {
     static WARN: Throttle = Throttle::new();
     if app.shared.database_fresh() {
         Ok(())
@@ -854,7 +892,7 @@ async fn report(
     }))
 }
 
-fn audit(app: &App, entry: serde_json::Value) -> ApiResult<()> {
+pub(crate) fn audit(app: &App, entry: serde_json::Value) -> ApiResult<()> {
     let mut guard = app
         .audit_log
         .lock()
@@ -1425,6 +1463,21 @@ fn render_metrics(app: &App) -> Response {
         app.shared.revocations().entries.len(),
         app.shared.attestations.len(),
     );
+    // Hosts still in the signed fleet: a removed host's evidence no longer counts.
+    let fleet = app.shared.fleet();
+    let summaries: Vec<_> = app
+        .shared
+        .attestations
+        .compliance_summaries()
+        .into_iter()
+        .filter(|(host, _)| {
+            fleet
+                .as_ref()
+                .is_none_or(|f| f.fleet.value.hosts.contains_key(host))
+        })
+        .map(|(_, summary)| summary)
+        .collect();
+    text.push_str(&crate::metrics::render_compliance(&summaries));
     let role = app.shared.role();
     text.push_str(&format!(
         "# HELP nixfleet_leader 1 while this control plane decides rollouts (the leader, or a single control plane).\n# TYPE nixfleet_leader gauge\nnixfleet_leader{{role=\"{}\"}} {}\n",

@@ -189,6 +189,7 @@ pub struct Config {
     pub checkin_interval_secs: u32,
 
     /// Reports one host may send per minute; more get 429 (the agent sends them later).
+    /// Compliance evidence has a budget of the same size, counted apart.
     #[arg(long, env = "NIXFLEET_CP_REPORTS_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
     pub reports_per_minute: u32,
 

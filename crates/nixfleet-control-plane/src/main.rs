@@ -7,6 +7,7 @@ mod audit;
 mod clock;
 mod config;
 mod conns;
+mod evidence;
 mod fetch;
 mod hook;
 mod metrics;
@@ -179,6 +180,13 @@ async fn run(config: Config) -> Result<(), String> {
     // Only for what `nixfleet status` says about hosts not seen since the start.
     match db.attestations_since(0).await {
         Ok(page) => {
+            // Each host's stored compliance evidence, until its first check-in carries it
+            // into a new attestation.
+            shared.attestations.restore_compliance(
+                page.rows
+                    .iter()
+                    .filter_map(|(host, a)| Some((host.clone(), a.compliance.clone()?))),
+            );
             let seen: std::collections::HashMap<String, OffsetDateTime> = page
                 .rows
                 .into_iter()
@@ -242,6 +250,8 @@ async fn run(config: Config) -> Result<(), String> {
         replica: replica.clone(),
         reports_per_minute: config.reports_per_minute,
         report_windows: Mutex::new(Default::default()),
+        evidence_windows: Mutex::new(Default::default()),
+        evidence_locks: Mutex::new(Default::default()),
         reports_per_host: usize::try_from(config.reports_per_host).unwrap_or(usize::MAX),
         revoked_seen: Mutex::new(Default::default()),
     });

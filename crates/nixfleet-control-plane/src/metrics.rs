@@ -27,6 +27,14 @@ pub struct Metrics {
     pub reports: AtomicU64,
     pub reports_dropped_size: AtomicU64,
     pub reports_dropped_rate: AtomicU64,
+    pub evidence_ok: AtomicU64,
+    pub evidence_refused_signature: AtomicU64,
+    pub evidence_refused_host: AtomicU64,
+    pub evidence_refused_replay: AtomicU64,
+    pub evidence_refused_shape: AtomicU64,
+    pub evidence_refused_before_activation: AtomicU64,
+    pub evidence_refused_future: AtomicU64,
+    pub evidence_refused_rate: AtomicU64,
     pub channel_refs_ok: AtomicU64,
     pub channel_refs_failed: AtomicU64,
     pub channel_refs_last_success: AtomicU64,
@@ -144,6 +152,27 @@ impl Metrics {
             &[
                 ("{reason=\"size\"}", &self.reports_dropped_size),
                 ("{reason=\"rate\"}", &self.reports_dropped_rate),
+            ],
+        );
+        counter(
+            "nixfleet_compliance_evidence_total",
+            "Host-signed compliance evidence verified and stored (a resend of the stored evidence is not counted).",
+            &[("", &self.evidence_ok)],
+        );
+        counter(
+            "nixfleet_compliance_evidence_refused_total",
+            "Compliance evidence refused, by reason: signature (401), host (another host's, 403), replay (older than the stored, 409), shape (400/413), before-activation (422), future (dated ahead of this clock, 422), rate (429).",
+            &[
+                ("{reason=\"signature\"}", &self.evidence_refused_signature),
+                ("{reason=\"host\"}", &self.evidence_refused_host),
+                ("{reason=\"replay\"}", &self.evidence_refused_replay),
+                ("{reason=\"shape\"}", &self.evidence_refused_shape),
+                (
+                    "{reason=\"before-activation\"}",
+                    &self.evidence_refused_before_activation,
+                ),
+                ("{reason=\"future\"}", &self.evidence_refused_future),
+                ("{reason=\"rate\"}", &self.evidence_refused_rate),
             ],
         );
         counter(
@@ -265,13 +294,55 @@ impl Metrics {
     }
 }
 
+/// Gauges of the fleet's stored compliance evidence, from the hosts' summaries (computed
+/// at scrape from memory). A summary names only the controls that did not pass, so the
+/// per-control gauge counts failures and errors; passes are counted per host and in all.
+pub fn render_compliance(summaries: &[nixfleet_proto::compliance::ComplianceSummary]) -> String {
+    use std::collections::BTreeMap;
+    let mut per_control: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let (mut hosts_pass, mut hosts_fail, mut passed) = (0u64, 0u64, 0u64);
+    for summary in summaries {
+        passed += u64::from(summary.passed);
+        if summary.failing.is_empty() {
+            hosts_pass += 1;
+        } else {
+            hosts_fail += 1;
+        }
+        for control in &summary.failing {
+            *per_control
+                .entry((control.id.as_str(), control.status.as_str()))
+                .or_default() += 1;
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP nixfleet_compliance_controls Hosts whose stored evidence has the control in this status (fail or error).\n# TYPE nixfleet_compliance_controls gauge");
+    for ((control, status), hosts) in per_control {
+        let _ = writeln!(
+            out,
+            "nixfleet_compliance_controls{{control=\"{}\",status=\"{status}\"}} {hosts}",
+            label_value(control)
+        );
+    }
+    let _ = writeln!(out, "# HELP nixfleet_compliance_hosts Hosts with stored compliance evidence, by result: pass (every control passed) or fail (at least one failed or erred).\n# TYPE nixfleet_compliance_hosts gauge\nnixfleet_compliance_hosts{{result=\"pass\"}} {hosts_pass}\nnixfleet_compliance_hosts{{result=\"fail\"}} {hosts_fail}");
+    let _ = writeln!(out, "# HELP nixfleet_compliance_controls_passed Passing control results over every host's stored evidence.\n# TYPE nixfleet_compliance_controls_passed gauge\nnixfleet_compliance_controls_passed {passed}");
+    out
+}
+
+/// A Prometheus label value: control ids are checked at verification (`[a-z0-9-]`), but
+/// the exposition must not break on anything a database hands back.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_metric_is_in_the_metrics_reference() {
-        let text = Metrics::default().render(None, 0, 0);
+        let text = Metrics::default().render(None, 0, 0) + &render_compliance(&[]);
         let doc = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../docs/metrics.md"

@@ -7,6 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use nixfleet_proto::compliance::ComplianceSummary;
 use nixfleet_proto::wire::{ActivationProgress, CheckinRequest, RollbackSignal, Target};
 use nixfleet_proto::{Revocation, TrustFile};
 use nixfleet_reconciler::{Attestation, Delivery, StoredState};
@@ -23,6 +24,11 @@ pub struct Attestations {
     /// replica reads (a single control plane writes them in batches, so that after a
     /// restart it knows which hosts it has seen before).
     unsaved: Mutex<std::collections::HashSet<String>>,
+    /// Compliance summaries of hosts with no attestation since this start: read from the
+    /// database at start, or evidence that arrived before the host's first check-in. The
+    /// host's first check-in or confirm takes its summary from here, so a restart does
+    /// not forget evidence (an attestation is only made by a check-in or a confirm).
+    restored: Mutex<HashMap<String, ComplianceSummary>>,
 }
 
 /// What a check-in changed, for logging at INFO only when something did.
@@ -44,6 +50,7 @@ impl Default for Attestations {
         Attestations {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             unsaved: Mutex::new(std::collections::HashSet::new()),
+            restored: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -102,6 +109,99 @@ impl Attestations {
             .collect()
     }
 
+    fn take_restored(&self, hostname: &str) -> Option<ComplianceSummary> {
+        self.restored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(hostname)
+    }
+
+    /// Compliance summaries stored before this start (the newest per host wins).
+    pub fn restore_compliance(&self, rows: impl IntoIterator<Item = (String, ComplianceSummary)>) {
+        let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+        for (host, summary) in rows {
+            keep_newest(
+                restored.entry(host).or_insert_with(|| summary.clone()),
+                summary,
+            );
+        }
+    }
+
+    /// Records a host's newest verified compliance evidence. Returns the host's
+    /// attestation to store when it has one; without one (no check-in since the start)
+    /// the summary waits for the first check-in, and a bare attestation carrying only it
+    /// is returned for the database (its merge keeps the stored observation).
+    pub fn record_compliance(
+        &self,
+        hostname: &str,
+        summary: ComplianceSummary,
+        now: OffsetDateTime,
+    ) -> Attestation {
+        // Under the shard lock (then the restored map's, the order everywhere): a check-in
+        // making the host's attestation right now cannot miss it.
+        self.with(hostname, |map| {
+            if let Some(a) = map.get_mut(hostname) {
+                match &mut a.compliance {
+                    Some(mine) => keep_newest(mine, summary),
+                    None => a.compliance = Some(summary),
+                }
+                return a.clone();
+            }
+            let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = restored
+                .entry(hostname.to_owned())
+                .or_insert_with(|| summary.clone());
+            keep_newest(entry, summary);
+            Attestation {
+                // Not an observation: the stored row keeps its own (observed time 0 loses).
+                last_seen: now,
+                current_closure: None,
+                last_confirmed_at: None,
+                failed_targets: Vec::new(),
+                failed_units: 0,
+                health_at: None,
+                delivered: None,
+                activation: None,
+                compliance: Some(entry.clone()),
+                compliance_claimed_at: None,
+            }
+        })
+    }
+
+    /// A host's stored compliance summary and the newest evidence its agent claims to
+    /// hold (None for a host not seen since the start).
+    pub fn compliance_of(
+        &self,
+        hostname: &str,
+    ) -> (Option<ComplianceSummary>, Option<OffsetDateTime>) {
+        match self.get(hostname) {
+            Some(a) => (a.compliance, a.compliance_claimed_at),
+            None => (
+                self.restored
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(hostname)
+                    .cloned(),
+                None,
+            ),
+        }
+    }
+
+    /// Every host's compliance summary, with its attestation's or the restored one.
+    pub fn compliance_summaries(&self) -> Vec<(String, ComplianceSummary)> {
+        let mut out: HashMap<String, ComplianceSummary> = self
+            .restored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (host, a) in self.snapshot() {
+            if let Some(c) = a.compliance {
+                out.insert(host, c);
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// Records a check-in.
     pub fn checkin(&self, req: &CheckinRequest, now: OffsetDateTime) -> Change {
         self.with(&req.hostname, |map| match map.get_mut(&req.hostname) {
@@ -117,8 +217,9 @@ impl Attestations {
                         health_at: Some(now),
                         delivered: None,
                         activation: progress(None, req, now),
-                        compliance: None,
-                        compliance_claimed_at: None,
+                        // Taken under the shard lock: evidence arriving now waits for it.
+                        compliance: self.take_restored(&req.hostname),
+                        compliance_claimed_at: req.compliance_evidence_at,
                     },
                 );
                 Change::FirstSinceStart
@@ -132,7 +233,8 @@ impl Attestations {
                         && a.last_confirmed_at != req.last_confirmed_at)
                     // The first health report since a confirm can let the host soak.
                     || a.health_at < a.last_confirmed_at
-                    || !same_step(a.activation.as_ref(), req.activation.as_ref());
+                    || !same_step(a.activation.as_ref(), req.activation.as_ref())
+                    || a.compliance_claimed_at != req.compliance_evidence_at;
                 a.last_seen = now;
                 a.current_closure = Some(req.current_generation.closure_hash.clone());
                 // The CP's own confirm record is at least as recent as the agent's word.
@@ -143,6 +245,9 @@ impl Attestations {
                 a.failed_units = req.health.failed_units;
                 a.health_at = Some(now);
                 a.activation = progress(a.activation.take(), req, now);
+                // Only the claim: the stored evidence (`compliance`) is the control
+                // plane's own record and stays until newer evidence replaces it.
+                a.compliance_claimed_at = req.compliance_evidence_at;
                 if changed {
                     Change::Changed
                 } else {
@@ -188,7 +293,7 @@ impl Attestations {
                     health_at: None,
                     delivered: None,
                     activation: None,
-                    compliance: None,
+                    compliance: self.take_restored(hostname),
                     compliance_claimed_at: None,
                 });
             a.last_seen = now;
@@ -201,7 +306,23 @@ impl Attestations {
 
     /// Merges an attestation another replica stored. Returns whether anything the
     /// reconciler acts on changed (more than `last_seen`).
-    pub fn merge(&self, hostname: &str, remote: Attestation) -> bool {
+    pub fn merge(&self, hostname: &str, mut remote: Attestation) -> bool {
+        let known = self.with(hostname, |map| map.contains_key(hostname));
+        if !known && remote.current_closure.is_none() && observed_nothing(&remote) {
+            // A row written only to carry evidence is not a sighting of the host.
+            if let Some(summary) = remote.compliance {
+                self.restore_compliance([(hostname.to_owned(), summary)]);
+            }
+            return false;
+        }
+        if !known {
+            if let Some(restored) = self.take_restored(hostname) {
+                match &mut remote.compliance {
+                    Some(c) => keep_newest(c, restored),
+                    None => remote.compliance = Some(restored),
+                }
+            }
+        }
         self.with(hostname, |map| match map.get_mut(hostname) {
             None => {
                 map.insert(hostname.to_owned(), remote);
@@ -217,6 +338,14 @@ impl Attestations {
                     a.failed_units = remote.failed_units;
                     a.health_at = remote.health_at;
                     a.activation = remote.activation;
+                    a.compliance_claimed_at = remote.compliance_claimed_at;
+                }
+                // Evidence merges on its own: the newest collected wins.
+                if let Some(theirs) = remote.compliance {
+                    match &mut a.compliance {
+                        Some(mine) => keep_newest(mine, theirs),
+                        None => a.compliance = Some(theirs),
+                    }
                 }
                 a.last_seen = a.last_seen.max(remote.last_seen);
                 a.last_confirmed_at = a.last_confirmed_at.max(remote.last_confirmed_at);
@@ -273,6 +402,18 @@ impl Attestations {
             .map(|s| s.lock().map(|g| g.len()).unwrap_or(0))
             .sum()
     }
+}
+
+/// Replaces `mine` with `theirs` when `theirs` was collected later.
+fn keep_newest(mine: &mut ComplianceSummary, theirs: ComplianceSummary) {
+    if theirs.collected_at > mine.collected_at {
+        *mine = theirs;
+    }
+}
+
+/// An attestation with no check-in or confirm in it.
+fn observed_nothing(a: &Attestation) -> bool {
+    a.health_at.is_none() && a.last_confirmed_at.is_none()
 }
 
 /// What the control plane answers a host at check-in, prepared by the last tick.
@@ -457,5 +598,112 @@ impl Shared {
 
     pub fn last_tick_at(&self) -> Option<OffsetDateTime> {
         read(&self.last_tick_at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixfleet_proto::compliance::{ComplianceMode, EvidenceTrigger};
+    use nixfleet_proto::wire::{CurrentGeneration, Health};
+
+    fn summary(id: &str, at: OffsetDateTime) -> ComplianceSummary {
+        ComplianceSummary {
+            evidence_id: id.into(),
+            rollout_id: None,
+            closure_hash: "c".into(),
+            mode: ComplianceMode::Enforce,
+            trigger: EvidenceTrigger::Activation,
+            collected_at: at,
+            passed: 3,
+            failing: Vec::new(),
+        }
+    }
+
+    fn checkin(claimed: Option<OffsetDateTime>) -> CheckinRequest {
+        CheckinRequest {
+            hostname: "web-01".into(),
+            agent_version: "test".into(),
+            boot_id: "b".into(),
+            current_generation: CurrentGeneration {
+                closure_hash: "c".into(),
+            },
+            last_confirmed_at: None,
+            failed_targets: Vec::new(),
+            health: Health {
+                failed_units: 0,
+                uptime_secs: 1,
+            },
+            activation: None,
+            compliance_evidence_at: claimed,
+        }
+    }
+
+    fn evidence_of(a: &Attestations) -> Option<String> {
+        a.compliance_of("web-01").0.map(|c| c.evidence_id)
+    }
+
+    #[test]
+    fn check_ins_keep_the_stored_evidence_and_record_the_claim() {
+        let t = OffsetDateTime::now_utc();
+        let a = Attestations::default();
+        a.checkin(&checkin(None), t);
+        a.record_compliance("web-01", summary("ev-1", t), t);
+        // The claim moving is a change worth storing; the evidence stays.
+        assert_eq!(a.checkin(&checkin(Some(t)), t), Change::Changed);
+        assert_eq!(a.checkin(&checkin(Some(t)), t), Change::Unchanged);
+        assert_eq!(evidence_of(&a).as_deref(), Some("ev-1"));
+        assert_eq!(a.compliance_of("web-01").1, Some(t));
+        // Older evidence never replaces newer.
+        a.record_compliance("web-01", summary("ev-0", t - time::Duration::seconds(5)), t);
+        assert_eq!(evidence_of(&a).as_deref(), Some("ev-1"));
+    }
+
+    #[test]
+    fn evidence_before_the_first_check_in_waits_for_it() {
+        let t = OffsetDateTime::now_utc();
+        let a = Attestations::default();
+        // Stored before a restart, or sent before the host's first check-in since.
+        a.restore_compliance([("web-01".to_owned(), summary("ev-1", t))]);
+        let bare =
+            a.record_compliance("web-01", summary("ev-2", t + time::Duration::seconds(1)), t);
+        assert!(a.get("web-01").is_none(), "evidence is not a check-in");
+        assert!(bare.health_at.is_none() && bare.current_closure.is_none());
+        assert_eq!(evidence_of(&a).as_deref(), Some("ev-2"));
+        a.checkin(&checkin(None), t);
+        assert_eq!(
+            a.get("web-01")
+                .and_then(|x| x.compliance)
+                .map(|c| c.evidence_id),
+            Some("ev-2".into())
+        );
+    }
+
+    #[test]
+    fn merging_another_replicas_attestation_keeps_the_newest_evidence() {
+        let t = OffsetDateTime::now_utc();
+        let a = Attestations::default();
+        a.checkin(&checkin(None), t);
+        a.record_compliance("web-01", summary("ev-2", t), t);
+        // Another replica's newer check-in, from before it saw the evidence.
+        let mut remote = a.get("web-01").unwrap();
+        remote.compliance = None;
+        remote.health_at = Some(t + time::Duration::seconds(10));
+        remote.compliance_claimed_at = Some(t);
+        a.merge("web-01", remote.clone());
+        assert_eq!(evidence_of(&a).as_deref(), Some("ev-2"));
+        assert_eq!(a.compliance_of("web-01").1, Some(t));
+        // Its newer evidence wins.
+        remote.compliance = Some(summary("ev-3", t + time::Duration::seconds(1)));
+        a.merge("web-01", remote);
+        assert_eq!(evidence_of(&a).as_deref(), Some("ev-3"));
+        // A row that only carries evidence is not a sighting of a host.
+        let bare = Attestations::default().record_compliance("db-01", summary("ev-9", t), t);
+        assert!(!a.merge("db-01", bare));
+        assert!(a.get("db-01").is_none());
+        assert_eq!(
+            a.compliance_of("db-01").0.map(|c| c.evidence_id).as_deref(),
+            Some("ev-9")
+        );
     }
 }

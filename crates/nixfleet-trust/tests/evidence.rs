@@ -128,7 +128,8 @@ fn evidence_collected_before_the_activation_is_refused() {
 #[test]
 fn malformed_evidence_is_refused_by_shape() {
     let (key, line) = host();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Evidence)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Evidence)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("closure", Box::new(|e| e.closure_hash = "../../etc".into())),
         ("rollout", Box::new(|e| e.rollout_id = Some("nope".into()))),
         (

@@ -154,6 +154,9 @@ pub const FLEET_ARTIFACT: &str = "fleet";
 pub const REVOCATIONS_ARTIFACT: &str = "revocations";
 pub const MANIFEST_PREFIX: &str = "manifest/";
 
+/// The report kind a host's signed compliance evidence is stored under.
+pub const EVIDENCE_KIND: &str = "compliance-evidence";
+
 /// What publishing `set` changes, given the stored `(name, sha256, signed_at)` rows:
 /// the artifacts to write and the names to remove. A fleet older than the stored one
 /// changes nothing (a replica that lost the leadership may publish late). Manifests are
@@ -275,7 +278,8 @@ pub trait Store: Send + Sync {
     /// A host's most recent events, newest first.
     fn host_events(&self, hostname: String, limit: usize) -> Fut<'_, Vec<Event>>;
     /// Stores a verified host report once per (host, reportId) and keeps only the host's
-    /// `keep` newest reports; returns its event id.
+    /// `keep` newest reports, and always its newest compliance evidence (the one
+    /// `GET /v1/compliance` shows); returns its event id.
     #[allow(clippy::too_many_arguments)]
     fn record_report(
         &self,
@@ -287,6 +291,14 @@ pub trait Store: Send + Sync {
         now: OffsetDateTime,
         keep: usize,
     ) -> Fut<'_, i64>;
+
+    /// The newest stored report of `kind` of each host (of `hostname` only, when given):
+    /// `(hostname, report_id, body)`.
+    fn latest_reports(
+        &self,
+        kind: String,
+        hostname: Option<String>,
+    ) -> Fut<'_, Vec<(String, String, String)>>;
 
     /// Stores attestations, merged with what is stored: times only move forward, and the
     /// observed fields come from the more recent observation.
@@ -343,6 +355,11 @@ pub struct AttestationRow {
     pub confirmed_us: i64,
     pub delivered_rollout: Option<String>,
     pub delivered_us: i64,
+    /// The compliance summary as JSON, and its evidence's `collectedAt` (0: none). Merged
+    /// on its own, newest evidence wins: a check-in that another replica answered from an
+    /// attestation without it must not erase it.
+    pub compliance: Option<String>,
+    pub compliance_us: i64,
 }
 
 pub fn observed_at(a: &Attestation) -> Option<OffsetDateTime> {
@@ -358,6 +375,15 @@ impl AttestationRow {
             confirmed_us: a.last_confirmed_at.map(micros).unwrap_or(0),
             delivered_rollout: a.delivered.as_ref().map(|d| d.rollout_id.clone()),
             delivered_us: a.delivered.as_ref().map(|d| micros(d.at)).unwrap_or(0),
+            compliance: a
+                .compliance
+                .as_ref()
+                .and_then(|c| serde_json::to_string(c).ok()),
+            compliance_us: a
+                .compliance
+                .as_ref()
+                .map(|c| micros(c.collected_at))
+                .unwrap_or(0),
         }
     }
 
@@ -368,6 +394,7 @@ impl AttestationRow {
         confirmed_us: i64,
         delivered_rollout: Option<String>,
         delivered_us: i64,
+        compliance: Option<String>,
     ) -> Result<Attestation, DbError> {
         let mut a: Attestation = serde_json::from_str(body)
             .map_err(|e| DbError::Corrupt(format!("attestation: {e}")))?;
@@ -385,6 +412,17 @@ impl AttestationRow {
         ) {
             if a.delivered.as_ref().is_none_or(|d| d.at < at) {
                 a.delivered = Some(nixfleet_reconciler::Delivery { rollout_id, at });
+            }
+        }
+        if let Some(text) = compliance {
+            let summary: nixfleet_proto::compliance::ComplianceSummary =
+                serde_json::from_str(&text)
+                    .map_err(|e| DbError::Corrupt(format!("compliance summary: {e}")))?;
+            if a.compliance
+                .as_ref()
+                .is_none_or(|c| c.collected_at < summary.collected_at)
+            {
+                a.compliance = Some(summary);
             }
         }
         Ok(a)

@@ -15,6 +15,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::{
     decode_json, plan_artifacts, AttestationPage, AttestationRow, DbError, Event, EventsOf, Fut,
     LeaderInfo, PgOptions, SignedArtifact, Store, TickWrites, ATTESTATION_OVERLAP_US,
+    EVIDENCE_KIND,
 };
 use crate::clock::{from_micros, micros, rfc3339 as ts};
 
@@ -126,6 +127,11 @@ CREATE TABLE signed_artifacts_version (
 );
 INSERT INTO signed_artifacts_version VALUES (1, 0);
 "#,
+    r#"
+ALTER TABLE host_attestations ADD COLUMN compliance TEXT;
+ALTER TABLE host_attestations ADD COLUMN compliance_us BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX host_reports_kind ON host_reports (hostname, kind, event_id);
+"#,
 ];
 
 /// The dedicated leadership session.
@@ -225,6 +231,8 @@ async fn save_attestation_rows(
         let mut confirmed = Vec::with_capacity(round.len());
         let mut d_rollout = Vec::with_capacity(round.len());
         let mut d_us = Vec::with_capacity(round.len());
+        let mut compliance = Vec::with_capacity(round.len());
+        let mut compliance_us = Vec::with_capacity(round.len());
         for (host, a) in &round {
             let row = AttestationRow::of(a);
             hosts.push(host.as_str());
@@ -234,13 +242,15 @@ async fn save_attestation_rows(
             confirmed.push(row.confirmed_us);
             d_rollout.push(row.delivered_rollout);
             d_us.push(row.delivered_us);
+            compliance.push(row.compliance);
+            compliance_us.push(row.compliance_us);
         }
         timed(
             OP_TIMEOUT,
             client.execute(
                 &format!(
-                    "INSERT INTO host_attestations AS h (hostname, body, observed_us, last_seen_us, confirmed_us, delivered_rollout, delivered_us, updated_us)
-                     SELECT v.*, {SERVER_NOW_US} FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) AS v
+                    "INSERT INTO host_attestations AS h (hostname, body, observed_us, last_seen_us, confirmed_us, delivered_rollout, delivered_us, compliance, compliance_us, updated_us)
+                     SELECT v.*, {SERVER_NOW_US} FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[], $8::text[], $9::int8[]) AS v
                      ON CONFLICT (hostname) DO UPDATE SET
                        body = CASE WHEN excluded.observed_us >= h.observed_us THEN excluded.body ELSE h.body END,
                        observed_us = GREATEST(h.observed_us, excluded.observed_us),
@@ -248,9 +258,11 @@ async fn save_attestation_rows(
                        confirmed_us = GREATEST(h.confirmed_us, excluded.confirmed_us),
                        delivered_rollout = CASE WHEN excluded.delivered_us > h.delivered_us THEN excluded.delivered_rollout ELSE h.delivered_rollout END,
                        delivered_us = GREATEST(h.delivered_us, excluded.delivered_us),
+                       compliance = CASE WHEN excluded.compliance_us > h.compliance_us THEN excluded.compliance ELSE h.compliance END,
+                       compliance_us = GREATEST(h.compliance_us, excluded.compliance_us),
                        updated_us = excluded.updated_us"
                 ),
-                &[&hosts, &bodies, &observed, &seen, &confirmed, &d_rollout, &d_us],
+                &[&hosts, &bodies, &observed, &seen, &confirmed, &d_rollout, &d_us, &compliance, &compliance_us],
             ),
         )
         .await?;
@@ -991,13 +1003,40 @@ impl Store for PgStore {
                     .execute(
                         "DELETE FROM host_reports WHERE hostname = $1 AND event_id <= (
                              SELECT event_id FROM host_reports WHERE hostname = $1
-                             ORDER BY event_id DESC LIMIT 1 OFFSET $2)",
-                        &[&hostname, &keep],
+                             ORDER BY event_id DESC LIMIT 1 OFFSET $2)
+                           AND event_id IS DISTINCT FROM (
+                             SELECT max(event_id) FROM host_reports WHERE hostname = $1 AND kind = $3)",
+                        &[&hostname, &keep, &EVIDENCE_KIND],
                     )
                     .await?;
                 Ok::<_, DbError>(id)
             })
             .await
+        })
+    }
+
+    fn latest_reports(
+        &self,
+        kind: String,
+        hostname: Option<String>,
+    ) -> Fut<'_, Vec<(String, String, String)>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = timed(
+                TICK_TIMEOUT,
+                client.query(
+                    "SELECT hostname, report_id, body FROM host_reports WHERE event_id IN (
+                       SELECT max(event_id) FROM host_reports
+                       WHERE kind = $1 AND ($2::text IS NULL OR hostname = $2) GROUP BY hostname)
+                     ORDER BY hostname",
+                    &[&kind, &hostname],
+                ),
+            )
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         })
     }
 
@@ -1054,7 +1093,7 @@ impl Store for PgStore {
             let rows = timed(
                 TICK_TIMEOUT,
                 client.query(
-                    "SELECT hostname, body, last_seen_us, confirmed_us, delivered_rollout, delivered_us FROM host_attestations WHERE updated_us > $1",
+                    "SELECT hostname, body, last_seen_us, confirmed_us, delivered_rollout, delivered_us, compliance FROM host_attestations WHERE updated_us > $1",
                     &[&cursor],
                 ),
             )
@@ -1066,7 +1105,14 @@ impl Store for PgStore {
             for r in &rows {
                 page.rows.push((
                     r.get(0),
-                    AttestationRow::decode(r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))?,
+                    AttestationRow::decode(
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        r.get(4),
+                        r.get(5),
+                        r.get(6),
+                    )?,
                 ));
             }
             Ok(page)

@@ -18,7 +18,7 @@ use nixfleet_reconciler::{Attestation, HostRecord, RolloutRecord, StoredState};
 
 use super::{
     decode_json, micros, plan_artifacts, AttestationPage, AttestationRow, DbError, Event, EventsOf,
-    Fut, LeaderInfo, SignedArtifact, Store, TickWrites, ATTESTATION_OVERLAP_US,
+    Fut, LeaderInfo, SignedArtifact, Store, TickWrites, ATTESTATION_OVERLAP_US, EVIDENCE_KIND,
 };
 
 /// Migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -128,6 +128,11 @@ CREATE TABLE signed_artifacts_version (
     version INTEGER NOT NULL
 );
 INSERT INTO signed_artifacts_version VALUES (1, 0);
+"#,
+    r#"
+ALTER TABLE host_attestations ADD COLUMN compliance TEXT;
+ALTER TABLE host_attestations ADD COLUMN compliance_us INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX host_reports_kind ON host_reports (hostname, kind, event_id);
 "#,
 ];
 
@@ -586,19 +591,46 @@ impl Store for SqliteStore {
             conn.execute(
                 "DELETE FROM host_reports WHERE hostname = ?1 AND event_id <= (
                      SELECT event_id FROM host_reports WHERE hostname = ?1
-                     ORDER BY event_id DESC LIMIT 1 OFFSET ?2)",
-                params![hostname, i64::try_from(keep.max(1)).unwrap_or(i64::MAX)],
+                     ORDER BY event_id DESC LIMIT 1 OFFSET ?2)
+                   AND event_id IS NOT (
+                     SELECT max(event_id) FROM host_reports WHERE hostname = ?1 AND kind = ?3)",
+                params![
+                    hostname,
+                    i64::try_from(keep.max(1)).unwrap_or(i64::MAX),
+                    EVIDENCE_KIND
+                ],
             )?;
             Ok(id)
         }))
+    }
+
+    fn latest_reports(
+        &self,
+        kind: String,
+        hostname: Option<String>,
+    ) -> Fut<'_, Vec<(String, String, String)>> {
+        Box::pin(async move {
+            self.read(|conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT hostname, report_id, body FROM host_reports WHERE event_id IN (
+                       SELECT max(event_id) FROM host_reports
+                       WHERE kind = ?1 AND (?2 IS NULL OR hostname = ?2) GROUP BY hostname)
+                     ORDER BY hostname",
+                )?;
+                let rows = stmt.query_map(params![kind, hostname], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+        })
     }
 
     fn save_attestations(&self, rows: Vec<(String, Attestation)>) -> Fut<'_, ()> {
         Box::pin(self.write(move |conn| {
             let now = micros(OffsetDateTime::now_utc());
             let mut upsert = conn.prepare_cached(
-                "INSERT INTO host_attestations (hostname, body, observed_us, last_seen_us, confirmed_us, delivered_rollout, delivered_us, updated_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO host_attestations (hostname, body, observed_us, last_seen_us, confirmed_us, delivered_rollout, delivered_us, updated_us, compliance, compliance_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (hostname) DO UPDATE SET
                    body = CASE WHEN excluded.observed_us >= observed_us THEN excluded.body ELSE body END,
                    observed_us = max(observed_us, excluded.observed_us),
@@ -606,6 +638,8 @@ impl Store for SqliteStore {
                    confirmed_us = max(confirmed_us, excluded.confirmed_us),
                    delivered_rollout = CASE WHEN excluded.delivered_us > delivered_us THEN excluded.delivered_rollout ELSE delivered_rollout END,
                    delivered_us = max(delivered_us, excluded.delivered_us),
+                   compliance = CASE WHEN excluded.compliance_us > compliance_us THEN excluded.compliance ELSE compliance END,
+                   compliance_us = max(compliance_us, excluded.compliance_us),
                    updated_us = excluded.updated_us",
             )?;
             for (host, a) in &rows {
@@ -618,7 +652,9 @@ impl Store for SqliteStore {
                     row.confirmed_us,
                     row.delivered_rollout,
                     row.delivered_us,
-                    now
+                    now,
+                    row.compliance,
+                    row.compliance_us
                 ])?;
             }
             Ok(())
@@ -643,7 +679,7 @@ impl Store for SqliteStore {
             let now = micros(OffsetDateTime::now_utc());
             self.read(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT hostname, body, last_seen_us, confirmed_us, delivered_rollout, delivered_us FROM host_attestations WHERE updated_us > ?1",
+                    "SELECT hostname, body, last_seen_us, confirmed_us, delivered_rollout, delivered_us, compliance FROM host_attestations WHERE updated_us > ?1",
                 )?;
                 let rows = stmt.query_map(params![cursor], |r| {
                     Ok((
@@ -653,6 +689,7 @@ impl Store for SqliteStore {
                         r.get::<_, i64>(3)?,
                         r.get::<_, Option<String>>(4)?,
                         r.get::<_, i64>(5)?,
+                        r.get::<_, Option<String>>(6)?,
                     ))
                 })?;
                 let mut page = AttestationPage {
@@ -660,10 +697,12 @@ impl Store for SqliteStore {
                     next: now - ATTESTATION_OVERLAP_US,
                 };
                 for row in rows {
-                    let (host, body, seen, confirmed, d_rollout, d_us) = row?;
+                    let (host, body, seen, confirmed, d_rollout, d_us, compliance) = row?;
                     page.rows.push((
                         host,
-                        AttestationRow::decode(&body, seen, confirmed, d_rollout, d_us)?,
+                        AttestationRow::decode(
+                            &body, seen, confirmed, d_rollout, d_us, compliance,
+                        )?,
                     ));
                 }
                 Ok(page)

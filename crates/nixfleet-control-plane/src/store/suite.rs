@@ -111,6 +111,8 @@ on_both!(
     the_leader_writes_ticks,
     signed_artifacts_only_move_forward,
     concurrent_saves_all_land_and_merge,
+    latest_evidence_per_host_is_kept,
+    compliance_survives_a_later_check_in,
 );
 
 fn now() -> OffsetDateTime {
@@ -739,18 +741,20 @@ async fn replicas_migrate_one_database_together() {
     }
     assert_eq!(
         test_db.query("SELECT version FROM nixfleet_schema"),
-        vec![vec!["2".to_owned()]]
+        vec![vec!["3".to_owned()]]
     );
     // A database of the first schema is brought forward when a newer replica opens it.
     test_db.query(
-        "DROP TABLE signed_artifacts, signed_artifacts_version; UPDATE nixfleet_schema SET version = 1",
+        "DROP TABLE signed_artifacts, signed_artifacts_version; DROP INDEX host_reports_kind;
+         ALTER TABLE host_attestations DROP COLUMN compliance, DROP COLUMN compliance_us;
+         UPDATE nixfleet_schema SET version = 1",
     );
     let store = PgStore::open(pg(&test_db.url, "r3", 2)).await.unwrap();
     assert_eq!(store.artifacts_version().await.unwrap(), 0);
     store.close().await.unwrap();
     assert_eq!(
         test_db.query("SELECT version FROM nixfleet_schema"),
-        vec![vec!["2".to_owned()]]
+        vec![vec!["3".to_owned()]]
     );
 }
 
@@ -1015,4 +1019,126 @@ async fn replica_sync_at_100k_hosts() {
         },
     )
     .await;
+}
+
+async fn latest_evidence_per_host_is_kept(f: &Fixture) {
+    let t = now();
+    let store = |host: &str, id: &str, kind: &str, keep: usize| {
+        f.db.record_report(
+            host.into(),
+            id.into(),
+            kind.into(),
+            None,
+            format!("body of {id}"),
+            t,
+            keep,
+        )
+    };
+    let pruned = store("web-01", "ev-1", super::EVIDENCE_KIND, 3)
+        .await
+        .unwrap();
+    let kept = store("web-01", "ev-2", super::EVIDENCE_KIND, 3)
+        .await
+        .unwrap();
+    store("web-02", "ev-a", super::EVIDENCE_KIND, 3)
+        .await
+        .unwrap();
+    // A flood of other reports prunes older evidence, never the newest.
+    for i in 0..5 {
+        store("web-01", &format!("rep-{i}"), "rolled-back", 3)
+            .await
+            .unwrap();
+    }
+    let all =
+        f.db.latest_reports(super::EVIDENCE_KIND.into(), None)
+            .await
+            .unwrap();
+    assert_eq!(
+        all,
+        vec![
+            ("web-01".into(), "ev-2".into(), "body of ev-2".into()),
+            ("web-02".into(), "ev-a".into(), "body of ev-a".into()),
+        ]
+    );
+    let one =
+        f.db.latest_reports(super::EVIDENCE_KIND.into(), Some("web-02".into()))
+            .await
+            .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].1, "ev-a");
+    assert!(f
+        .db
+        .latest_reports(super::EVIDENCE_KIND.into(), Some("db-01".into()))
+        .await
+        .unwrap()
+        .is_empty());
+    // The newest evidence was kept through the flood (a resend finds it); the older was
+    // pruned (sent again, it is stored anew).
+    assert_eq!(
+        store("web-01", "ev-2", super::EVIDENCE_KIND, 3)
+            .await
+            .unwrap(),
+        kept
+    );
+    assert_ne!(
+        store("web-01", "ev-1", super::EVIDENCE_KIND, 3)
+            .await
+            .unwrap(),
+        pruned
+    );
+}
+
+fn summary(id: &str, at: OffsetDateTime) -> nixfleet_proto::compliance::ComplianceSummary {
+    use nixfleet_proto::compliance::{ComplianceMode, ComplianceSummary, EvidenceTrigger};
+    ComplianceSummary {
+        evidence_id: id.into(),
+        rollout_id: None,
+        closure_hash: "c".into(),
+        mode: ComplianceMode::Enforce,
+        trigger: EvidenceTrigger::Drift,
+        collected_at: at,
+        passed: 1,
+        failing: Vec::new(),
+    }
+}
+
+async fn compliance_survives_a_later_check_in(f: &Fixture) {
+    let t = now();
+    let mut with_evidence = attestation(t, "/nix/store/a");
+    with_evidence.compliance = Some(summary("ev-1", t));
+    f.db.save_attestations(vec![("web-01".into(), with_evidence)])
+        .await
+        .unwrap();
+    // A later check-in written by a replica that never saw the evidence.
+    let later = attestation(t + Duration::seconds(30), "/nix/store/a");
+    f.db.save_attestations(vec![("web-01".into(), later)])
+        .await
+        .unwrap();
+    let stored = stored_attestation(f.db.as_ref(), "web-01").await;
+    assert_eq!(stored.last_seen, t + Duration::seconds(30));
+    assert_eq!(
+        stored.compliance.map(|c| c.evidence_id).as_deref(),
+        Some("ev-1"),
+        "a check-in does not erase stored evidence"
+    );
+    // Older evidence does not replace newer; newer does.
+    let mut older = attestation(t, "/nix/store/a");
+    older.compliance = Some(summary("ev-0", t - Duration::seconds(60)));
+    f.db.save_attestations(vec![("web-01".into(), older)])
+        .await
+        .unwrap();
+    let stored = stored_attestation(f.db.as_ref(), "web-01").await;
+    assert_eq!(stored.compliance.unwrap().evidence_id, "ev-1");
+    let mut newer = attestation(t, "/nix/store/a");
+    newer.compliance = Some(summary("ev-2", t + Duration::seconds(60)));
+    f.db.save_attestations(vec![("web-01".into(), newer)])
+        .await
+        .unwrap();
+    let stored = stored_attestation(f.db.as_ref(), "web-01").await;
+    assert_eq!(stored.compliance.unwrap().evidence_id, "ev-2");
+    assert_eq!(
+        stored.current_closure.as_deref(),
+        Some("/nix/store/a"),
+        "the observation stays the newer check-in's"
+    );
 }
