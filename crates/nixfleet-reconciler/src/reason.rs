@@ -45,10 +45,24 @@ pub(crate) fn channel_edge(predecessor: &str) -> String {
     format!("waiting: channel {predecessor} must finish its rollout first")
 }
 
-/// `held: rollout halted after 2 failures in wave 0`.
-pub(crate) fn held(word: &str, failures: u32, wave: u32) -> String {
+/// The longest failure reason quoted in another host's reason.
+const QUOTED_REASON_CHARS: usize = 120;
+
+/// `held: rollout halted after 2 failures in wave 0 (first: web-01, health gate: 1 failed
+/// unit, max 0)`.
+pub(crate) fn held(word: &str, failures: u32, wave: u32, first: Option<(&str, &str)>) -> String {
     let plural = if failures == 1 { "" } else { "s" };
-    format!("held: rollout {word} after {failures} failure{plural} in wave {wave}")
+    let first = match first {
+        Some((host, why)) => {
+            let mut quoted: String = why.chars().take(QUOTED_REASON_CHARS).collect();
+            if why.chars().count() > QUOTED_REASON_CHARS {
+                quoted.push('…');
+            }
+            format!(" (first: {host}, {quoted})")
+        }
+        None => String::new(),
+    };
+    format!("held: rollout {word} after {failures} failure{plural} in wave {wave}{first}")
 }
 
 pub(crate) fn soaking(elapsed_minutes: i64, soak_minutes: u32) -> String {
@@ -129,13 +143,19 @@ mod tests {
             "activation timeout: still switching (since 2026-11-27T10:00:00Z) 1800 s after delivery (--activation-timeout-secs)"
         );
         assert_eq!(
-            held("halted", 2, 0),
+            held("halted", 2, 0, None),
             "held: rollout halted after 2 failures in wave 0"
         );
         assert_eq!(
-            held("reverted", 1, 3),
+            held("reverted", 1, 3, None),
             "held: rollout reverted after 1 failure in wave 3"
         );
+        assert_eq!(
+            held("halted", 1, 0, Some(("web-01", "compliance: control auditd-enabled fail"))),
+            "held: rollout halted after 1 failure in wave 0 (first: web-01, compliance: control auditd-enabled fail)"
+        );
+        let long = "x".repeat(300);
+        assert!(held("halted", 1, 0, Some(("web-01", &long))).ends_with("x…)"));
         assert_eq!(soaking(12, 30), "soaking: 12m of 30m");
         assert_eq!(
             already_failed(&"a".repeat(64), "activation failed: exit 1"),

@@ -929,7 +929,9 @@ fn evidence_for<'a>(obs: Option<&'a Attestation>, closure: &str) -> Evidence<'a>
     match &obs.compliance {
         Some(s)
             if s.closure_hash == closure
-                && obs.compliance_claimed_at.is_none_or(|c| c <= s.collected_at) =>
+                && obs
+                    .compliance_claimed_at
+                    .is_none_or(|c| c <= s.collected_at) =>
         {
             if s.failing.is_empty() {
                 Evidence::Passed
@@ -1200,6 +1202,20 @@ fn wave_counts(view: &View, wave: u32) -> (usize, usize) {
     (holding, soaking)
 }
 
+/// The earliest failure in `wave`: its host and reason, so that a held host says what
+/// tripped the gate (a failed unit, a compliance control, a confirm deadline).
+fn first_failure<'v>(view: &'v View, wave: u32) -> Option<(&'v str, &'v str)> {
+    view.slots
+        .iter()
+        .filter(|s| s.wave == wave)
+        .filter_map(|s| match &s.state {
+            HostState::Failed { reason, at } => Some((*at, s.hostname(), reason.as_str())),
+            _ => None,
+        })
+        .min()
+        .map(|(_, host, reason)| (host, reason))
+}
+
 fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
     if let Some(note) = &slot.note {
         return note.clone();
@@ -1218,11 +1234,15 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
                 Presence::Unseen { .. } => reason::not_seen(ctx.attestations_since),
                 Presence::Online => "waiting: queued".to_owned(),
             },
-            RolloutState::Halted { wave, failures } => reason::held("halted", *failures, *wave),
-            RolloutState::Reverting { wave, failures } => {
-                reason::held("reverting", *failures, *wave)
+            RolloutState::Halted { wave, failures } => {
+                reason::held("halted", *failures, *wave, first_failure(view, *wave))
             }
-            RolloutState::Reverted { wave, failures } => reason::held("reverted", *failures, *wave),
+            RolloutState::Reverting { wave, failures } => {
+                reason::held("reverting", *failures, *wave, first_failure(view, *wave))
+            }
+            RolloutState::Reverted { wave, failures } => {
+                reason::held("reverted", *failures, *wave, first_failure(view, *wave))
+            }
             RolloutState::Superseded { by } => format!("held: superseded by {by}"),
         },
         HostState::Dispatched => match stale_since(view.manifest) {
