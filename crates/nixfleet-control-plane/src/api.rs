@@ -1260,6 +1260,7 @@ fn host_view(app: &App, fleet: &crate::artifacts::FleetSnapshot, name: &str) -> 
         rollout_state,
         waiting,
         revoked,
+        compliance: attestation.as_ref().and_then(|a| a.compliance.clone()),
     })
 }
 

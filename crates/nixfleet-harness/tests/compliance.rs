@@ -133,6 +133,10 @@ fn enforce_rolls_back_a_failing_canary_halts_and_keeps_the_decision_across_a_wip
         canary_report["evidence"]["evidence"]["closureHash"],
         canary.gen1.as_str()
     );
+    // The host's status carries it too (what `nixfleet status --host` and the
+    // dashboard show).
+    let status = f.operator_get("/v1/hosts/canary-01").json();
+    assert_eq!(status["compliance"]["failing"][0]["id"], "auditd-enabled");
     // Wave 1 was never dispatched.
     assert!(f.node("web-01").machine.activations().is_empty());
 

@@ -81,6 +81,28 @@ pub struct HostStatus {
     /// certificate from a later enrollment has been seen): the host is out of the fleet.
     #[serde(default)]
     pub revoked: Option<HostRevoked>,
+    /// The host's newest compliance evidence, summarised; null when none is stored.
+    #[serde(default)]
+    pub compliance: Option<crate::compliance::ComplianceSummary>,
+}
+
+impl HostStatus {
+    /// One phrase for the host's compliance: `-` without evidence, `pass (14)`, or the
+    /// controls that did not pass, `auditd-enabled fail, … (12 pass)`.
+    pub fn compliance_text(&self) -> String {
+        match &self.compliance {
+            None => "-".to_owned(),
+            Some(s) if s.failing.is_empty() => format!("pass ({})", s.passed),
+            Some(s) => {
+                let failing: Vec<String> = s
+                    .failing
+                    .iter()
+                    .map(|c| format!("{} {}", c.id, c.status.as_str()))
+                    .collect();
+                format!("{} ({} pass)", failing.join(", "), s.passed)
+            }
+        }
+    }
 }
 
 /// The revocation entry that keeps a host out.

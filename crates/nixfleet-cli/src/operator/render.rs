@@ -586,6 +586,24 @@ pub fn host_detail(detail: &HostDetail, now: OffsetDateTime, style: &Style) -> S
         "last seen",
         style.paint(tone, &elide(&seen_line, room))
     ));
+    if let Some(c) = &h.compliance {
+        let tone = if c.failing.is_empty() {
+            Tone::Good
+        } else {
+            Tone::Bad
+        };
+        let text = format!(
+            "{} ({}, {})",
+            h.compliance_text(),
+            c.mode.as_str(),
+            ago(now, c.collected_at)
+        );
+        out.push(format!(
+            "  {:<10} {}",
+            "compliance",
+            style.paint(tone, &elide(&text, room))
+        ));
+    }
     match h.waiting.as_deref().map(tidy_times) {
         Some(reason) => {
             let lines = wrap(&reason, style.width, 13, 13);
@@ -806,6 +824,7 @@ mod tests {
             rollout_state: Some(if converged { "converged" } else { "queued" }.into()),
             waiting: waiting.map(str::to_owned),
             revoked: None,
+            compliance: None,
         }
     }
 

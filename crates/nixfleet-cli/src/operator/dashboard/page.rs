@@ -764,6 +764,7 @@ pub fn hosts(chrome: &Chrome, hosts: &[HostStatus], filter: &HostFilter) -> Stri
         (None, "Declared"),
         (Some(SortKey::State), "State"),
         (Some(SortKey::Seen), "Last seen"),
+        (None, "Compliance"),
         (None, "Why"),
     ] {
         let class = match (label, key) {
@@ -808,7 +809,7 @@ pub fn hosts(chrome: &Chrome, hosts: &[HostStatus], filter: &HostFilter) -> Stri
         };
         let _ = writeln!(
             main,
-            "<tr data-host=\"{name}\" data-state=\"{slug}\" data-online=\"{online}\"><th scope=\"row\">{link}</th><td data-label=\"Channel\">{channel}</td><td class=\"closure mono\" data-label=\"Current\" title=\"{cur_full}\">{cur}</td><td class=\"closure mono\" data-label=\"Declared\" title=\"{dec_full}\">{dec}</td><td data-label=\"State\">{badge}</td><td data-label=\"Last seen\">{seen}</td><td class=\"why\" data-label=\"Why\">{why}</td></tr>",
+            "<tr data-host=\"{name}\" data-state=\"{slug}\" data-online=\"{online}\"><th scope=\"row\">{link}</th><td data-label=\"Channel\">{channel}</td><td class=\"closure mono\" data-label=\"Current\" title=\"{cur_full}\">{cur}</td><td class=\"closure mono\" data-label=\"Declared\" title=\"{dec_full}\">{dec}</td><td data-label=\"State\">{badge}</td><td data-label=\"Last seen\">{seen}</td><td class=\"compliance\" data-label=\"Compliance\">{compliance}</td><td class=\"why\" data-label=\"Why\">{why}</td></tr>",
             name = esc(&h.name),
             slug = state.slug(),
             online = h.online,
@@ -820,6 +821,7 @@ pub fn hosts(chrome: &Chrome, hosts: &[HostStatus], filter: &HostFilter) -> Stri
             dec = esc(&declared),
             badge = state_badge(state),
             seen = last_seen(h, chrome.now),
+            compliance = esc(&h.compliance_text()),
         );
     }
     main.push_str("</tbody></table></div>\n");
@@ -900,6 +902,18 @@ pub fn host(chrome: &Chrome, detail: &HostDetail) -> String {
         ),
     );
     row("Last seen", last_seen(h, now));
+    if let Some(c) = &h.compliance {
+        row(
+            "Compliance",
+            format!(
+                "{} <span class=\"mono\">({} evidence on {}, collected {})</span>",
+                esc(&h.compliance_text()),
+                esc(c.mode.as_str()),
+                esc(&c.closure_hash),
+                time_tag(c.collected_at, now)
+            ),
+        );
+    }
     if let Some(r) = &h.revoked {
         row(
             "Revoked",
@@ -1163,6 +1177,7 @@ mod tests {
             rollout_state: state.map(str::to_owned),
             waiting: waiting.map(str::to_owned),
             revoked: None,
+            compliance: None,
         }
     }
 
@@ -1186,6 +1201,40 @@ mod tests {
             page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
             "{page}"
         );
+    }
+
+    #[test]
+    fn hosts_show_their_compliance_as_text() {
+        use nixfleet_proto::compliance::{
+            ComplianceMode, ComplianceSummary, ControlStatus, EvidenceTrigger, FailingControl,
+        };
+        let mut hosts = vec![
+            host("web-01", Some("failed"), None),
+            host("web-02", None, None),
+        ];
+        hosts[0].compliance = Some(ComplianceSummary {
+            evidence_id: "e".repeat(64),
+            rollout_id: None,
+            closure_hash: "c".into(),
+            mode: ComplianceMode::Enforce,
+            trigger: EvidenceTrigger::Activation,
+            collected_at: time::macros::datetime!(2026-11-27 10:00:00 UTC),
+            passed: 12,
+            failing: vec![FailingControl {
+                id: "auditd-enabled".into(),
+                status: ControlStatus::Fail,
+            }],
+        });
+        let page = super::hosts(&chrome(), &hosts, &HostFilter::from_query(&[]));
+        assert!(
+            page.contains("<th scope=\"col\" class=\"nosort\">Compliance</th>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("data-label=\"Compliance\">auditd-enabled fail (12 pass)</td>"),
+            "{page}"
+        );
+        assert!(page.contains("data-label=\"Compliance\">-</td>"), "{page}");
     }
 
     #[test]
