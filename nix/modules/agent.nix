@@ -112,6 +112,11 @@ let
       default = "/run/nixos/switch-to-configuration.lock";
       description = "The lock switch-to-configuration holds while it runs; activation waits while someone else holds it.";
     };
+    complianceIntervalSecs = {
+      type = types.ints.unsigned;
+      default = 3600;
+      description = "Between rollouts, run the running closure's compliance probes again this often (drift), seconds; 0 disables drift runs.";
+    };
   };
 
   args = cli.toArgs {

@@ -5,26 +5,26 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
+use nixfleet_proto::compliance::{ComplianceMode, EvidenceRequest, EvidenceTrigger, ProbeSet};
 use nixfleet_proto::wire::{
     ActivationPhase, ActivationProgress, CheckinRequest, CheckinResponse, ConfirmRequest,
     CurrentGeneration, Generation, Report, ReportKind, ReportRequest, Target,
 };
-use nixfleet_trust::jcs;
 use nixfleet_trust::keys::PrivateKey;
 use nixfleet_trust::verify::{self, Limits};
 use rand_core::RngCore as _;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::activation::nixos::{RealiseError, SwitchStatus, System};
+use crate::activation::nixos::{store_path, RealiseError, SwitchStatus, System};
 use crate::backoff;
 use crate::client::CpClient;
+use crate::compliance::{self, HeldEvidence};
 use crate::config::Config;
 use crate::gate;
 use crate::health;
 use crate::identity::{self, IdentityError};
-use crate::machine::{self, Activation, Event, Phase};
+use crate::machine::{self, Activation, Event, Phase, ProbeOutcome};
 use crate::store::{self, AgentState, Confirmation, StateDir, StoreError};
 
 /// Confirms are retried quickly: the window is minutes, an outage may be seconds.
@@ -68,6 +68,8 @@ pub struct Agent {
     phase_since: (&'static str, OffsetDateTime),
     /// How often to check in while fetching or switching: the control plane's interval.
     progress_every: Duration,
+    /// No drift run before this (the running closure had nothing to probe).
+    drift_not_before: Option<(String, Instant)>,
 }
 
 fn random_unit() -> f64 {
@@ -131,6 +133,7 @@ impl Agent {
             certificate_refused: false,
             phase_since: (state_phase_name, now()),
             progress_every: poll_cap,
+            drift_not_before: None,
         })
     }
 
@@ -156,10 +159,19 @@ impl Agent {
             "nixfleet-agent {} starting",
             env!("CARGO_PKG_VERSION")
         );
-        if let Phase::AwaitingConfirm { activation, .. } = &self.state.machine.phase {
+        if let Phase::AwaitingConfirm { activation, .. } | Phase::Probing { activation, .. } =
+            &self.state.machine.phase
+        {
             let target_running = self.system.current_closure().as_deref()
                 == Some(activation.target.closure_hash.as_str());
+            let closure = activation.target.closure_hash.clone();
             self.apply(Event::Resumed { target_running });
+            if let Phase::Probing { deadline, .. } = &self.state.machine.phase {
+                // Never confirmed on results from before the restart, in any mode.
+                tracing::info!(
+                    "resumed while probing {closure}: its compliance probes run again before any confirm (window open until {deadline})"
+                );
+            }
         }
         loop {
             if *shutdown.borrow() {
@@ -194,12 +206,31 @@ impl Agent {
             self.flush_reports().await;
         }
         match self.state.machine.phase.clone() {
-            Phase::Idle => match identity {
-                Ok(()) => self.checkin().await,
-                Err(wait) => wait,
-            },
+            Phase::Idle => {
+                let wait = match identity {
+                    Ok(()) => self.checkin().await,
+                    Err(wait) => wait,
+                };
+                // Drift runs between rollouts only: a check-in that started one wins.
+                if !matches!(self.state.machine.phase, Phase::Idle) {
+                    return wait;
+                }
+                match self.drift_due() {
+                    Some(left) if left.is_zero() => {
+                        self.drift().await;
+                        wait.min(self.drift_due().unwrap_or(wait))
+                    }
+                    Some(left) => wait.min(left),
+                    None => wait,
+                }
+            }
             Phase::Fetching { activation } => self.fetch(activation).await,
             Phase::Switching { activation } => self.switch(activation).await,
+            Phase::Probing {
+                activation,
+                activated_at,
+                ..
+            } => self.probe(activation, activated_at).await,
             Phase::AwaitingConfirm { activation, .. } => self.confirm(activation).await,
             Phase::RollingBack { activation, .. } => self.roll_back(activation).await,
         }
@@ -209,6 +240,12 @@ impl Agent {
     /// state cannot be written, nothing changes: the agent never acts on a state it could
     /// not persist.
     fn apply(&mut self, event: Event) -> bool {
+        self.apply_and(event, |_| {})
+    }
+
+    /// [`Agent::apply`], with `also` changed in the same persisted state (new evidence
+    /// with the transition it decided).
+    fn apply_and(&mut self, event: Event, also: impl FnOnce(&mut AgentState)) -> bool {
         let at = now();
         let step = match machine::transition(&self.state.machine, event, at) {
             Ok(step) => step,
@@ -218,6 +255,7 @@ impl Agent {
             }
         };
         let mut next = self.state.clone();
+        also(&mut next);
         let from = next.machine.phase.name();
         let finished = next.machine.phase.activation().map(Activation::id);
         next.machine = step.machine;
@@ -288,12 +326,8 @@ impl Agent {
             reason: reason.to_owned(),
             at: now(),
         };
-        match jcs::to_canonical(&report) {
-            Ok(canonical) => Some(ReportRequest {
-                signature: base64::engine::general_purpose::STANDARD
-                    .encode(self.key.sign(&canonical)),
-                report,
-            }),
+        match identity::sign_canonical(&self.key, &report) {
+            Ok(signature) => Some(ReportRequest { signature, report }),
             Err(e) => {
                 tracing::error!("cannot canonicalise a report ({e}); it is not sent");
                 None
@@ -516,7 +550,11 @@ impl Agent {
             )
             .await,
             activation: self.progress(),
-            compliance_evidence_at: None,
+            compliance_evidence_at: self
+                .state
+                .evidence
+                .as_ref()
+                .map(|held| held.evidence().collected_at),
         }
     }
 
@@ -526,8 +564,23 @@ impl Agent {
             Phase::Idle => return None,
             Phase::Fetching { activation } => (ActivationPhase::Fetching, activation),
             Phase::Switching { activation } => (ActivationPhase::Switching, activation),
-            Phase::AwaitingConfirm { activation, .. } => {
-                (ActivationPhase::AwaitingConfirm, activation)
+            // Probing is part of awaiting the confirm on the wire: the window counts from
+            // the end of the switch on both sides, whatever the probes take.
+            Phase::Probing {
+                activation,
+                deadline,
+                ..
+            }
+            | Phase::AwaitingConfirm {
+                activation,
+                deadline,
+            } => {
+                return Some(ActivationProgress {
+                    rollout_id: activation.target.rollout_id.clone(),
+                    closure_hash: activation.target.closure_hash.clone(),
+                    phase: ActivationPhase::AwaitingConfirm,
+                    since: *deadline - machine::confirm_window(activation),
+                })
             }
             Phase::RollingBack { activation, .. } => (ActivationPhase::RollingBack, activation),
         };
@@ -646,6 +699,8 @@ impl Agent {
             backoff::checkin_delay(response.next_checkin_secs, self.poll_cap(), random_unit());
         self.progress_every =
             Duration::from_secs(u64::from(response.next_checkin_secs.max(1))).min(self.poll_cap());
+        self.resend_evidence_if_missing(response.compliance_evidence_at)
+            .await;
         tracing::debug!(current = %current, target = ?response.target.as_ref().map(|t| &t.closure_hash), rollback = ?response.rollback, "checked in");
         if let Some(signal) = response.rollback {
             let unhealthy = self.over_health_gate(&signal.rollout_id, request.health.failed_units);
@@ -878,6 +933,300 @@ impl Agent {
         };
         self.apply(event);
         Duration::ZERO
+    }
+
+    // ---- compliance: the runtime gate, drift, evidence ------------------------------
+
+    /// The probe set of `closure`, logged when it cannot be used.
+    fn probe_set(&self, closure: &str) -> Result<Option<ProbeSet>, String> {
+        compliance::read_probe_set(&store_path(closure)).map_err(|e| {
+            tracing::error!(closure = %closure, "{e}");
+            e.to_string()
+        })
+    }
+
+    /// Runs `set`, then builds and signs its evidence. None when it cannot be signed
+    /// (logged): the runs are still returned, and decide as usual.
+    async fn collect(
+        &self,
+        set: &ProbeSet,
+        context: compliance::Context,
+        reporting: bool,
+    ) -> (Vec<compliance::ProbeRun>, Option<HeldEvidence>) {
+        tracing::info!(
+            closure = %context.closure_hash,
+            trigger = ?context.trigger,
+            "running {} compliance probes ({}, frameworks: {})",
+            set.probes.len(),
+            set.mode.as_str(),
+            set.frameworks.join(", ")
+        );
+        let runs = if reporting {
+            self.while_reporting(compliance::run_probes(set)).await
+        } else {
+            compliance::run_probes(set).await
+        };
+        let evidence = compliance::evidence(context, set, &runs, now());
+        let held = match identity::sign_canonical(&self.key, &evidence) {
+            Ok(signature) => Some(HeldEvidence {
+                request: EvidenceRequest {
+                    evidence,
+                    signature,
+                },
+                superseded: false,
+            }),
+            Err(e) => {
+                tracing::error!(
+                    "cannot canonicalise the compliance evidence ({e}); it is not kept nor sent"
+                );
+                None
+            }
+        };
+        (runs, held)
+    }
+
+    /// After the switch, before any confirm: the closure's probes, whose outcome the
+    /// state machine turns into a confirm or (enforce) a rollback.
+    async fn probe(&mut self, activation: Activation, activated_at: OffsetDateTime) -> Duration {
+        let closure = activation.target.closure_hash.clone();
+        let (outcome, held) = match self.probe_set(&closure) {
+            Ok(None) => (
+                ProbeOutcome::NotProbed {
+                    why: format!(
+                        "it carries no probe set ({})",
+                        nixfleet_proto::compliance::PROBE_SET_PATH
+                    ),
+                },
+                None,
+            ),
+            Ok(Some(set)) if set.mode == ComplianceMode::Disabled => (
+                ProbeOutcome::NotProbed {
+                    why: "its compliance mode is disabled".to_owned(),
+                },
+                None,
+            ),
+            Err(reason) => (ProbeOutcome::Unusable { reason }, None),
+            Ok(Some(set)) => {
+                let context = compliance::Context {
+                    hostname: self.hostname.clone(),
+                    rollout_id: Some(activation.target.rollout_id.clone()),
+                    closure_hash: closure.clone(),
+                    boot_id: self.boot_id.clone(),
+                    activated_at,
+                    trigger: EvidenceTrigger::Activation,
+                };
+                let (runs, held) = self.collect(&set, context, true).await;
+                let failing = compliance::describe_failing(&runs);
+                let outcome = ProbeOutcome::Ran {
+                    mode: set.mode,
+                    passed: runs.len() - failing.len(),
+                    failing,
+                };
+                (outcome, held)
+            }
+        };
+        let sending = held.is_some();
+        // The evidence is persisted with the decision it led to, in one write.
+        self.apply_and(Event::Probed(outcome), |next| {
+            if let Some(held) = held {
+                next.evidence = Some(held);
+            }
+        });
+        if sending {
+            // Before the confirm: the send must leave most of the window to it.
+            let within = match &self.state.machine.phase {
+                Phase::AwaitingConfirm { deadline, .. } => {
+                    let left: time::Duration = (*deadline - now()).max(time::Duration::ZERO) / 2;
+                    Some(Duration::from_secs_f64(left.as_seconds_f64()).max(MIN_CONFIRM_ATTEMPT))
+                }
+                _ => None,
+            };
+            self.send_evidence(within).await;
+        }
+        Duration::ZERO
+    }
+
+    /// Sends the held evidence (within `within` when given, else the request timeout); a
+    /// failure leaves it to the next check-in's comparison.
+    async fn send_evidence(&mut self, within: Option<Duration>) {
+        let Some(held) = self.state.evidence.clone().filter(|h| !h.superseded) else {
+            return;
+        };
+        let collected = held.evidence().collected_at;
+        let Some(client) = self.client.clone() else {
+            tracing::info!(%collected, "compliance evidence not sent: not enrolled yet; sent when a check-in shows the control plane without it");
+            return;
+        };
+        let client = match within {
+            Some(limit) => client.within(limit),
+            None => client,
+        };
+        match client.post("/v1/agent/evidence", &held.request).await {
+            Ok(reply) if reply.status == 200 => {
+                let id = serde_json::from_slice::<nixfleet_proto::compliance::EvidenceResponse>(
+                    &reply.body,
+                )
+                .map(|r| r.evidence_id)
+                .unwrap_or_default();
+                tracing::info!(evidence = %id, %collected, trigger = ?held.evidence().trigger, "compliance evidence stored by the control plane");
+            }
+            Ok(reply) if reply.status == 409 => {
+                tracing::warn!(%collected, "the control plane holds newer compliance evidence of this host ({}); this one is dropped, never re-sent", reply.message());
+                if let Some(h) = self.state.evidence.as_mut() {
+                    h.superseded = true;
+                }
+                self.save();
+            }
+            Ok(reply) if matches!(reply.status, 400 | 403 | 413) => {
+                tracing::error!(%collected, "the control plane will never accept this compliance evidence ({}: {}); dropping it, the next probe run makes new evidence", reply.status, reply.message());
+                if let Some(h) = self.state.evidence.as_mut() {
+                    h.superseded = true;
+                }
+                self.save();
+            }
+            Ok(reply) => tracing::warn!(
+                %collected,
+                "compliance evidence not stored ({}: {}); re-sent when a check-in shows the control plane without it",
+                reply.status,
+                reply.message()
+            ),
+            Err(e) => tracing::warn!(
+                %collected,
+                "compliance evidence not sent: {e}; re-sent when a check-in shows the control plane without it"
+            ),
+        }
+    }
+
+    /// A check-in answer says what evidence the control plane has (`stored`): older than
+    /// what this host holds, or none (a wipe, a lost send), and the held one goes again.
+    async fn resend_evidence_if_missing(&mut self, stored: Option<OffsetDateTime>) {
+        let Some(held) = self.state.evidence.as_ref().filter(|h| !h.superseded) else {
+            return;
+        };
+        let ours = held.evidence().collected_at;
+        if stored.is_some_and(|at| at >= ours) {
+            return;
+        }
+        let theirs = stored.map_or_else(|| "none".to_owned(), |at| at.to_string());
+        tracing::info!(held = %ours, stored = %theirs, "the control plane lacks this host's newest compliance evidence; sending it again");
+        self.send_evidence(None).await;
+    }
+
+    fn drift_interval(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.config.compliance_interval_secs)).filter(|d| !d.is_zero())
+    }
+
+    /// How long until the next drift run (zero: now); None when drift is off.
+    fn drift_due(&self) -> Option<Duration> {
+        let interval = self.drift_interval()?;
+        let current = self.system.current_closure()?;
+        if let Some((closure, at)) = &self.drift_not_before {
+            if *closure == current {
+                return Some(at.saturating_duration_since(Instant::now()));
+            }
+        }
+        let held = self
+            .state
+            .evidence
+            .as_ref()
+            .map(HeldEvidence::evidence)
+            .filter(|e| e.closure_hash == current);
+        let Some(last) = held else {
+            // No evidence of the running closure: probe it now.
+            return Some(Duration::ZERO);
+        };
+        let next = last.collected_at + interval;
+        let left = (next - now()).max(time::Duration::ZERO);
+        Some(Duration::from_secs_f64(left.as_seconds_f64()))
+    }
+
+    /// Between rollouts: the running closure's probes again. Logged as drift when a
+    /// control's status changed; never rolls back.
+    async fn drift(&mut self) {
+        let Some(interval) = self.drift_interval() else {
+            return;
+        };
+        let Some(current) = self.system.current_closure() else {
+            return;
+        };
+        let later = |current: &str| Some((current.to_owned(), Instant::now() + interval));
+        let set = match self.probe_set(&current) {
+            Ok(Some(set)) if set.mode != ComplianceMode::Disabled => set,
+            Ok(set) => {
+                tracing::debug!(closure = %current, "no drift probes: {}", if set.is_some() { "compliance mode disabled" } else { "no probe set" });
+                self.drift_not_before = later(&current);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(closure = %current, "no drift probes: {e}; tried again in {} s", interval.as_secs());
+                self.drift_not_before = later(&current);
+                return;
+            }
+        };
+        self.drift_not_before = None;
+        let previous = self
+            .state
+            .evidence
+            .as_ref()
+            .map(HeldEvidence::evidence)
+            .filter(|e| e.closure_hash == current)
+            .cloned();
+        let rollout_id = previous
+            .as_ref()
+            .and_then(|e| e.rollout_id.clone())
+            .or_else(|| {
+                self.state
+                    .machine
+                    .last_activation
+                    .as_ref()
+                    .filter(|a| a.target.closure_hash == current)
+                    .map(|a| a.target.rollout_id.clone())
+            });
+        // When the closure became the running system: known from its last evidence, else
+        // when the current-system link was last set.
+        let activated_at = previous
+            .as_ref()
+            .map(|e| e.activated_at)
+            .or_else(|| {
+                std::fs::symlink_metadata(&self.config.current_system_link)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .map(OffsetDateTime::from)
+            })
+            .unwrap_or_else(now)
+            .min(now());
+        let context = compliance::Context {
+            hostname: self.hostname.clone(),
+            rollout_id,
+            closure_hash: current.clone(),
+            boot_id: self.boot_id.clone(),
+            activated_at,
+            trigger: EvidenceTrigger::Drift,
+        };
+        let (runs, held) = self.collect(&set, context, false).await;
+        let Some(held) = held else {
+            self.drift_not_before = later(&current);
+            return;
+        };
+        let failing = compliance::describe_failing(&runs);
+        match previous.map(|p| compliance::changes(&p, held.evidence())) {
+            Some(changed) if !changed.is_empty() => tracing::warn!(
+                closure = %current,
+                controls = ?changed,
+                "compliance drift on {current}: {}",
+                changed.join(", ")
+            ),
+            _ => tracing::info!(
+                closure = %current,
+                "drift probes of {current}: {} passed, {} did not, no change since the last run{}",
+                runs.len() - failing.len(),
+                failing.len(),
+                if failing.is_empty() { String::new() } else { format!(" ({})", failing.join("; ")) }
+            ),
+        }
+        self.state.evidence = Some(held);
+        self.save();
+        self.send_evidence(None).await;
     }
 
     // ---- awaiting confirm -----------------------------------------------------------

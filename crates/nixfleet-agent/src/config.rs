@@ -151,6 +151,15 @@ pub struct Config {
         default_value = "/run/nixos/switch-to-configuration.lock"
     )]
     pub switch_lock: PathBuf,
+
+    /// Between rollouts, run the running closure's compliance probes again this often
+    /// (drift), seconds; 0 disables. The probes after an activation always run.
+    #[arg(
+        long,
+        env = "NIXFLEET_AGENT_COMPLIANCE_INTERVAL_SECS",
+        default_value_t = 3600
+    )]
+    pub compliance_interval_secs: u64,
 }
 
 #[cfg(test)]

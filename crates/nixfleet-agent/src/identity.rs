@@ -56,6 +56,18 @@ pub enum IdentityError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// The host key's signature over the canonical JSON (JCS) of `value`, base64 standard:
+/// how reports and compliance evidence are signed, and how the control plane verifies
+/// both.
+pub fn sign_canonical<T: serde::Serialize>(
+    key: &PrivateKey,
+    value: &T,
+) -> Result<String, nixfleet_trust::jcs::JcsError> {
+    use base64::Engine as _;
+    let canonical = nixfleet_trust::jcs::to_canonical(value)?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(key.sign(&canonical)))
+}
+
 pub fn load_host_key(path: &Path) -> Result<PrivateKey, IdentityError> {
     let err = |detail: String| IdentityError::HostKey {
         path: path.display().to_string(),

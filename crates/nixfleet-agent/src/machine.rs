@@ -1,8 +1,10 @@
 //! The agent's activation state machine (SPEC.md §7): idle → fetching → switching →
-//! awaiting confirm → confirmed (idle again) or rolling back. Pure: no I/O, no clock; the
+//! probing (the closure's compliance probes) → awaiting confirm → confirmed (idle again)
+//! or rolling back. Pure: no I/O, no clock; the
 //! shell gathers an [`Event`], calls [`transition`], persists the result and carries out
 //! its [`Effect`]s. Crash recovery is reading the persisted [`Phase`] back.
 
+use nixfleet_proto::compliance::ComplianceMode;
 use nixfleet_proto::wire::{FailedTarget, FailureCause, ReportKind, RollbackSignal, Target};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -44,6 +46,9 @@ pub enum RollbackCause {
     },
     /// switch-to-configuration failed, or the running system is not the target after it.
     SwitchFailed { reason: String },
+    /// In `enforce`, a compliance control failed or erred after the switch, or the probe
+    /// set could not be used. `reason` starts with `compliance:` and names the controls.
+    Compliance { reason: String },
 }
 
 impl RollbackCause {
@@ -58,6 +63,7 @@ impl RollbackCause {
             } => FailureCause::Health,
             RollbackCause::Signal { .. } => FailureCause::RollbackSignal,
             RollbackCause::SwitchFailed { .. } => FailureCause::Activation,
+            RollbackCause::Compliance { .. } => FailureCause::Compliance,
         }
     }
 
@@ -78,6 +84,7 @@ impl RollbackCause {
                 format!("the control plane sent a rollback signal: {reason}{own}")
             }
             RollbackCause::SwitchFailed { reason } => format!("activation failed: {reason}"),
+            RollbackCause::Compliance { reason } => reason.clone(),
         }
     }
 }
@@ -91,6 +98,16 @@ pub enum Phase {
     Fetching { activation: Activation },
     /// The profile is set and switch-to-configuration is (to be) running, detached.
     Switching { activation: Activation },
+    /// The switch succeeded at `activated_at`; the closure's compliance probes run before
+    /// any confirm. The confirm window already counts (`deadline`). After a restart they
+    /// run again: evidence from before it is not used.
+    Probing {
+        activation: Activation,
+        #[serde(with = "time::serde::rfc3339")]
+        activated_at: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        deadline: OffsetDateTime,
+    },
     /// The target is running; confirming until `deadline`.
     AwaitingConfirm {
         activation: Activation,
@@ -110,6 +127,7 @@ impl Phase {
             Phase::Idle => "idle",
             Phase::Fetching { .. } => "fetching",
             Phase::Switching { .. } => "switching",
+            Phase::Probing { .. } => "probing",
             Phase::AwaitingConfirm { .. } => "awaiting-confirm",
             Phase::RollingBack { .. } => "rolling-back",
         }
@@ -121,6 +139,7 @@ impl Phase {
             Phase::Idle => None,
             Phase::Fetching { activation }
             | Phase::Switching { activation }
+            | Phase::Probing { activation, .. }
             | Phase::AwaitingConfirm { activation, .. }
             | Phase::RollingBack { activation, .. } => Some(activation),
         }
@@ -174,9 +193,13 @@ pub enum Event {
     RealiseFailed { reason: String },
     /// switch-to-configuration exited 0 and the running system is the target.
     SwitchSucceeded,
+    /// The closure's compliance probes ran after the switch, in this process (or there
+    /// was nothing to run).
+    Probed(ProbeOutcome),
     /// switch-to-configuration failed, or left another system running.
     SwitchFailed { reason: String },
-    /// The agent (re)started in awaiting-confirm; whether the target is what runs now.
+    /// The agent (re)started in probing or awaiting-confirm; whether the target is what
+    /// runs now.
     Resumed { target_running: bool },
     /// The control plane answered the confirm with 204.
     Confirmed,
@@ -188,6 +211,23 @@ pub enum Event {
     RolledBack,
     /// Switching back failed too.
     RollbackFailed { reason: String },
+}
+
+/// What came of the compliance probes of a closure just switched to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// Nothing to run: no probe set in the closure, or its mode is `disabled`.
+    NotProbed { why: String },
+    /// The probes ran: the probe set's mode, how many passed, and each control that did
+    /// not pass, described (`control X failed (cis 5.2.8)`).
+    Ran {
+        mode: ComplianceMode,
+        passed: usize,
+        failing: Vec<String>,
+    },
+    /// The closure carries a probe set that cannot be read or is malformed. In doubt it
+    /// is taken as an `enforce` failure: the closure's own compliance cannot be shown.
+    Unusable { reason: String },
 }
 
 /// What the shell must do besides persisting the new phase.
@@ -356,7 +396,7 @@ pub fn transition(
             )
         }
         (
-            Phase::AwaitingConfirm { activation, .. },
+            Phase::AwaitingConfirm { activation, .. } | Phase::Probing { activation, .. },
             Event::RollbackSignal {
                 signal, unhealthy, ..
             },
@@ -372,8 +412,10 @@ pub fn transition(
                 last,
                 vec![],
                 format!(
-                    "rollback signal for rollout {} while awaiting confirm: {}",
-                    signal.rollout_id, signal.reason
+                    "rollback signal for rollout {} while {}: {}",
+                    signal.rollout_id,
+                    machine.phase.name(),
+                    signal.reason
                 ),
             )
         }
@@ -411,19 +453,137 @@ pub fn transition(
             ),
         ),
         (Phase::Switching { activation }, Event::SwitchSucceeded) => {
-            let deadline = now + Duration::seconds(window_secs(activation.target.confirm_window_secs));
+            let deadline = now + confirm_window(activation);
             step(
-                Phase::AwaitingConfirm {
+                Phase::Probing {
                     activation: activation.clone(),
+                    activated_at: now,
                     deadline,
                 },
                 last,
                 vec![],
                 format!(
-                    "{} is running; confirming until {deadline}",
+                    "{} is running; running its compliance probes, then confirming until {deadline}",
                     activation.target.closure_hash
                 ),
             )
+        }
+        (
+            Phase::Probing {
+                activation,
+                deadline,
+                ..
+            },
+            Event::Probed(outcome),
+        ) => {
+            let closure = &activation.target.closure_hash;
+            let enforce_failure = match &outcome {
+                ProbeOutcome::Ran {
+                    mode: ComplianceMode::Enforce,
+                    failing,
+                    ..
+                } if !failing.is_empty() => Some(format!("compliance: {}", failing.join("; "))),
+                ProbeOutcome::Unusable { reason } => Some(format!(
+                    "compliance: {reason} (in doubt, taken as an enforce failure)"
+                )),
+                _ => None,
+            };
+            if let Some(reason) = enforce_failure {
+                let why = format!(
+                    "{reason}; enforce: no confirm, rolling back from {closure} to {}",
+                    activation.previous
+                );
+                step(
+                    Phase::RollingBack {
+                        activation: activation.clone(),
+                        cause: RollbackCause::Compliance { reason },
+                    },
+                    last,
+                    vec![],
+                    why,
+                )
+            } else if now > *deadline {
+                step(
+                    Phase::RollingBack {
+                        activation: activation.clone(),
+                        cause: RollbackCause::ConfirmWindowExpired,
+                    },
+                    last,
+                    vec![],
+                    format!("the compliance probes of {closure} ended after the confirm window closed at {deadline}; rolling back (keep a probe set's timeouts well under confirmWindowSecs)"),
+                )
+            } else {
+                let what = match &outcome {
+                    ProbeOutcome::NotProbed { why } => why.clone(),
+                    ProbeOutcome::Ran {
+                        mode, passed, failing,
+                    } if failing.is_empty() => format!(
+                        "all {passed} compliance controls passed ({})",
+                        mode.as_str()
+                    ),
+                    ProbeOutcome::Ran { mode, failing, .. } => format!(
+                        "{} recorded, not enforced ({}): {}",
+                        failing.len(),
+                        mode.as_str(),
+                        failing.join("; ")
+                    ),
+                    ProbeOutcome::Unusable { reason } => reason.clone(),
+                };
+                step(
+                    Phase::AwaitingConfirm {
+                        activation: activation.clone(),
+                        deadline: *deadline,
+                    },
+                    last,
+                    vec![],
+                    format!("{closure}: {what}; confirming until {deadline}"),
+                )
+            }
+        }
+        (
+            Phase::Probing {
+                activation,
+                deadline,
+                ..
+            },
+            Event::Resumed { target_running },
+        ) => {
+            if !target_running {
+                step(
+                    Phase::RollingBack {
+                        activation: activation.clone(),
+                        cause: RollbackCause::SwitchFailed {
+                            reason: "the running system is no longer the target".to_owned(),
+                        },
+                    },
+                    last,
+                    vec![],
+                    format!(
+                        "resumed while probing, but {} is not running; rolling back",
+                        activation.target.closure_hash
+                    ),
+                )
+            } else if now > *deadline {
+                step(
+                    Phase::RollingBack {
+                        activation: activation.clone(),
+                        cause: RollbackCause::ConfirmWindowExpired,
+                    },
+                    last,
+                    vec![],
+                    format!("resumed while probing after the confirm window closed at {deadline}; rolling back"),
+                )
+            } else {
+                step(
+                    machine.phase.clone(),
+                    last,
+                    vec![],
+                    format!(
+                        "resumed while probing {}; results from before the restart are discarded, running its compliance probes again",
+                        activation.target.closure_hash
+                    ),
+                )
+            }
         }
         (Phase::Switching { activation }, Event::SwitchFailed { reason }) => step(
             Phase::RollingBack {
@@ -564,6 +724,11 @@ pub fn transition(
 /// keeps a bad value from causing a false rollback.
 fn window_secs(confirm_window_secs: u64) -> i64 {
     i64::try_from(confirm_window_secs.max(10)).unwrap_or(i64::MAX / 2)
+}
+
+/// The confirm window of an activation, counted from the end of its switch.
+pub fn confirm_window(activation: &Activation) -> Duration {
+    Duration::seconds(window_secs(activation.target.confirm_window_secs))
 }
 
 #[cfg(test)]
@@ -831,18 +996,185 @@ mod tests {
     }
 
     #[test]
-    fn switching_succeeded_opens_the_confirm_window() {
+    fn switching_succeeded_probes_first_with_the_confirm_window_already_counting() {
         let m = in_phase(Phase::Switching {
             activation: activation(),
         });
         let s = transition(&m, Event::SwitchSucceeded, NOW).unwrap();
+        assert_eq!(s.machine.phase, probing().phase);
+        assert!(s.effects.is_empty());
+    }
+
+    fn probing() -> Machine {
+        in_phase(Phase::Probing {
+            activation: activation(),
+            activated_at: NOW,
+            deadline: NOW + Duration::seconds(120),
+        })
+    }
+
+    fn ran(mode: ComplianceMode, failing: &[&str]) -> Event {
+        Event::Probed(ProbeOutcome::Ran {
+            mode,
+            passed: 2,
+            failing: failing.iter().map(|f| f.to_string()).collect(),
+        })
+    }
+
+    fn awaits_confirm_until_the_switch_deadline(s: &Step) {
         assert_eq!(
             s.machine.phase,
             Phase::AwaitingConfirm {
                 activation: activation(),
                 deadline: NOW + Duration::seconds(120)
-            }
+            },
+            "{}",
+            s.reason
         );
+        assert!(s.effects.is_empty());
+    }
+
+    #[test]
+    fn probes_passing_or_nothing_to_probe_go_on_to_the_confirm_with_the_same_deadline() {
+        let later = NOW + Duration::seconds(30);
+        let s = transition(&probing(), ran(ComplianceMode::Enforce, &[]), later).unwrap();
+        awaits_confirm_until_the_switch_deadline(&s);
+        let none = Event::Probed(ProbeOutcome::NotProbed {
+            why: "no probe set".into(),
+        });
+        let s = transition(&probing(), none, later).unwrap();
+        awaits_confirm_until_the_switch_deadline(&s);
+    }
+
+    #[test]
+    fn permissive_failures_are_recorded_and_confirmed() {
+        let failing = "control ssh-root-login-key-only failed (cis 5.2.8)";
+        let s = transition(&probing(), ran(ComplianceMode::Permissive, &[failing]), NOW).unwrap();
+        awaits_confirm_until_the_switch_deadline(&s);
+        assert!(s.reason.contains(failing), "{}", s.reason);
+    }
+
+    #[test]
+    fn enforce_failure_rolls_back_and_records_a_compliance_failure_naming_the_control() {
+        let failing = "control ssh-root-login-key-only failed (cis 5.2.8, nis2 21.2.i)";
+        let s = transition(&probing(), ran(ComplianceMode::Enforce, &[failing]), NOW).unwrap();
+        let Phase::RollingBack { cause, .. } = &s.machine.phase else {
+            panic!("{:?}", s.machine.phase);
+        };
+        assert_eq!(cause.failure(), FailureCause::Compliance);
+        assert_eq!(cause.describe(), format!("compliance: {failing}"));
+        assert!(s.effects.is_empty(), "reported once rolled back");
+        let s = transition(&s.machine, Event::RolledBack, NOW).unwrap();
+        assert_eq!(kinds(&s), vec![ReportKind::RolledBack]);
+        let recorded = s.effects.iter().find_map(|e| match e {
+            Effect::RecordFailed(f) => Some(f.clone()),
+            _ => None,
+        });
+        let recorded = recorded.unwrap();
+        assert_eq!(recorded.cause, Some(FailureCause::Compliance));
+        assert_eq!(recorded.reason, format!("compliance: {failing}"));
+    }
+
+    #[test]
+    fn an_unusable_probe_set_is_an_enforce_failure() {
+        let s = transition(
+            &probing(),
+            Event::Probed(ProbeOutcome::Unusable {
+                reason: "the probe set is malformed".into(),
+            }),
+            NOW,
+        )
+        .unwrap();
+        let Phase::RollingBack { cause, .. } = &s.machine.phase else {
+            panic!("{:?}", s.machine.phase);
+        };
+        assert_eq!(cause.failure(), FailureCause::Compliance);
+        assert!(cause
+            .describe()
+            .starts_with("compliance: the probe set is malformed"));
+    }
+
+    #[test]
+    fn probes_that_end_after_the_window_roll_back() {
+        let late = NOW + Duration::seconds(121);
+        let s = transition(&probing(), ran(ComplianceMode::Enforce, &[]), late).unwrap();
+        assert!(matches!(
+            s.machine.phase,
+            Phase::RollingBack {
+                cause: RollbackCause::ConfirmWindowExpired,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn resumed_while_probing_probes_again_and_never_confirms_without_fresh_results() {
+        let s = transition(
+            &probing(),
+            Event::Resumed {
+                target_running: true,
+            },
+            NOW + Duration::seconds(5),
+        )
+        .unwrap();
+        assert_eq!(s.machine, probing());
+        assert!(s.effects.is_empty());
+        // Only a fresh Probed leaves probing: a confirm answer cannot skip it.
+        assert!(transition(&probing(), Event::Confirmed, NOW).is_err());
+        let s = transition(
+            &probing(),
+            Event::Resumed {
+                target_running: true,
+            },
+            NOW + Duration::seconds(121),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.machine.phase,
+            Phase::RollingBack {
+                cause: RollbackCause::ConfirmWindowExpired,
+                ..
+            }
+        ));
+        let s = transition(
+            &probing(),
+            Event::Resumed {
+                target_running: false,
+            },
+            NOW,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.machine.phase,
+            Phase::RollingBack {
+                cause: RollbackCause::SwitchFailed { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn probing_rollback_signal_rolls_back() {
+        let s = transition(
+            &probing(),
+            Event::RollbackSignal {
+                signal: RollbackSignal {
+                    rollout_id: "r1".into(),
+                    reason: "halted".into(),
+                },
+                current: "new".into(),
+                unhealthy: false,
+            },
+            NOW,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.machine.phase,
+            Phase::RollingBack {
+                cause: RollbackCause::Signal { .. },
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -1027,6 +1359,13 @@ mod tests {
         for m in [
             Machine::default(),
             awaiting(),
+            probing(),
+            in_phase(Phase::RollingBack {
+                activation: activation(),
+                cause: RollbackCause::Compliance {
+                    reason: "compliance: x".into(),
+                },
+            }),
             in_phase(Phase::RollingBack {
                 activation: activation(),
                 cause: RollbackCause::ConfirmGone { reason: "x".into() },

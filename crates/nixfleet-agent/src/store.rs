@@ -100,6 +100,9 @@ pub struct AgentState {
     /// The nonce of the bootstrap token last used, so a used token is not sent again.
     #[serde(default)]
     pub enrolled_with_nonce: Option<String>,
+    /// The newest signed compliance evidence, re-sent while the control plane lacks it.
+    #[serde(default)]
+    pub evidence: Option<crate::compliance::HeldEvidence>,
 }
 
 impl AgentState {

@@ -1062,7 +1062,11 @@ fn the_docs_shell_blocks_run() {
         .env("PATH", {
             // The auditor's walk runs this build's `nixfleet`.
             let bin = Path::new(env!("CARGO_BIN_EXE_nixfleet")).parent().unwrap();
-            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            )
         })
         .env_remove("NIX_PATH")
         .output()

@@ -1216,6 +1216,7 @@ fn eval_agent_module(module: &str, darwin: bool, fill: bool, set: Value, trust: 
                 path = type "path" "/sample/path";
                 package = type "package" null;
                 ints.positive = type "positive int" 7;
+                ints.unsigned = type "unsigned int" 7;
                 strMatching = regex: type "string matching ${{regex}}" "/sample/matching";
                 enum = values: type "enum ${{builtins.concatStringsSep "," values}}" (builtins.head values);
                 nullOr = t: type "null or ${{t.name}}" t.sample;

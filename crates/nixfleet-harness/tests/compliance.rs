@@ -108,7 +108,10 @@ fn enforce_rolls_back_a_failing_canary_halts_and_keeps_the_decision_across_a_wip
         canary.machine.activations(),
         vec![canary.gen1.clone(), canary.gen0.clone()]
     );
-    assert_eq!(canary.machine.current().as_deref(), Some(canary.gen0.as_str()));
+    assert_eq!(
+        canary.machine.current().as_deref(),
+        Some(canary.gen0.as_str())
+    );
     assert!(!canary.log().contains("confirm of"), "{}", canary.log());
     let reason = canary.state()["failedTargets"][0]["reason"]
         .as_str()
@@ -195,7 +198,10 @@ fn permissive_converges_and_reports_the_failing_control() {
         .lines()
         .find(|l| l.starts_with("web-01") && l.contains("auditd-enabled"))
         .unwrap_or_else(|| panic!("no web-01 auditd-enabled row in\n{text}"));
-    assert!(line.contains("FAIL") && line.contains("nis2 21.2.b"), "{line}");
+    assert!(
+        line.contains("FAIL") && line.contains("nis2 21.2.b"),
+        "{line}"
+    );
     // --framework nis2 keeps only the controls citing NIS2.
     assert!(!text.contains("time-sync-enabled"), "{text}");
 }

@@ -106,7 +106,7 @@ async fn read_at_most(
 }
 
 /// The first `limit` bytes of `reader`; the rest is read to the end and dropped.
-async fn read_cut(
+pub(crate) async fn read_cut(
     mut reader: impl AsyncRead + Unpin,
     limit: usize,
     what: &str,

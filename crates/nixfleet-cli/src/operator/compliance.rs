@@ -17,8 +17,9 @@ fn canonical_framework(name: &str) -> &str {
     }
 }
 
-/// The report, limited to `channel` (by the control plane) and to `framework`: hosts
-/// whose channel selects it, and in their evidence only the controls that cite it.
+/// The report, limited to `channel` (by the control plane) and to `framework`: in each
+/// host's evidence only the controls that cite it, and only the hosts left with such a
+/// control or whose channel selects the framework (those without evidence show as such).
 pub async fn report(
     client: &OperatorClient,
     channel: Option<&str>,
@@ -33,20 +34,19 @@ pub async fn report(
     };
     let mut report: ComplianceReport = client.get_json(&path).await?;
     if let Some(fw) = framework.map(canonical_framework) {
-        report
-            .hosts
-            .retain(|h| h.frameworks.iter().any(|f| canonical_framework(f) == fw));
         for host in &mut report.hosts {
-            let Some(controls) = host
+            if let Some(controls) = host
                 .evidence
                 .as_mut()
                 .and_then(|e| e.pointer_mut("/evidence/controls"))
                 .and_then(|c| c.as_array_mut())
-            else {
-                continue;
-            };
-            controls.retain(|c| c["articles"].get(fw).is_some());
+            {
+                controls.retain(|c| c["articles"].get(fw).is_some());
+            }
         }
+        report.hosts.retain(|h| {
+            h.frameworks.iter().any(|f| canonical_framework(f) == fw) || !controls(h).is_empty()
+        });
     }
     Ok(report)
 }
