@@ -317,6 +317,23 @@ pub fn table(
     table.render(style)
 }
 
+/// As [`table`], with the last column wrapped onto more lines instead of cut.
+pub fn table_wrapping_last(
+    headers: &[&'static str],
+    flexible: &[usize],
+    rows: &[Vec<String>],
+    style: &Style,
+) -> Vec<String> {
+    let mut table = Table::new(headers, flexible).wrapping_last();
+    for row in rows {
+        table.row(
+            row.iter().map(|t| cell(t.clone(), Tone::Plain)).collect(),
+            Vec::new(),
+        );
+    }
+    table.render(style)
+}
+
 /// `text` in bold when the style has colour (section titles).
 pub fn bold(text: &str, style: &Style) -> String {
     style.paint(Tone::Bold, text)
