@@ -8,4 +8,5 @@
 pub mod cache;
 pub mod jcs;
 pub mod keys;
+pub mod merkle;
 pub mod verify;
