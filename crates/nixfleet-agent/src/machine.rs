@@ -548,31 +548,10 @@ pub fn transition(
             },
             Event::Resumed { target_running },
         ) => {
-            if !target_running {
-                step(
-                    Phase::RollingBack {
-                        activation: activation.clone(),
-                        cause: RollbackCause::SwitchFailed {
-                            reason: "the running system is no longer the target".to_owned(),
-                        },
-                    },
-                    last,
-                    vec![],
-                    format!(
-                        "resumed while probing, but {} is not running; rolling back",
-                        activation.target.closure_hash
-                    ),
-                )
-            } else if now > *deadline {
-                step(
-                    Phase::RollingBack {
-                        activation: activation.clone(),
-                        cause: RollbackCause::ConfirmWindowExpired,
-                    },
-                    last,
-                    vec![],
-                    format!("resumed while probing after the confirm window closed at {deadline}; rolling back"),
-                )
+            if let Some((phase, why)) =
+                resume_failure(activation, *deadline, now, target_running, "while probing")
+            {
+                step(phase, last, vec![], why)
             } else {
                 step(
                     machine.phase.clone(),
@@ -600,31 +579,10 @@ pub fn transition(
             ),
         ),
         (Phase::AwaitingConfirm { activation, deadline }, Event::Resumed { target_running }) => {
-            if !target_running {
-                step(
-                    Phase::RollingBack {
-                        activation: activation.clone(),
-                        cause: RollbackCause::SwitchFailed {
-                            reason: "the running system is no longer the target".to_owned(),
-                        },
-                    },
-                    last,
-                    vec![],
-                    format!(
-                        "resumed awaiting confirm, but {} is not running; rolling back",
-                        activation.target.closure_hash
-                    ),
-                )
-            } else if now > *deadline {
-                step(
-                    Phase::RollingBack {
-                        activation: activation.clone(),
-                        cause: RollbackCause::ConfirmWindowExpired,
-                    },
-                    last,
-                    vec![],
-                    format!("resumed after the confirm window closed at {deadline}; rolling back"),
-                )
+            if let Some((phase, why)) =
+                resume_failure(activation, *deadline, now, target_running, "awaiting confirm")
+            {
+                step(phase, last, vec![], why)
             } else {
                 step(
                     machine.phase.clone(),
@@ -722,6 +680,42 @@ pub fn transition(
 
 /// A confirm window of 0 would roll back at once; the CP always sends one, but a floor
 /// keeps a bad value from causing a false rollback.
+/// A resumed activation that cannot go on, `doing` what it was doing: the target no
+/// longer runs, or the confirm window closed while the agent was down.
+fn resume_failure(
+    activation: &Activation,
+    deadline: OffsetDateTime,
+    now: OffsetDateTime,
+    target_running: bool,
+    doing: &str,
+) -> Option<(Phase, String)> {
+    let (cause, why) = if !target_running {
+        (
+            RollbackCause::SwitchFailed {
+                reason: "the running system is no longer the target".to_owned(),
+            },
+            format!(
+                "resumed {doing}, but {} is not running; rolling back",
+                activation.target.closure_hash
+            ),
+        )
+    } else if now > deadline {
+        (
+            RollbackCause::ConfirmWindowExpired,
+            format!("resumed {doing} after the confirm window closed at {deadline}; rolling back"),
+        )
+    } else {
+        return None;
+    };
+    Some((
+        Phase::RollingBack {
+            activation: activation.clone(),
+            cause,
+        },
+        why,
+    ))
+}
+
 fn window_secs(confirm_window_secs: u64) -> i64 {
     i64::try_from(confirm_window_secs.max(10)).unwrap_or(i64::MAX / 2)
 }

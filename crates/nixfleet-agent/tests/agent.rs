@@ -613,7 +613,10 @@ fn kill9_after_the_switch_resumed_after_the_window_rolls_back() {
     });
     f.start_cp(&["--confirm-window-secs", "10"]);
     agent.restart();
-    agent.wait_log("resumed after the confirm window closed", LONG);
+    agent.wait_log(
+        "resumed awaiting confirm after the confirm window closed",
+        LONG,
+    );
     agent.wait_log("rolled back from", LONG);
     assert_eq!(f.machine.activations(), vec![gen1.clone(), f.gen0.clone()]);
     assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));

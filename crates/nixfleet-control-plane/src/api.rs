@@ -822,22 +822,7 @@ async fn report(
             ),
         ));
     }
-    let fleet = app
-        .shared
-        .fleet()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
-    let pubkey = fleet
-        .fleet
-        .value
-        .hosts
-        .get(&hostname)
-        .and_then(|h| h.pubkey.clone())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("fleet.resolved has no pubkey for {hostname}, so its reports cannot be verified; add the host key to the fleet"),
-            )
-        })?;
+    let pubkey = pinned_host_key(&app, &hostname, "reports")?;
     let verified = verify::verify_report(&body, &hostname, &pubkey, &Limits::default()).map_err(
         |e| match e {
             VerifyError::Parse { .. }
@@ -890,6 +875,27 @@ async fn report(
     Ok(Json(ReportResponse {
         event_id: event_id.to_string(),
     }))
+}
+
+/// The host key the verified fleet pins for `hostname` (`hosts.<name>.pubkey`), which
+/// signs its `what` (reports, compliance evidence).
+pub(crate) fn pinned_host_key(app: &App, hostname: &str, what: &str) -> ApiResult<String> {
+    let fleet = app
+        .shared
+        .fleet()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
+    fleet
+        .fleet
+        .value
+        .hosts
+        .get(hostname)
+        .and_then(|h| h.pubkey.clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("fleet.resolved has no pubkey for {hostname}, so its {what} cannot be verified; add the host key to the fleet"),
+            )
+        })
 }
 
 pub(crate) fn audit(app: &App, entry: serde_json::Value) -> ApiResult<()> {

@@ -17,8 +17,8 @@ use nixfleet_trust::verify::{self, Limits, VerifyError};
 use time::OffsetDateTime;
 
 use crate::api::{
-    audit, database_unavailable, host_of, require_fresh_database, require_host, require_operator,
-    within_budget, ApiError, ApiResult, App,
+    audit, database_unavailable, host_of, pinned_host_key, require_fresh_database, require_host,
+    require_operator, within_budget, ApiError, ApiResult, App,
 };
 use crate::clock::rfc3339;
 use crate::metrics::Metrics;
@@ -172,22 +172,7 @@ pub async fn evidence(
             ),
         ));
     }
-    let fleet = app
-        .shared
-        .fleet()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no verified fleet yet"))?;
-    let pubkey = fleet
-        .fleet
-        .value
-        .hosts
-        .get(&hostname)
-        .and_then(|h| h.pubkey.clone())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("fleet.resolved has no pubkey for {hostname}, so its compliance evidence cannot be verified; add the host key to the fleet"),
-            )
-        })?;
+    let pubkey = pinned_host_key(&app, &hostname, "compliance evidence")?;
     let verified =
         verify::verify_evidence(&body, &hostname, &pubkey, &Limits::default()).map_err(|e| {
             let (status, why) = verify_refusal(&e);
