@@ -312,8 +312,15 @@ async fn dashboard_shows_a_live_fleet_in_a_real_browser() {
         [("web-02".to_owned(), "queued".to_owned())],
         "{narrowed}"
     );
+    // The failed canary's reason, and the held hosts' reasons that quote it.
     let by_reason = dump_dom(&dash.url("/hosts?q=pwned"), None);
-    assert_eq!(host_rows(&by_reason).len(), 1, "{by_reason}");
+    assert_eq!(host_rows(&by_reason).len(), 3, "{by_reason}");
+    let by_state_reason = dump_dom(&dash.url("/hosts?q=pwned&state=failed"), None);
+    assert_eq!(
+        host_rows(&by_state_reason),
+        [("canary-01".to_owned(), "failed".to_owned())],
+        "{by_state_reason}"
+    );
     let sorted = dump_dom(&dash.url("/hosts?sort=name&dir=desc"), None);
     assert_eq!(host_rows(&sorted)[0].0, "web-03", "{sorted}");
 
