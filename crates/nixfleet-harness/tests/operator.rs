@@ -432,8 +432,13 @@ fn check_host(h: &Value) {
             "rollout",
             "rollout_state",
             "waiting",
-            "revoked"
+            "revoked",
+            "compliance"
         ]),
+        "{h}"
+    );
+    assert!(
+        h["compliance"].is_null() || h["compliance"]["failing"].is_array(),
         "{h}"
     );
     assert!(
