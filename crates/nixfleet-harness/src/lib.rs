@@ -60,11 +60,29 @@ pub fn nixfleet(dir: &Path, args: &[&str]) -> String {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below Linux's ephemeral range (32768-60999): a port the kernel hands out for ":0"
+    // is also what outgoing connections take as their local port, so between this check
+    // and the server's bind another test's client could hold it. Each call in a process
+    // takes the next port of its own sequence (no two servers of one run get the same),
+    // starting at a place that depends on the process.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let port = u16::try_from(FIRST + offset).unwrap_or(20_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// Waits for a condition instead of sleeping a fixed time.
