@@ -878,8 +878,18 @@ impl<'a> Tick<'a> {
         for run in &self.channels {
             for &v in &run.views {
                 let view = &self.views[v];
+                // Once per rollout, not per held host: a halted rollout holds them all.
+                let first = match view.state {
+                    RolloutState::Halted { wave, .. }
+                    | RolloutState::Reverting { wave, .. }
+                    | RolloutState::Reverted { wave, .. } => first_failure(view, wave),
+                    _ => None,
+                };
                 for slot in view.slots.iter().filter(|s| !s.acted) {
-                    reasons.push((&slot.entry.hostname, host_reason(&self.ctx, view, slot)));
+                    reasons.push((
+                        &slot.entry.hostname,
+                        host_reason(&self.ctx, view, slot, first),
+                    ));
                 }
             }
         }
@@ -1216,7 +1226,8 @@ fn first_failure<'v>(view: &'v View, wave: u32) -> Option<(&'v str, &'v str)> {
         .map(|(_, host, reason)| (host, reason))
 }
 
-fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
+/// `first`: the earliest failure of the wave that halted the rollout, if it did.
+fn host_reason(ctx: &Ctx, view: &View, slot: &Slot, first: Option<(&str, &str)>) -> String {
     if let Some(note) = &slot.note {
         return note.clone();
     }
@@ -1235,13 +1246,13 @@ fn host_reason(ctx: &Ctx, view: &View, slot: &Slot) -> String {
                 Presence::Online => "waiting: queued".to_owned(),
             },
             RolloutState::Halted { wave, failures } => {
-                reason::held("halted", *failures, *wave, first_failure(view, *wave))
+                reason::held("halted", *failures, *wave, first)
             }
             RolloutState::Reverting { wave, failures } => {
-                reason::held("reverting", *failures, *wave, first_failure(view, *wave))
+                reason::held("reverting", *failures, *wave, first)
             }
             RolloutState::Reverted { wave, failures } => {
-                reason::held("reverted", *failures, *wave, first_failure(view, *wave))
+                reason::held("reverted", *failures, *wave, first)
             }
             RolloutState::Superseded { by } => format!("held: superseded by {by}"),
         },
