@@ -266,7 +266,8 @@ for s in $SCENARIOS; do
        stop_cp ;;
     5) log "scenario 5: rollout of channel ch-00 ($ROLLOUT_HOSTS hosts), budget $ROLLOUT_BUDGET in flight"
        # Release 2 moves ch-00 (hosts 0 .. ROLLOUT_HOSTS-1 with the default 10 channels) to
-       # generation 2; its hosts run generation 1 and follow the CP's nextCheckinSecs.
+       # generation 2; its hosts run generation 1 and follow the CP's nextCheckinSecs. Each
+       # dispatched host fetches its proof and passes it through the agent's gate.
        "$loadgen" fleet --hosts "$HOSTS" --channels "$CHANNELS" --budget "$ROLLOUT_BUDGET" \
          --generation 2 --channel ch-00 --out fleet2 >&2
        "$nixfleet" release --fleet fleet2/fleet.json --closures fleet2/closures.json \
@@ -276,7 +277,7 @@ for s in $SCENARIOS; do
        rm -rf state
        REL=release2 CP_INTERVAL=$ROLLOUT_INTERVAL start_cp
        "$loadgen" run "${run_args[@]}" --hosts "$ROLLOUT_HOSTS" --mode resume --start-spread "$ROLLOUT_INTERVAL" \
-         --activate-delay 2 --duration "$ROLLOUT_SECS" --json "$res/s5-load.json" > "$WORK/s5-load.out" 2>&1 &
+         --activate-delay 2 --duration "$ROLLOUT_SECS" --trust-file "$etc/trust.json" --json "$res/s5-load.json" > "$WORK/s5-load.out" 2>&1 &
        load_pid=$!
        t0=$(now)
        converged=null

@@ -53,11 +53,11 @@ else
 fi
 
 what5="rollout at scale: a 10,000-host channel, 3 waves, budget 500 in flight"
-target5="every wave dispatched and converged, budget never exceeded, reconcile tick p99 < 200 ms"
+target5="every wave dispatched and converged, budget never exceeded, reconcile tick p99 < 200 ms; every dispatched host verifies its proof (≤ 4,096 bytes) with the agent's gate"
 if have s5; then
   conv=$(j s5 '.converged_secs // "never" | tostring'); p99=$(j s5 .tick_p99_le)
-  v=$(verdict "\"$conv\" != \"never\" && $(j s5 .in_flight_max) <= $(j s5 .budget) && ${p99/+Inf/1e9} < 0.2 + 1e-9 && $(j s5 .hosts) >= 10000 && $(j s5-load .errors_total) == 0")
-  echo "| 5 | $what5 | $target5 | $(j s5 .hosts) hosts (fleet of $(j s7 .hosts)): rollout $(j s5 .rollout_state), every host on the new closure after $conv s; at most $(j s5 .in_flight_max) in flight (budget $(j s5 .budget)); $(j s5 .ticks) ticks, mean $(j s5 '.tick_mean_secs * 1000 | round') ms, p99 ≤ $p99 s; $(j s5-load .confirms_ok) confirms, $(j s5-load .errors_total) errors | $(j s5 .cp_rss_peak_mib) MiB | | | $v |"
+  v=$(verdict "\"$conv\" != \"never\" && $(j s5 .in_flight_max) <= $(j s5 .budget) && ${p99/+Inf/1e9} < 0.2 + 1e-9 && $(j s5 .hosts) >= 10000 && $(j s5-load .errors_total) == 0 && $(j s5-load .proofs.refused) == 0 && $(j s5-load .proofs.verified) >= $(j s5 .hosts) && $(j s5-load .proofs.bytes_max) <= 4096")
+  echo "| 5 | $what5 | $target5 | $(j s5 .hosts) hosts (fleet of $(j s7 .hosts)): rollout $(j s5 .rollout_state), every host on the new closure after $conv s; at most $(j s5 .in_flight_max) in flight (budget $(j s5 .budget)); $(j s5 .ticks) ticks, mean $(j s5 '.tick_mean_secs * 1000 | round') ms, p99 ≤ $p99 s; $(j s5-load .confirms_ok) confirms, $(j s5-load .errors_total) errors; host proofs: $(j s5-load .proofs.verified) verified, $(j s5-load .proofs.refused) refused, $(j s5-load .proofs.bytes_max) bytes at most (HTTP head and body), $(j s5-load .proofs.bytes_total) in all, agent gate p99 $(j s5-load .proofs.verify_ms.p99) ms | $(j s5 .cp_rss_peak_mib) MiB | | | $v |"
 else
   echo "| 5 | $what5 | $target5 | not run | | | | not measured |"
 fi

@@ -727,6 +727,79 @@ impl Agent {
         }
     }
 
+    /// What shows the target: this host's proof (`/v1/rollouts/{id}/hosts/{host}`), else,
+    /// from a control plane that has none (schema 1, or one from before proofs), the whole
+    /// manifest and its signature. Returns the bytes, the signature and where they came
+    /// from, or the wait before trying again.
+    async fn fetch_manifest(
+        &mut self,
+        client: &CpClient,
+        target: &Target,
+    ) -> Result<(Vec<u8>, Vec<u8>, String), Duration> {
+        let path = format!("/v1/rollouts/{}", target.rollout_id);
+        let proof_path = format!("{path}/hosts/{}", self.hostname);
+        match client.get(&proof_path).await {
+            Ok(r) if r.status == 200 => {
+                let signature = proof_signature(&r.body).unwrap_or_default();
+                return Ok((r.body, signature, client.url(&proof_path)));
+            }
+            // 404/409: no proof here; the whole manifest says whether that is a lie.
+            Ok(r) if r.status == 404 || r.status == 409 => {
+                tracing::info!(
+                    "no host proof for rollout {} ({}: {}); fetching the whole manifest",
+                    target.rollout_id,
+                    r.status,
+                    r.message()
+                );
+            }
+            Ok(r) => {
+                let wait = self.failed();
+                tracing::warn!(
+                    "cannot fetch the host proof of rollout {} ({}: {}); nothing activated, retrying in {:.1} s",
+                    target.rollout_id, r.status, r.message(), wait.as_secs_f64()
+                );
+                return Err(wait);
+            }
+            Err(e) => {
+                let wait = self.failed();
+                tracing::warn!(
+                    "cannot fetch the host proof of rollout {}: {e}; retrying in {:.1} s",
+                    target.rollout_id,
+                    wait.as_secs_f64()
+                );
+                return Err(wait);
+            }
+        }
+        let fetched = async {
+            let m = client.get(&path).await?;
+            let s = client.get(&format!("{path}/sig")).await?;
+            Ok::<_, crate::client::NetError>((m, s))
+        }
+        .await;
+        match fetched {
+            Ok((m, s)) if m.status == 200 && s.status == 200 => {
+                Ok((m.body, s.body, client.url(&path)))
+            }
+            Ok((m, s)) => {
+                let wait = self.failed();
+                tracing::warn!(
+                    "cannot fetch the manifest of rollout {} ({} / {}: {}); nothing activated, retrying in {:.1} s",
+                    target.rollout_id, m.status, s.status, m.message(), wait.as_secs_f64()
+                );
+                Err(wait)
+            }
+            Err(e) => {
+                let wait = self.failed();
+                tracing::warn!(
+                    "cannot fetch the manifest of rollout {}: {e}; retrying in {:.1} s",
+                    target.rollout_id,
+                    wait.as_secs_f64()
+                );
+                Err(wait)
+            }
+        }
+    }
+
     /// The target gate; returns a wait when the manifest could not be fetched.
     async fn consider(
         &mut self,
@@ -768,37 +841,10 @@ impl Agent {
                     self.dir.manifests().join(&target.rollout_id).display()
                 ),
             ),
-            None => {
-                let path = format!("/v1/rollouts/{}", target.rollout_id);
-                let fetched = async {
-                    let m = client.get(&path).await?;
-                    let s = client.get(&format!("{path}/sig")).await?;
-                    Ok::<_, crate::client::NetError>((m, s))
-                }
-                .await;
-                match fetched {
-                    Ok((m, s)) if m.status == 200 && s.status == 200 => {
-                        (m.body, s.body, client.url(&path))
-                    }
-                    Ok((m, s)) => {
-                        let wait = self.failed();
-                        tracing::warn!(
-                            "cannot fetch the manifest of rollout {} ({} / {}: {}); nothing activated, retrying in {:.1} s",
-                            target.rollout_id, m.status, s.status, m.message(), wait.as_secs_f64()
-                        );
-                        return Some(wait);
-                    }
-                    Err(e) => {
-                        let wait = self.failed();
-                        tracing::warn!(
-                            "cannot fetch the manifest of rollout {}: {e}; retrying in {:.1} s",
-                            target.rollout_id,
-                            wait.as_secs_f64()
-                        );
-                        return Some(wait);
-                    }
-                }
-            }
+            None => match self.fetch_manifest(client, &target).await {
+                Ok(fetched) => fetched,
+                Err(wait) => return Some(wait),
+            },
         };
         let trust = match verify::read_trust_file(&self.config.trust_file, &Limits::default()) {
             Ok(t) => t,
@@ -808,20 +854,34 @@ impl Agent {
                 return Some(wait);
             }
         };
-        match gate::check(
-            &target,
-            &self.hostname,
-            &manifest,
-            &signature,
-            &trust,
-            now(),
-            &source,
-            &self.state.newest_accepted,
-        ) {
+        // A schema-2 rollout comes as this host's proof (kept as fetched, with the
+        // manifest's signature beside it); schema 1 as the whole manifest.
+        let verdict = if is_host_proof(&manifest) {
+            gate::check_proof(
+                &target,
+                &self.hostname,
+                &manifest,
+                &trust,
+                now(),
+                &source,
+                &self.state.newest_accepted,
+            )
+        } else {
+            gate::check(
+                &target,
+                &self.hostname,
+                &manifest,
+                &signature,
+                &trust,
+                now(),
+                &source,
+                &self.state.newest_accepted,
+            )
+        };
+        match verdict {
             Ok(accepted) => {
-                if let Some(signed_at) = accepted.meta.signed_at {
-                    self.state.record_accepted(&accepted.channel, signed_at);
-                }
+                self.state
+                    .record_accepted(&accepted.channel, accepted.signed_at);
                 if let Err(e) = self
                     .dir
                     .cache_manifest(&target.rollout_id, &manifest, &signature)
@@ -1296,7 +1356,11 @@ impl Agent {
         let Some((bytes, _)) = self.dir.cached_manifest(rollout_id) else {
             return false;
         };
-        serde_json::from_slice::<nixfleet_proto::RolloutManifest>(&bytes)
+        let manifest = match serde_json::from_slice::<nixfleet_proto::HostProof>(&bytes) {
+            Ok(proof) => proof.manifest.into_bytes(),
+            Err(_) => bytes,
+        };
+        serde_json::from_slice::<HealthGateProbe>(&manifest)
             .ok()
             .and_then(|m| m.health_gate.systemd_failed_units)
             .is_some_and(|gate| failed_units > gate.max)
@@ -1408,13 +1472,43 @@ impl Agent {
     }
 }
 
-/// `meta.signedAt` of manifest bytes, read without verifying them (that is the gate's job).
+/// The health gate of a manifest of either schema.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HealthGateProbe {
+    health_gate: nixfleet_proto::HealthGate,
+}
+
+/// Whether cached or fetched bytes are a host proof rather than a whole manifest.
+fn is_host_proof(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<nixfleet_proto::HostProof>(bytes).is_ok()
+}
+
+/// The raw signature inside a host proof, kept beside it in the cache.
+fn proof_signature(bytes: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let proof = serde_json::from_slice::<nixfleet_proto::HostProof>(bytes).ok()?;
+    base64::engine::general_purpose::STANDARD
+        .decode(proof.signature)
+        .ok()
+}
+
+/// `meta.signedAt` of manifest bytes (or of a host proof's manifest), read without
+/// verifying them (that is the gate's job).
 fn signed_at_of(manifest: &[u8]) -> Option<OffsetDateTime> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Probe {
         meta: nixfleet_proto::Meta,
     }
+    let inner;
+    let manifest = match serde_json::from_slice::<nixfleet_proto::HostProof>(manifest) {
+        Ok(proof) => {
+            inner = proof.manifest;
+            inner.as_bytes()
+        }
+        Err(_) => manifest,
+    };
     serde_json::from_slice::<Probe>(manifest)
         .ok()?
         .meta

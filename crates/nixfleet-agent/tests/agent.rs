@@ -279,6 +279,60 @@ fn happy_path_enrolls_realises_switches_confirms_and_reports_current() {
 }
 
 #[test]
+fn the_agent_believes_its_target_from_its_proof_and_keeps_it_for_auditors() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    let id = f.release(&gen1, COMMIT, &[]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("confirm of", LONG);
+    assert!(!agent.log_text().contains("fetching the whole manifest"));
+    // What the agent kept verifies on its own: host, closure, rollout.
+    let kept = f
+        .machine
+        .dir
+        .join(format!("agent-state/manifests/{id}.json"));
+    let bytes = std::fs::read(&kept).unwrap();
+    let trust = nixfleet_trust::verify::read_trust_file(
+        &f.pki.path("etc/trust.json"),
+        &nixfleet_trust::verify::Limits::default(),
+    )
+    .unwrap();
+    let proved = nixfleet_trust::verify::verify_host_proof(
+        &bytes,
+        &trust,
+        time::OffsetDateTime::now_utc(),
+        nixfleet_trust::verify::ManifestContext {
+            rollout_id: Some(&id),
+            fleet: None,
+        },
+        &nixfleet_trust::verify::Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(proved.entry.hostname, HOST);
+    assert_eq!(proved.entry.target_closure, gen1);
+    assert!(bytes.len() <= 4096, "{} bytes kept", bytes.len());
+}
+
+#[test]
+fn a_schema_1_release_is_still_followed_during_the_transition() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &["--manifest-schema", "1"]);
+    f.start_cp(&[]);
+    let mut agent = f.agent();
+    agent.wait_log("fetching the whole manifest", LONG);
+    agent.wait_log("confirm of", LONG);
+    assert_eq!(f.machine.current().as_deref(), Some(gen1.as_str()));
+}
+
+#[test]
 fn darwin_happy_path_activates_with_activate_confirms_and_reports_current() {
     happy_path(Layout::Darwin);
 }
@@ -694,7 +748,8 @@ fn manifest_whose_host_set_lacks_the_host_is_refused_and_reported() {
     let (evil, mut agent) = f.compromised();
     evil.serve_manifests_from(dir);
     evil.rewrite_checkin(set_target_rollout(other.clone()));
-    agent.wait_log("its hostSet does not list web-01", LONG);
+    // The evil control plane offers db-01's real entry with its valid proof.
+    agent.wait_log("db-01's, not web-01's", LONG);
     f.wait_cp_log("kind=manifest-rejected");
     assert_eq!(f.machine.current().as_deref(), Some(f.gen0.as_str()));
     assert!(f.machine.activations().is_empty());
@@ -1744,4 +1799,92 @@ fn darwin_activate_that_restarts_the_agent_is_followed_by_the_new_agent_to_the_c
     assert_eq!(f.machine.profile_target().as_deref(), Some(gen1.as_str()));
     f.wait_cp_log("kind=activated");
     assert!(!agent.log_text().contains("rolled back"));
+}
+
+/// Bytes the control plane sends one real agent for a rollout, TLS included, counted on
+/// the wire by a relay: from publication to the confirm, less what the same number of
+/// idle check-ins costs. Its channel holds 20,000 hosts; the others never check in.
+#[test]
+fn a_rollout_costs_one_agent_a_few_kilobytes_in_a_20000_host_channel() {
+    if !nix_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(single_wave());
+    let others: Vec<Host> = (1..20_000)
+        .map(|i| Host::new(&format!("web-{i:05}")))
+        .collect();
+    let mut hosts: Vec<&Host> = vec![&f.host];
+    hosts.extend(others.iter());
+    f.fleet = fleet_json(&hosts, single_wave());
+    let closures = |fleet: &Value, own: &str, generation: u32| {
+        let mut c = generation_closures(fleet, generation);
+        c[HOST] = Value::String(own.to_owned());
+        c
+    };
+    release_with_fallback(
+        &f.pki,
+        &f.forge_dir,
+        &f.fleet,
+        &closures(&f.fleet, &f.gen0, 0),
+        COMMIT,
+        &[],
+    );
+    f.start_cp(&[]);
+    let relay = nixfleet_harness::relay::TcpRelay::start(
+        format!("127.0.0.1:{}", f.cp_port).parse().unwrap(),
+    );
+    let mut config = f.agent_config();
+    config.control_plane_url = format!("https://localhost:{}", relay.port);
+    let mut agent = AgentProc::start(&config);
+    let checkins = |agent: &AgentProc| agent.log_text().matches("checked in").count();
+    let wait_checkins = |agent: &AgentProc, n: usize| {
+        let start = std::time::Instant::now();
+        while checkins(agent) < n {
+            assert!(start.elapsed() < LONG, "{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_checkins(&agent, 2);
+    // Idle polling: what one check-in costs when there is nothing to do.
+    let (b0, c0) = (relay.bytes_to_client(), checkins(&agent));
+    wait_checkins(&agent, c0 + 3);
+    let (b1, c1) = (relay.bytes_to_client(), checkins(&agent));
+    let idle = (b1 - b0) as f64 / (c1 - c0) as f64;
+    let rollout = |generation: u32, commit: &str, extra: &[&str]| -> u64 {
+        let closure = f.closure(generation, |c, p| c.push(p));
+        let (b, c) = (relay.bytes_to_client(), checkins(&agent));
+        let confirms = agent.log_text().matches("confirm of").count();
+        release_with_fallback(
+            &f.pki,
+            &f.forge_dir,
+            &f.fleet,
+            &closures(&f.fleet, &closure, generation),
+            commit,
+            extra,
+        );
+        let start = std::time::Instant::now();
+        while agent.log_text().matches("confirm of").count() == confirms {
+            assert!(start.elapsed() < LONG, "{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (b2, c2) = (relay.bytes_to_client(), checkins(&agent));
+        let spent = (b2 - b) as f64 - (c2 - c) as f64 * idle;
+        assert_eq!(f.machine.current().as_deref(), Some(closure.as_str()));
+        spent.max(0.0) as u64
+    };
+    let with_proof = rollout(1, "2222222222222222222222222222222222222222", &[]);
+    let whole = rollout(
+        2,
+        "3333333333333333333333333333333333333333",
+        &["--manifest-schema", "1"],
+    );
+    agent.wait_log("confirm of", LONG);
+    eprintln!(
+        "bytes from the control plane to one agent for a rollout of a 20,000-host channel: {with_proof} with its proof (schema 2), {whole} with the whole manifest (schema 1); an idle check-in costs {idle:.0}"
+    );
+    assert!(with_proof <= 8192, "{with_proof} bytes with a proof");
+    assert!(
+        whole > 1_000_000,
+        "{whole} bytes with the whole manifest: the measurement sees it"
+    );
 }

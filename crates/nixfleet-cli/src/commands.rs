@@ -5,21 +5,23 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use nixfleet_proto::manifest::ManifestCompliance;
 use nixfleet_proto::{
-    Algorithm, BootstrapToken, FleetResolved, Introduced, KeySlot, PublicKeyEntry, Revocations,
-    RolloutManifest, TokenClaims, TrustFile, REVOCATIONS_SCHEMA_VERSION, TOKEN_VERSION,
+    Algorithm, BootstrapToken, FleetResolved, Introduced, KeySlot, Meta, PublicKeyEntry,
+    Revocations, TokenClaims, TrustFile, REVOCATIONS_SCHEMA_VERSION, TOKEN_VERSION,
     TRUST_SCHEMA_VERSION,
 };
 use nixfleet_trust::jcs;
 use nixfleet_trust::keys::{self, PrivateKey, PublicKey};
-use nixfleet_trust::verify::{self, Limits, ManifestContext, SignedBy, Verified};
+use nixfleet_trust::verify::{self, Limits, ManifestContext, SignedBy, SignedManifest, Verified};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 
 use crate::compliance_gate;
 use crate::files;
+use crate::host_lists::{self, ListPaths};
 use crate::pipeline::{PipelineError, Stage};
-use crate::release::{self, Stamp};
+use crate::release::{self, ManifestSchema, Stamp};
 use crate::signer::Signer;
 use crate::CliError;
 
@@ -32,7 +34,7 @@ pub fn now_utc() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
@@ -170,6 +172,7 @@ pub struct ReleaseArgs {
     pub out: PathBuf,
     pub trust_file: Option<PathBuf>,
     pub signed_at: Option<OffsetDateTime>,
+    pub manifest_schema: ManifestSchema,
 }
 
 /// Signs canonical bytes once and writes them to each path, with `path.sig` beside it.
@@ -186,6 +189,13 @@ fn write_signed(paths: &[&Path], canonical: &[u8], signer: &Signer) -> Result<()
 
 fn canonical_of<T: serde::Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, CliError> {
     jcs::to_canonical(value).map_err(|e| json_error(path, e))
+}
+
+fn canonical_manifest(manifest: &SignedManifest, path: &Path) -> Result<Vec<u8>, CliError> {
+    match manifest {
+        SignedManifest::V1(m) => canonical_of(m, path),
+        SignedManifest::V2(h) => canonical_of(h, path),
+    }
 }
 
 /// `nixfleet release`: validate, resolve, stamp, sign; returns the summary and warnings.
@@ -249,35 +259,50 @@ pub fn release_with_compliance(
         rfc3339(stamp.signed_at),
         stamp.ci_commit,
     )];
+    let rollouts = args.out.join("rollouts");
+    let plans = release::manifests(&fleet, &fleet_hash);
+    let schema = args.manifest_schema;
+    if schema == ManifestSchema::V2 {
+        // Before any manifest that commits to them; each distinct list once.
+        for (sha256, hosts) in release::budget_lists(&plans) {
+            host_lists::write_budget(&rollouts, &sha256, hosts)?;
+        }
+    }
     let mut written = Vec::new();
-    for mut manifest in release::manifests(&fleet, &fleet_hash) {
-        let rollout_id = verify::rollout_id(&canonical_of(&manifest, &args.out)?)
+    for plan in &plans {
+        let mut manifest = schema.signed_form(plan);
+        let rollout_id = verify::rollout_id(&canonical_manifest(&manifest, &args.out)?)
             .map_err(|e| json_error(&args.out, e))?;
-        let path = args.out.join("rollouts").join(format!("{rollout_id}.json"));
+        let path = rollouts.join(format!("{rollout_id}.json"));
         // A re-sign of an unchanged intent keeps the provenance of its first release, and
         // (without new results) what the gate recorded for it: the closures are the same.
         let earlier = earlier_manifest(&path, &rollout_id);
-        if let Some(first) = earlier.as_ref().and_then(introduction_of) {
-            manifest.introduced = Some(first);
-        }
-        manifest.compliance = match &gate {
-            Some(channels) => channels.get(&manifest.channel).cloned(),
+        let introduced = earlier.as_ref().and_then(introduction_of);
+        let compliance = match &gate {
+            Some(channels) => channels.get(&plan.channel).cloned(),
             None => earlier.and_then(|m| m.compliance),
         };
-        let canonical = canonical_of(&manifest, &args.out)?;
+        stamp_provenance(&mut manifest, introduced, compliance);
+        let canonical = canonical_manifest(&manifest, &args.out)?;
+        if schema == ManifestSchema::V2 {
+            // Before the signature: a reader never finds a signed header without its lists.
+            host_lists::write_hosts(&rollouts, &rollout_id, &plan.channel, &plan.host_set)?;
+        }
         // Also under the channel's name, for control planes that fetch the current
         // manifest of each channel by URL (the id cannot be known before the bytes).
-        let by_channel = args
-            .out
-            .join("rollouts")
+        let by_channel = rollouts
             .join("channel")
-            .join(format!("{}.json", manifest.channel));
+            .join(format!("{}.json", plan.channel));
         write_signed(&[&path, &by_channel], &canonical, &args.signer)?;
         lines.push(format!(
-            "rollouts/{rollout_id}.json  {}: {} host(s) in {} wave(s)",
-            manifest.display_name,
-            manifest.host_set.len(),
-            manifest.waves.len()
+            "rollouts/{rollout_id}.json  {}: {} host(s) in {} wave(s){}",
+            plan.display_name,
+            plan.host_set.len(),
+            plan.waves.len(),
+            match schema {
+                ManifestSchema::V1 => ", schema 1",
+                ManifestSchema::V2 => "",
+            }
         ));
         written.push(path);
     }
@@ -300,9 +325,20 @@ pub fn release_with_compliance(
     Ok((lines.join("\n"), warnings))
 }
 
-/// The manifest already at `path` when it carries the same intent; anything unreadable
-/// is ignored (this release then counts as the first).
-fn earlier_manifest(path: &Path, rollout_id: &str) -> Option<RolloutManifest> {
+/// What a release carries over from an earlier manifest of the same intent: the members
+/// both schemas share.
+#[derive(serde::Deserialize)]
+struct Earlier {
+    #[serde(default)]
+    introduced: Option<Introduced>,
+    #[serde(default)]
+    compliance: Option<ManifestCompliance>,
+    meta: Meta,
+}
+
+/// The manifest already at `path` (either schema) when it carries the same intent;
+/// anything unreadable is ignored (this release then counts as the first).
+fn earlier_manifest(path: &Path, rollout_id: &str) -> Option<Earlier> {
     let bytes = std::fs::read(path).ok()?;
     if verify::rollout_id(&bytes).ok()? != rollout_id {
         return None;
@@ -310,8 +346,25 @@ fn earlier_manifest(path: &Path, rollout_id: &str) -> Option<RolloutManifest> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Sets what is signed but outside the identity: the first release of the intent (kept
+/// as this release's when there is none) and the compliance gate's record.
+fn stamp_provenance(
+    manifest: &mut SignedManifest,
+    introduced: Option<Introduced>,
+    compliance: Option<ManifestCompliance>,
+) {
+    let (first, record) = match manifest {
+        SignedManifest::V1(m) => (&mut m.introduced, &mut m.compliance),
+        SignedManifest::V2(h) => (&mut h.introduced, &mut h.compliance),
+    };
+    if let Some(introduced) = introduced {
+        *first = Some(introduced);
+    }
+    *record = compliance;
+}
+
 /// The provenance of an earlier manifest of the same intent.
-fn introduction_of(earlier: &RolloutManifest) -> Option<Introduced> {
+fn introduction_of(earlier: &Earlier) -> Option<Introduced> {
     earlier.introduced.clone().or_else(|| {
         earlier.meta.signed_at.map(|signed_at| Introduced {
             ci_commit: earlier.meta.ci_commit.clone(),
@@ -382,7 +435,7 @@ fn read_artifact(
     Ok((bytes, signature))
 }
 
-fn signed_by(v: SignedBy) -> &'static str {
+pub(crate) fn signed_by(v: SignedBy) -> &'static str {
     match v {
         SignedBy::Current => "current",
         SignedBy::Previous => "previous (rotation grace: finish the key rotation)",
@@ -407,7 +460,12 @@ pub fn verify_fleet_file(
 
 /// The rollout id a manifest file is named after, if it is named `<64 hex>.json`.
 fn id_from_file_name(path: &Path) -> Option<String> {
-    let stem = path.file_name()?.to_str()?.strip_suffix(".json")?;
+    id_from_file_name_with(path, ".json")
+}
+
+/// The rollout id a file is named after, if it is named `<64 hex><suffix>`.
+pub(crate) fn id_from_file_name_with(path: &Path, suffix: &str) -> Option<String> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(suffix)?;
     (stem.len() == 64
         && stem
             .bytes()
@@ -415,9 +473,25 @@ fn id_from_file_name(path: &Path) -> Option<String> {
     .then(|| stem.to_owned())
 }
 
+/// Verifies the manifest at `path` and reads its whole plan: a schema-2 manifest's lists
+/// from beside it (see [`verify_manifest_with_lists`]).
 pub fn verify_manifest_file(
     path: &Path,
     sig: Option<&Path>,
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    fleet: Option<&Verified<FleetResolved>>,
+) -> Result<Verified<nixfleet_proto::RolloutManifest>, CliError> {
+    let lists = ListPaths::new(path, None, None);
+    verify_manifest_with_lists(path, sig, &lists, trust, now, fleet)
+}
+
+/// Verifies the manifest at `path` (named `<rolloutId>.json`, the id is checked too) and,
+/// for schema 2, the hosts file and budget lists at `lists` against what it signs.
+pub fn verify_manifest_with_lists(
+    path: &Path,
+    sig: Option<&Path>,
+    lists: &ListPaths,
     trust: &TrustFile,
     now: OffsetDateTime,
     fleet: Option<&Verified<FleetResolved>>,
@@ -429,12 +503,18 @@ pub fn verify_manifest_file(
         rollout_id: rollout_id.as_deref(),
         fleet,
     };
-    verify::verify_manifest(&bytes, &signature, trust, now, context, &limits).map_err(|source| {
-        CliError::Verify {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
+    let header = verify::verify_manifest_header(&bytes, &signature, trust, now, context, &limits)
+        .map_err(|source| CliError::Verify {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let read = match &header.value {
+        SignedManifest::V1(_) => None,
+        SignedManifest::V2(h) => Some(lists.read(h, &limits)?),
+    };
+    verify::complete_manifest(header, read.as_ref())
+        .map(|(plan, _)| plan)
+        .map_err(|source| lists.error(path, source))
 }
 
 pub enum VerifyTarget {
@@ -442,6 +522,10 @@ pub enum VerifyTarget {
     Manifest {
         fleet: Option<PathBuf>,
         fleet_sig: Option<PathBuf>,
+        /// The schema-2 hosts file; `<FILE stem>.hosts.json` by default.
+        hosts: Option<PathBuf>,
+        /// The schema-2 budget lists; `budgets/` beside FILE by default.
+        budgets: Option<PathBuf>,
     },
     Revocations {
         last_applied: Option<OffsetDateTime>,
@@ -478,12 +562,18 @@ pub fn verify_artifact(
                 v.sha256
             )
         }
-        VerifyTarget::Manifest { fleet, fleet_sig } => {
+        VerifyTarget::Manifest {
+            fleet,
+            fleet_sig,
+            hosts,
+            budgets,
+        } => {
             let fleet = fleet
                 .as_deref()
                 .map(|f| verify_fleet_file(f, fleet_sig.as_deref(), &trust, now))
                 .transpose()?;
-            let v = verify_manifest_file(path, sig, &trust, now, fleet.as_ref())?;
+            let lists = ListPaths::new(path, hosts.as_deref(), budgets.as_deref());
+            let v = verify_manifest_with_lists(path, sig, &lists, &trust, now, fleet.as_ref())?;
             let first = match &v.value.introduced {
                 Some(i) => format!(
                     ", intent first released {} for commit {}",
@@ -492,8 +582,12 @@ pub fn verify_artifact(
                 ),
                 None => String::new(),
             };
+            let lists = match v.value.schema_version {
+                nixfleet_proto::MANIFEST_SCHEMA_V1 => "",
+                _ => ", host set and budget lists match the signed hashes",
+            };
             format!(
-                "ok: rollout {} ({}) signed {} by ciReleaseKey.{} for commit {}{first}: {} host(s) in {} wave(s){}",
+                "ok: rollout {} ({}) signed {} by ciReleaseKey.{} for commit {}{first}: {} host(s) in {} wave(s){lists}{}",
                 v.id,
                 v.value.display_name,
                 rfc3339(v.signed_at),

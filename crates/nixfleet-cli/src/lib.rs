@@ -7,9 +7,11 @@ pub mod compliance_gate;
 pub mod demo;
 pub mod evidence;
 pub mod files;
+pub mod host_lists;
 pub mod operator;
 pub mod pipeline;
 pub mod pki;
+pub mod proof;
 pub mod release;
 pub mod serve;
 pub mod signer;
@@ -44,6 +46,12 @@ pub enum CliError {
     Trust(#[from] TrustFileError),
     #[error("{}: {source}", path.display())]
     Verify { path: PathBuf, source: VerifyError },
+    #[error("{}: {source}; {} is not there (--hosts FILE and --budgets DIR name the lists when they are elsewhere)", path.display(), missing.display())]
+    MissingHostList {
+        path: PathBuf,
+        missing: PathBuf,
+        source: Box<VerifyError>,
+    },
     #[error("fleet is invalid:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Fleet(Vec<release::FleetError>),
     #[error("signing command {command:?} failed: {reason}")]

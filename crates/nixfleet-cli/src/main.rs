@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use nixfleet_cli::commands::{self, MintToken, TokenKey, TrustInit, VerifyTarget};
+use nixfleet_cli::release::ManifestSchema;
 use nixfleet_cli::signer::Signer;
 use nixfleet_cli::CliError;
 use nixfleet_cli::{demo, operator, pki};
@@ -398,6 +399,11 @@ struct ReleaseArgs {
     /// Stamp this signing time instead of now (reproducing a release).
     #[arg(long, value_parser = parse_time)]
     signed_at: Option<OffsetDateTime>,
+    /// Rollout manifest schema: 2 signs a header committing to the host set and budget
+    /// lists by hash (written beside it); 1 signs the whole plan, for fleets whose agents
+    /// predate schema 2. A re-sign keeps the schema of the release it re-signs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2), conflicts_with = "resign")]
+    manifest_schema: u32,
     #[command(flatten)]
     pipeline: PipelineFlags,
 }
@@ -508,6 +514,12 @@ fn parse_nix_option(s: &str) -> Result<(String, String), String> {
 fn release(args: ReleaseArgs) -> Result<String, CliError> {
     use nixfleet_cli::pipeline::{self, Push};
     let flags = args.pipeline;
+    let manifest_schema = ManifestSchema::from_version(args.manifest_schema).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--manifest-schema {} is not 1 or 2",
+            args.manifest_schema
+        ))
+    })?;
     let signer = args.sign.signer();
     if flags.resign {
         let (Some(from), Some(trust_file)) = (flags.from, args.trust_file) else {
@@ -567,6 +579,7 @@ fn release(args: ReleaseArgs) -> Result<String, CliError> {
             publish_dir: flags.publish_dir,
             publish_git: flags.publish_git,
             signed_at: args.signed_at,
+            manifest_schema,
         })?;
         for warning in warnings {
             eprintln!("warning: {warning}");
@@ -589,6 +602,7 @@ fn release(args: ReleaseArgs) -> Result<String, CliError> {
             out: out.clone(),
             trust_file: args.trust_file,
             signed_at: args.signed_at,
+            manifest_schema,
         },
         args.compliance_results.as_deref(),
     )?;
@@ -641,7 +655,9 @@ struct VerifyCommon {
 enum VerifyCommand {
     /// Verify fleet.resolved.json.
     Fleet(VerifyCommon),
-    /// Verify a rollout manifest; with --fleet, also that it belongs to that fleet.
+    /// Verify a rollout manifest, the whole plan: for schema 2 also its hosts file and
+    /// budget lists against the hashes it signs; with --fleet, also that it belongs to
+    /// that fleet.
     Manifest {
         #[command(flatten)]
         common: VerifyCommon,
@@ -651,6 +667,35 @@ enum VerifyCommand {
         /// Signature of --fleet; defaults to FLEET.sig.
         #[arg(long)]
         fleet_sig: Option<PathBuf>,
+        /// The schema-2 hosts file; defaults to FILE with .json replaced by .hosts.json.
+        #[arg(long)]
+        hosts: Option<PathBuf>,
+        /// Directory of the schema-2 budget lists (<hostsSha256>.json); defaults to
+        /// budgets/ beside FILE.
+        #[arg(long)]
+        budgets: Option<PathBuf>,
+    },
+    /// Verify one host's proof document (what the agent keeps at
+    /// <state dir>/manifests/<rolloutId>.json): the signed manifest in it, its
+    /// freshness, and the inclusion proof of the entry under the signed host-set root;
+    /// with --host and --closure, that the entry names them.
+    Proof {
+        file: PathBuf,
+        #[arg(long)]
+        trust_file: PathBuf,
+        /// The host the entry must name.
+        #[arg(long)]
+        host: Option<String>,
+        /// The closure the entry must give the host (store path or basename).
+        #[arg(long)]
+        closure: Option<String>,
+        /// The rollout id the proof must belong to; defaults to the id the file is named
+        /// after (<rolloutId>.json or <rolloutId>.proof.json), else the one it names.
+        #[arg(long)]
+        rollout: Option<String>,
+        /// Check the manifest's freshness as of this instant (auditing a past date).
+        #[arg(long, value_parser = parse_time)]
+        now: Option<OffsetDateTime>,
     },
     /// Verify revocations.json.
     Revocations {
@@ -694,7 +739,8 @@ enum VerifyCommand {
         /// The host the evidence must come from.
         #[arg(long)]
         host: Option<String>,
-        /// A rollout manifest (rollouts/<id>.json, with its .sig) of the same fleet.
+        /// A rollout manifest (rollouts/<id>.json, with its .sig, and for schema 2 its
+        /// hosts file and budgets/ beside it) of the same fleet.
         #[arg(long)]
         manifest: Option<PathBuf>,
         /// The newest evidence of the host already held.
@@ -815,7 +861,37 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     common,
                     fleet,
                     fleet_sig,
-                } => (VerifyTarget::Manifest { fleet, fleet_sig }, common),
+                    hosts,
+                    budgets,
+                } => (
+                    VerifyTarget::Manifest {
+                        fleet,
+                        fleet_sig,
+                        hosts,
+                        budgets,
+                    },
+                    common,
+                ),
+                VerifyCommand::Proof {
+                    file,
+                    trust_file,
+                    host,
+                    closure,
+                    rollout,
+                    now,
+                } => {
+                    out(&nixfleet_cli::proof::verify_proof(
+                        &nixfleet_cli::proof::VerifyProof {
+                            file,
+                            trust_file,
+                            host,
+                            closure,
+                            rollout,
+                            now,
+                        },
+                    )?);
+                    return Ok(());
+                }
                 VerifyCommand::Revocations {
                     common,
                     last_applied,

@@ -6,9 +6,63 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nixfleet_proto::{
     Algorithm, FleetResolved, HostSetEntry, Introduced, ManifestBudget, ManifestWave, Meta,
-    ResolvedWave, RolloutManifest, Selector, FLEET_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION,
+    ResolvedWave, RolloutManifest, Selector, FLEET_SCHEMA_VERSION, MANIFEST_SCHEMA_V1,
+    MANIFEST_SCHEMA_VERSION,
 };
+use nixfleet_trust::hostset;
+use nixfleet_trust::verify::SignedManifest;
 use time::OffsetDateTime;
+
+/// The manifest schema a release signs (docs/release.md "Manifest format").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ManifestSchema {
+    /// The whole plan signed: for fleets with agents that predate schema 2.
+    V1,
+    /// A header committing to the host set and budget lists by hash; the lists are
+    /// written beside it, unsigned.
+    #[default]
+    V2,
+}
+
+impl ManifestSchema {
+    pub fn from_version(version: u32) -> Option<ManifestSchema> {
+        match version {
+            MANIFEST_SCHEMA_V1 => Some(ManifestSchema::V1),
+            MANIFEST_SCHEMA_VERSION => Some(ManifestSchema::V2),
+            _ => None,
+        }
+    }
+
+    pub fn version(self) -> u32 {
+        match self {
+            ManifestSchema::V1 => MANIFEST_SCHEMA_V1,
+            ManifestSchema::V2 => MANIFEST_SCHEMA_VERSION,
+        }
+    }
+
+    /// What is signed for `plan` in this schema.
+    pub fn signed_form(self, plan: &RolloutManifest) -> SignedManifest {
+        match self {
+            ManifestSchema::V1 => SignedManifest::V1(RolloutManifest {
+                schema_version: MANIFEST_SCHEMA_V1,
+                ..plan.clone()
+            }),
+            ManifestSchema::V2 => SignedManifest::V2(hostset::header_of(plan)),
+        }
+    }
+}
+
+/// The distinct frozen host lists of a release's budgets, by their SHA-256: each is
+/// written once however many budgets and channels share it.
+pub fn budget_lists<'a>(
+    plans: impl IntoIterator<Item = &'a RolloutManifest>,
+) -> BTreeMap<String, &'a [String]> {
+    plans
+        .into_iter()
+        .flat_map(|plan| &plan.disruption_budgets)
+        .map(|b| (hostset::budget_sha256(&b.hosts), b.hosts.as_slice()))
+        .collect()
+}
 
 /// Everything wrong with a fleet description, one sentence each, naming the culprit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -82,11 +82,16 @@ fn release(dir: &Path, out: &str, sign: &[&str]) -> String {
     ok(dir, &args)
 }
 
+/// The manifests of a release, `rollouts/<rolloutId>.json` (not their hosts files).
 fn manifests(dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = fs::read_dir(dir.join("rollouts"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.strip_suffix(".json")
+                .is_some_and(|id| id.len() == 64 && !id.contains('.'))
+        })
         .collect();
     out.sort();
     out
@@ -194,11 +199,12 @@ fn release_round_trip_with_key_file_and_tamper_detection() {
     // One line, one sentence.
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
-    // Flip one byte of a manifest.
+    // Flip one byte of a manifest (a digit of the host-set root it signs).
     let manifest = manifests(&dir.join("rel")).remove(0);
     let mut bytes = fs::read(&manifest).unwrap();
-    let at = bytes.windows(7).position(|w| w == b"nixos-s").unwrap();
-    bytes[at] ^= 0x01;
+    let key = b"\"hostSetRoot\":\"";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
     fs::write(&manifest, &bytes).unwrap();
     let err = fails(
         dir,

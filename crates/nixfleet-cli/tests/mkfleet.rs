@@ -555,7 +555,10 @@ fn golden_fleets_round_trip_through_release_and_verify() {
         let mut manifests: Vec<PathBuf> = fs::read_dir(dir.join(&out_dir).join("rollouts"))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.ends_with(".json") && !name.ends_with(".hosts.json")
+            })
             .collect();
         manifests.sort();
         let channels = fleet["channels"].as_object().unwrap();
@@ -576,10 +579,12 @@ fn golden_fleets_round_trip_through_release_and_verify() {
                 "--now",
                 &soon_after,
             ]);
-            // Each host's wave in the manifest is the wave mkFleet put it in.
+            // Each host's wave in the manifest's host set (schema 2: in its hosts file) is
+            // the wave mkFleet put it in.
+            let hosts = read_json(&manifest.with_extension("hosts.json"));
             let manifest = read_json(manifest);
             let waves = &fleet["waves"][manifest["channel"].as_str().unwrap()];
-            for entry in manifest["hostSet"].as_array().unwrap() {
+            for entry in hosts["hostSet"].as_array().unwrap() {
                 let index = entry["waveIndex"].as_u64().unwrap() as usize;
                 assert!(
                     waves[index]["hosts"]

@@ -167,8 +167,12 @@ pub fn router(app: Arc<App>) -> Router {
             get(crate::evidence::host_evidence),
         )
         .route("/v1/rollouts", get(list_rollouts))
-        .route("/v1/rollouts/{id}", get(rollout_manifest))
-        .route("/v1/rollouts/{id}/sig", get(rollout_signature))
+        .route("/v1/rollouts/{id}", get(crate::rollouts::manifest))
+        .route("/v1/rollouts/{id}/sig", get(crate::rollouts::signature))
+        .route(
+            "/v1/rollouts/{id}/hosts/{host}",
+            get(crate::rollouts::host_proof),
+        )
         .route("/v1/rollouts/{id}/trace", get(rollout_trace))
         .route("/v1/channels/{name}", get(channel))
         .route("/v1/hosts", get(list_hosts))
@@ -1088,7 +1092,7 @@ async fn renew(
     }))
 }
 
-fn require_agent_or_operator(app: &App, peer: &Peer) -> ApiResult<()> {
+pub(crate) fn require_agent_or_operator(app: &App, peer: &Peer) -> ApiResult<()> {
     match peer {
         Peer::Identified(id) => match &id.role {
             Role::Operator { .. } => Ok(()),
@@ -1096,52 +1100,6 @@ fn require_agent_or_operator(app: &App, peer: &Peer) -> ApiResult<()> {
         },
         _ => require_operator(peer),
     }
-}
-
-async fn rollout_manifest(
-    State(app): State<Arc<App>>,
-    Extension(peer): Extension<Peer>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
-    require_agent_or_operator(&app, &peer)?;
-    let m = manifest_by_id(&app, &id)?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        m.canonical.clone(),
-    )
-        .into_response())
-}
-
-async fn rollout_signature(
-    State(app): State<Arc<App>>,
-    Extension(peer): Extension<Peer>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
-    require_agent_or_operator(&app, &peer)?;
-    let fleet = app.shared.fleet().ok_or_else(|| not_found(&id))?;
-    let sig = fleet.signatures.get(&id).ok_or_else(|| not_found(&id))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        sig.clone(),
-    )
-        .into_response())
-}
-
-fn not_found(id: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("no verified rollout manifest {id}"),
-    )
-}
-
-fn manifest_by_id(
-    app: &App,
-    id: &str,
-) -> ApiResult<Arc<nixfleet_trust::verify::Verified<nixfleet_proto::RolloutManifest>>> {
-    app.shared
-        .fleet()
-        .and_then(|f| f.manifests.get(id).cloned())
-        .ok_or_else(|| not_found(id))
 }
 
 async fn channel(

@@ -136,13 +136,16 @@ pub struct Config {
     #[arg(long, env = "NIXFLEET_CP_REVOCATIONS_SIGNATURE")]
     pub revocations_signature: Option<PathBuf>,
 
-    /// Directory of signed rollout manifests (`<rolloutId>.json` + `.sig`).
+    /// Directory of signed rollout manifests (`<rolloutId>.json` + `.sig`; for schema 2
+    /// also `<rolloutId>.hosts.json` and `budgets/<hostsSha256>.json`).
     #[arg(long, env = "NIXFLEET_CP_ROLLOUTS_DIR")]
     pub rollouts_dir: Option<PathBuf>,
 
     /// URL of each channel's current signed manifest, with `{channel}` standing for the
     /// channel name (what `nixfleet release` writes under `rollouts/channel/`); the
-    /// signature is the same URL plus `.sig`. Uses the channel-refs token file.
+    /// signature is the same URL plus `.sig`. A schema-2 manifest's hosts file is the URL
+    /// with `.json` replaced by `.hosts.json`, its budget lists `budgets/<hostsSha256>.json`
+    /// in the URL's directory. Uses the channel-refs token file.
     #[arg(long, env = "NIXFLEET_CP_ROLLOUTS_URL_TEMPLATE")]
     pub rollouts_url_template: Option<String>,
 

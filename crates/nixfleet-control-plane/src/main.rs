@@ -13,6 +13,7 @@ mod hook;
 mod metrics;
 mod poll;
 mod replica;
+mod rollouts;
 mod server;
 mod state;
 mod store;

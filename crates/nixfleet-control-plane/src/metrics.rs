@@ -45,6 +45,7 @@ pub struct Metrics {
     pub hook_failed: AtomicU64,
     pub hook_dropped: AtomicU64,
     pub revoked_refusals: AtomicU64,
+    pub host_proofs_served: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_refused_per_source: AtomicU64,
     pub connections_refused_overall: AtomicU64,
@@ -210,6 +211,11 @@ impl Metrics {
             "nixfleet_revoked_certificate_refusals_total",
             "Agent requests refused because the host's certificate is revoked (401).",
             &[("", &self.revoked_refusals)],
+        );
+        counter(
+            "nixfleet_host_proofs_served_total",
+            "Host inclusion proofs served (GET /v1/rollouts/{id}/hosts/{host}).",
+            &[("", &self.host_proofs_served)],
         );
         counter(
             "nixfleet_connections_refused_total",

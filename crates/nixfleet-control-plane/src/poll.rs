@@ -237,13 +237,17 @@ impl Poller {
     ) -> artifacts::Manifests {
         let trust = self.shared.trust();
         let now = OffsetDateTime::now_utc();
-        let (mut manifests, mut signatures) = match &self.config.rollouts_dir {
+        let mut manifests = match &self.config.rollouts_dir {
             Some(dir) => artifacts::load_manifests(dir, fleet, &trust, now),
             None => Default::default(),
         };
         if let Some(template) = &self.config.rollouts_url_template {
             for channel in fleet.value.channels.keys() {
-                if manifests.values().any(|m| &m.value.channel == channel) {
+                if manifests
+                    .verified
+                    .values()
+                    .any(|m| &m.value.channel == channel)
+                {
                     continue;
                 }
                 let url = template.replace("{channel}", channel);
@@ -253,17 +257,14 @@ impl Poller {
                     token_file: self.config.channel_refs_token_file.clone(),
                 };
                 match artifacts::fetch_manifest(&self.fetcher, &source, fleet, &trust, now).await {
-                    Ok((manifest, signature)) => {
-                        signatures.insert(manifest.id.clone(), signature);
-                        manifests.insert(manifest.id.clone(), Arc::new(manifest));
-                    }
+                    Ok(loaded) => manifests.insert(loaded),
                     Err(e) => {
                         tracing::warn!("rollout manifest of channel {channel} not loaded: {e}")
                     }
                 }
             }
         }
-        (manifests, signatures)
+        manifests
     }
 
     async fn snapshot(
@@ -272,13 +273,17 @@ impl Poller {
         fleet_signature: Vec<u8>,
         origin: String,
     ) -> FleetSnapshot {
-        let (manifests, signatures) = self.manifests_for(&fleet).await;
+        let manifests = self.manifests_for(&fleet).await;
         for channel in fleet.value.channels.keys() {
-            if !manifests.values().any(|m| &m.value.channel == channel) {
+            if !manifests
+                .verified
+                .values()
+                .any(|m| &m.value.channel == channel)
+            {
                 tracing::warn!(channel = %channel, "no verified rollout manifest for this channel of the fleet yet");
             }
         }
-        FleetSnapshot::new(fleet, fleet_signature, origin, manifests, signatures)
+        FleetSnapshot::new(fleet, fleet_signature, origin, manifests)
     }
 
     /// Installs a snapshot unless it is older than the one in use.
@@ -298,7 +303,8 @@ impl Poller {
                     (current.manifests.get(id), current.signatures.get(id))
                 {
                     tracing::info!(rollout = %id, channel = %record.channel, "the new release does not carry this rollout's intent; keeping its verified manifest until the rollout ends");
-                    snapshot.keep_manifest(id, m.clone(), sig.clone());
+                    let tree = current.trees.get(id).cloned();
+                    snapshot.keep_manifest(id, m.clone(), sig.clone(), tree);
                 }
             }
             if snapshot.signed_at() < current.signed_at() {
@@ -380,9 +386,10 @@ impl Poller {
         let Some(current) = self.shared.fleet() else {
             return;
         };
-        let (manifests, signatures) = self.manifests_for(&current.fleet).await;
+        let manifests = self.manifests_for(&current.fleet).await;
         // Only new ids matter (the one in use may also hold manifests kept from before).
         if manifests
+            .verified
             .keys()
             .any(|id| !current.manifests.contains_key(id))
         {
@@ -391,7 +398,6 @@ impl Poller {
                 current.fleet_signature.clone(),
                 current.origin.clone(),
                 manifests,
-                signatures,
             ));
         }
     }
@@ -458,6 +464,7 @@ impl Poller {
                         sha256: m.sha256.clone(),
                         signed_at: m.signed_at,
                     });
+                    set.extend(artifacts::lists_artifact(m));
                 }
             }
         }
@@ -511,13 +518,12 @@ impl Poller {
                 fleet.signature.clone(),
             ),
         };
-        let (manifests, signatures) = artifacts::stored_manifests(stored, &verified, &trust, now);
+        let manifests = artifacts::stored_manifests(stored, &verified, &trust, now);
         Ok(FleetSnapshot::new(
             verified,
             signature,
             DATABASE_ORIGIN.to_owned(),
             manifests,
-            signatures,
         ))
     }
 

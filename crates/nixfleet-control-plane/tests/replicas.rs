@@ -2,6 +2,8 @@
 //! request, one leader at a time, a takeover within two tick intervals, and a replica
 //! cut off from the database answers 503 until it is back.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use nixfleet_harness::haproxy::Haproxy;
@@ -669,4 +671,71 @@ async fn a_replica_that_has_not_verified_a_rollout_never_tells_an_agent_to_roll_
         String::from_utf8_lossy(&on_b_reply.body)
     );
     assert_eq!(activate(&on_a, "web-01", &target).await, 204);
+}
+
+/// A schema-2 rollout reaches a follower through the database with its lists: the
+/// follower checks them against the signed root and serves the host proofs the leader does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_serves_the_host_proofs_the_leader_serves() {
+    let r = support::HandRelease::new(&["canary-01", "web-01", "web-02"]);
+    let rollout = r.publish_schema_2(&r.plan(2));
+    let db = TestDb::create("nixfleet_host_proofs");
+    let replica = |name: &str, opts: CpOptions| {
+        let mut opts = CpOptions {
+            database_url: Some(db.url.clone()),
+            ..opts
+        };
+        opts.extra
+            .splice(0..0, ["--replica-name".to_owned(), name.to_owned()]);
+        r.start(name, opts)
+    };
+    let a = replica("cp-a", CpOptions::default());
+    wait_role(&r.pki, a.port, "leader", Duration::from_secs(10)).await;
+    wait_published(&db, &format!("manifest-lists/{rollout}")).await;
+    // B reads nothing from the forge: the manifest and its lists come from the database.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let b = replica(
+        "cp-b",
+        CpOptions {
+            url: false,
+            build_time_artifact: false,
+            rollouts_dir: false,
+            with_revocations: false,
+            extra: vec![
+                "--channel-refs-artifact-url".into(),
+                format!("{nowhere}/fleet.resolved.json"),
+                "--revocations-artifact-url".into(),
+                format!("{nowhere}/revocations.json"),
+            ],
+            ..CpOptions::default()
+        },
+    );
+    assert_eq!(role(&r.pki, b.port).await, "follower");
+    let path = format!("/v1/rollouts/{rollout}/hosts/web-02");
+    let from_a = Client::operator(&r.pki, a.port).get(&path).await;
+    assert_eq!(from_a.status, 200);
+    let op_b = Client::operator(&r.pki, b.port);
+    let from_b = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let reply = op_b.get(&path).await;
+            if reply.status == 200 || Instant::now() > deadline {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(from_b.status, 200, "{}", b.log_text());
+    assert_eq!(from_b.json(), from_a.json());
+    let entry = nixfleet_trust::verify::verify_host_proof(
+        &from_b.body,
+        &r.trust,
+        time::OffsetDateTime::now_utc(),
+        nixfleet_trust::verify::ManifestContext::default(),
+        &nixfleet_trust::verify::Limits::default(),
+    )
+    .unwrap()
+    .entry;
+    assert_eq!(entry.hostname, "web-02");
+    assert_eq!(entry.target_closure, closure("web-02", 2));
 }

@@ -115,7 +115,8 @@ impl CompromisedCp {
         self.lies.lock().unwrap().confirm_status = status;
     }
 
-    /// Serves `rollouts/<id>.json(.sig)` from this release directory too.
+    /// Serves `rollouts/<id>.json(.sig)` from this release directory too, and host proofs
+    /// built from its `<id>.hosts.json` (for a host the rollout lacks, a neighbour's).
     pub fn serve_manifests_from(&self, dir: PathBuf) {
         self.lies.lock().unwrap().manifest_dirs.push(dir);
     }
@@ -140,6 +141,25 @@ fn reply(status: u16, body: Vec<u8>) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
+/// A real proof from a release directory: `host`'s when the rollout includes it, else the
+/// first host's (a neighbour's real entry, validly proved, offered to `host`).
+fn proof_from(rollouts: &std::path::Path, id: &str, host: &str) -> Option<Vec<u8>> {
+    let manifest = std::fs::read_to_string(rollouts.join(format!("{id}.json"))).ok()?;
+    let signature = std::fs::read(rollouts.join(format!("{id}.json.sig"))).ok()?;
+    let hosts: nixfleet_proto::RolloutHosts =
+        serde_json::from_slice(&std::fs::read(rollouts.join(format!("{id}.hosts.json"))).ok()?)
+            .ok()?;
+    let set = &hosts.host_set;
+    let tree = nixfleet_trust::hostset::tree(set);
+    let name = if set.iter().any(|e| e.hostname == host) {
+        host
+    } else {
+        set.first()?.hostname.as_str()
+    };
+    let proof = nixfleet_trust::hostset::host_proof(id, &manifest, &signature, set, &tree, name)?;
+    serde_json::to_vec(&proof).ok()
+}
+
 impl Relay {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let method = req.method().clone();
@@ -151,6 +171,14 @@ impl Relay {
             .map(|b| b.to_bytes().to_vec())
             .unwrap_or_default();
         if let Some(rest) = path.strip_prefix("/v1/rollouts/") {
+            if let Some((id, host)) = rest.split_once("/hosts/") {
+                let dirs = self.lies.lock().unwrap().manifest_dirs.clone();
+                for dir in dirs {
+                    if let Some(proof) = proof_from(&dir.join("rollouts"), id, host) {
+                        return reply(200, proof);
+                    }
+                }
+            }
             let (id, file) = match rest.strip_suffix("/sig") {
                 Some(id) => (id, format!("{id}.json.sig")),
                 None => (rest, format!("{rest}.json")),

@@ -2,7 +2,7 @@
 //! between one control-plane replica and PostgreSQL, say.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,6 +16,8 @@ struct Shared {
     live: AtomicUsize,
     /// Bumped by every `sever`; each connection closes when it changes.
     cuts: watch::Sender<u64>,
+    /// Bytes the server sent to clients, TLS records and all, as they pass.
+    to_client: AtomicU64,
 }
 
 /// Listens on 127.0.0.1:`port` and forwards every connection to `target`. It runs its own
@@ -40,6 +42,7 @@ impl TcpRelay {
             severed: AtomicBool::new(false),
             live: AtomicUsize::new(0),
             cuts: watch::channel(0).0,
+            to_client: AtomicU64::new(0),
         });
         let (stop, stopped) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -89,6 +92,12 @@ impl TcpRelay {
     /// Forwards new connections again.
     pub fn restore(&self) {
         self.shared.severed.store(false, Ordering::SeqCst);
+    }
+
+    /// Bytes forwarded from the server to its clients so far (whatever the protocol on
+    /// top: TLS records, handshakes and all).
+    pub fn bytes_to_client(&self) -> u64 {
+        self.shared.to_client.load(Ordering::SeqCst)
     }
 
     /// Forwarded connections currently open.
@@ -142,7 +151,7 @@ async fn forward(
             self.0.live.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    let _live = Live(shared);
+    let _live = Live(shared.clone());
     let mut outbound: Option<TcpStream> = None;
     tokio::select! {
         _ = cut.changed() => {
@@ -154,9 +163,38 @@ async fn forward(
         _ = async {
             let Ok(out) = TcpStream::connect(target).await else { return };
             let out = outbound.insert(out);
-            let _ = tokio::io::copy_bidirectional(&mut inbound, out).await;
+            let (mut client_read, mut client_write) = inbound.split();
+            let (mut server_read, mut server_write) = out.split();
+            tokio::join!(
+                pump(&mut client_read, &mut server_write, None),
+                pump(&mut server_read, &mut client_write, Some(&shared.to_client)),
+            );
         } => {}
     }
+}
+
+/// Copies one direction until EOF or an error, counting the bytes when asked; then shuts
+/// the other side's write half, as `copy_bidirectional` does.
+async fn pump<R, W>(from: &mut R, to: &mut W, counter: Option<&AtomicU64>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// A cut network looks like a reset to both peers, not like an orderly close.

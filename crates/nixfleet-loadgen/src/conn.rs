@@ -108,10 +108,37 @@ impl Conn {
         body: Vec<u8>,
         close: bool,
     ) -> Result<(u16, Bytes), ErrorKind> {
-        let mut req = Request::post(path)
-            .header(hyper::header::HOST, &endpoint.authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(PROTOCOL_HEADER, PROTOCOL_MAJOR.to_string());
+        let (status, body, _) = self.request(endpoint, Some(body), path, close).await?;
+        Ok((status, body))
+    }
+
+    /// GETs `path`; also returns the size of the answer's status line and headers.
+    pub async fn get(
+        &mut self,
+        endpoint: &Endpoint,
+        path: &str,
+        close: bool,
+    ) -> Result<(u16, Bytes, usize), ErrorKind> {
+        self.request(endpoint, None, path, close).await
+    }
+
+    async fn request(
+        &mut self,
+        endpoint: &Endpoint,
+        body: Option<Vec<u8>>,
+        path: &str,
+        close: bool,
+    ) -> Result<(u16, Bytes, usize), ErrorKind> {
+        let mut req = match body {
+            Some(_) => Request::post(path),
+            None => Request::get(path),
+        }
+        .header(hyper::header::HOST, &endpoint.authority)
+        .header(PROTOCOL_HEADER, PROTOCOL_MAJOR.to_string());
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let body = body.unwrap_or_default();
         if close {
             req = req.header(hyper::header::CONNECTION, "close");
         }
@@ -125,6 +152,14 @@ impl Conn {
             .await
             .map_err(|_| ErrorKind::Request)?;
         let status = response.status().as_u16();
+        // "HTTP/1.1 200 OK\r\n", each "name: value\r\n", the blank line.
+        let head = 17
+            + response
+                .headers()
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+            + 2;
         let body = Limited::new(response.into_body(), BODY_LIMIT)
             .collect()
             .await
@@ -136,6 +171,6 @@ impl Conn {
                 }
             })?
             .to_bytes();
-        Ok((status, body))
+        Ok((status, body, head))
     }
 }

@@ -136,6 +136,11 @@ struct RunArgs {
     /// Hosts start without a lastConfirmedAt.
     #[arg(long)]
     unconfirmed: bool,
+    /// The fleet's trust.json: a dispatched host then fetches its proof
+    /// (`/v1/rollouts/{id}/hosts/{host}`) and verifies it with the agent's gate before it
+    /// activates, as a real agent does.
+    #[arg(long)]
+    trust_file: Option<PathBuf>,
     /// Threads that mint certificates (default: all cores).
     #[arg(long)]
     mint_threads: Option<usize>,
@@ -271,6 +276,21 @@ fn run_command(args: RunArgs) -> Result<(), LoadgenError> {
         timeout: secs("--timeout", args.target.timeout)?,
         generation: args.generation,
         confirmed: !args.unconfirmed,
+        trust: args
+            .trust_file
+            .as_deref()
+            .map(|path| {
+                nixfleet_trust::verify::read_trust_file(
+                    path,
+                    &nixfleet_trust::verify::Limits::default(),
+                )
+                .map(std::sync::Arc::new)
+                .map_err(|e| LoadgenError::Key {
+                    what: format!("trust file {}", path.display()),
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()?,
     };
     let summary = runtime()?.block_on(run::run(config, identities))?;
     println!("{}", summary.human());

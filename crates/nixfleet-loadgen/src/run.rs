@@ -2,6 +2,7 @@
 //! follows targets (activates after a delay, then confirms, or fails at a given rate and
 //! reports it the way `nixfleet-agent` does), and obeys rollback signals.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,9 @@ pub struct RunConfig {
     pub generation: u32,
     /// Hosts start with a `lastConfirmedAt` for that closure (they confirmed it earlier).
     pub confirmed: bool,
+    /// With the fleet's trust roots, a dispatched host fetches and verifies its proof
+    /// before it activates, as an agent does.
+    pub trust: Option<Arc<nixfleet_proto::TrustFile>>,
 }
 
 struct Agent {
@@ -199,7 +203,7 @@ impl Agent {
         }
     }
 
-    /// One request on the host's connection: a new one per request in resume mode.
+    /// One POST on the host's connection: a new one per request in resume mode.
     async fn exchange(
         &mut self,
         config: &RunConfig,
@@ -207,6 +211,20 @@ impl Agent {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(u16, Bytes), ErrorKind> {
+        self.request(config, stats, path, Some(body))
+            .await
+            .map(|(status, body, _)| (status, body))
+    }
+
+    /// One request (GET without a body) on the host's connection; also returns the size
+    /// of the answer's head.
+    async fn request(
+        &mut self,
+        config: &RunConfig,
+        stats: &Stats,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes, usize), ErrorKind> {
         let attempt = async {
             let reuse =
                 config.mode == Mode::KeepAlive && self.conn.as_ref().is_some_and(Conn::is_usable);
@@ -222,9 +240,13 @@ impl Agent {
                 self.conn = Some(c);
             }
             let close = config.mode == Mode::Resume;
-            match self.conn.as_mut() {
-                Some(c) => c.post(&config.endpoint, path, body, close).await,
-                None => Err(ErrorKind::Request),
+            match (self.conn.as_mut(), body) {
+                (Some(c), Some(body)) => c
+                    .post(&config.endpoint, path, body, close)
+                    .await
+                    .map(|(status, body)| (status, body, 0)),
+                (Some(c), None) => c.get(&config.endpoint, path, close).await,
+                (None, _) => Err(ErrorKind::Request),
             }
         };
         let result = match tokio::time::timeout(config.timeout, attempt).await {
@@ -295,6 +317,9 @@ impl Agent {
         if target.closure_hash == self.closure || failed_before {
             return true;
         }
+        if config.trust.is_some() && !self.believe(config, stats, target).await {
+            return true;
+        }
         if !sleep_until(Instant::now() + config.activate_delay, deadline).await {
             return false;
         }
@@ -354,6 +379,43 @@ impl Agent {
             "no confirm accepted in time",
         )
         .await;
+        true
+    }
+
+    /// What a dispatched agent does before anything else: fetch its proof and pass it
+    /// through the agent's own gate. False when it was not believed (counted; the target
+    /// is left, as an agent would refuse it).
+    async fn believe(&mut self, config: &RunConfig, stats: &Stats, target: &Target) -> bool {
+        let Some(trust) = &config.trust else {
+            return true;
+        };
+        let path = format!("/v1/rollouts/{}/hosts/{}", target.rollout_id, self.hostname);
+        let (status, body, head) = match self.request(config, stats, &path, None).await {
+            Ok(answer) => answer,
+            Err(kind) => {
+                stats.error(kind);
+                return false;
+            }
+        };
+        if status != 200 {
+            stats.error(ErrorKind::Status(status));
+            return false;
+        }
+        let started = std::time::Instant::now();
+        let verdict = nixfleet_agent::gate::check_proof(
+            target,
+            &self.hostname,
+            &body,
+            trust,
+            OffsetDateTime::now_utc(),
+            &path,
+            &BTreeMap::new(),
+        );
+        stats.proof(started.elapsed(), head + body.len(), verdict.is_ok());
+        if let Err(refusal) = verdict {
+            stats.refusal(&refusal.reason);
+            return false;
+        }
         true
     }
 

@@ -29,6 +29,12 @@ pub struct Stats {
     pub activations_failed: AtomicU64,
     pub tls_full: AtomicU64,
     pub tls_resumed: AtomicU64,
+    proofs_ok: AtomicU64,
+    proofs_refused: AtomicU64,
+    proof_bytes: AtomicU64,
+    proof_bytes_max: AtomicU64,
+    proof_verify: Mutex<Histogram<u64>>,
+    first_refusal: OnceLock<String>,
     visible: AtomicUsize,
     all_visible_after: OnceLock<Duration>,
     checkin_latency: Mutex<Histogram<u64>>,
@@ -62,6 +68,12 @@ impl Stats {
             activations_failed: AtomicU64::new(0),
             tls_full: AtomicU64::new(0),
             tls_resumed: AtomicU64::new(0),
+            proofs_ok: AtomicU64::new(0),
+            proofs_refused: AtomicU64::new(0),
+            proof_bytes: AtomicU64::new(0),
+            proof_bytes_max: AtomicU64::new(0),
+            proof_verify: Mutex::new(histogram()),
+            first_refusal: OnceLock::new(),
             visible: AtomicUsize::new(0),
             all_visible_after: OnceLock::new(),
             checkin_latency: Mutex::new(histogram()),
@@ -114,6 +126,25 @@ impl Stats {
         let _ = lock(&self.connect_latency).record(micros.max(1));
     }
 
+    /// A host proof fetched (`bytes`: the answer's head and body) and passed through the
+    /// agent's gate in `verify`.
+    pub fn proof(&self, verify: Duration, bytes: usize, believed: bool) {
+        let micros = verify.as_micros().min(u128::from(u64::MAX)) as u64;
+        let _ = lock(&self.proof_verify).record(micros.max(1));
+        self.proof_bytes.fetch_add(bytes as u64, Relaxed);
+        self.proof_bytes_max.fetch_max(bytes as u64, Relaxed);
+        Stats::inc(if believed {
+            &self.proofs_ok
+        } else {
+            &self.proofs_refused
+        });
+    }
+
+    /// The first reason a gate refused, for the summary.
+    pub fn refusal(&self, reason: &str) {
+        let _ = self.first_refusal.set(reason.to_owned());
+    }
+
     pub fn error(&self, kind: ErrorKind) {
         *lock(&self.errors).entry(kind).or_default() += 1;
     }
@@ -157,6 +188,14 @@ impl Stats {
             activations_failed: self.activations_failed.load(Relaxed),
             tls_handshakes_full: self.tls_full.load(Relaxed),
             tls_handshakes_resumed: self.tls_resumed.load(Relaxed),
+            proofs: Proofs {
+                verified: self.proofs_ok.load(Relaxed),
+                refused: self.proofs_refused.load(Relaxed),
+                first_refusal: self.first_refusal.get().cloned(),
+                bytes_total: self.proof_bytes.load(Relaxed),
+                bytes_max: self.proof_bytes_max.load(Relaxed),
+                verify_ms: Percentiles::of(&lock(&self.proof_verify)),
+            },
             hosts_visible: self.visible.load(Relaxed),
             all_visible_secs: self.all_visible_after.get().map(Duration::as_secs_f64),
             errors_total: errors.values().sum(),
@@ -228,6 +267,8 @@ pub struct Summary {
     pub activations_failed: u64,
     pub tls_handshakes_full: u64,
     pub tls_handshakes_resumed: u64,
+    /// What dispatched hosts fetched to believe their target (with `--trust-file`).
+    pub proofs: Proofs,
     pub hosts_visible: usize,
     /// From the start of the run until every host had one successful check-in.
     pub all_visible_secs: Option<f64>,
@@ -235,6 +276,18 @@ pub struct Summary {
     pub errors: BTreeMap<String, u64>,
     /// CPU time (user + system) of this process during the run (minting excluded).
     pub loadgen_cpu_secs: Option<f64>,
+}
+
+/// Host proofs: fetched, verified by the agent's gate, their size and verification time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Proofs {
+    pub verified: u64,
+    pub refused: u64,
+    pub first_refusal: Option<String>,
+    /// HTTP head and body of every proof answer (TLS records not included).
+    pub bytes_total: u64,
+    pub bytes_max: u64,
+    pub verify_ms: Percentiles,
 }
 
 impl Summary {
@@ -281,6 +334,16 @@ impl Summary {
         );
         for (kind, n) in &self.errors {
             out.push_str(&format!("  {kind} {n}"));
+        }
+        let p = &self.proofs;
+        if p.verified + p.refused > 0 {
+            out.push_str(&format!(
+                "\nhost proofs: {} verified, {} refused; {} bytes in all, {} at most; verify ms p50 {:.3}  p99 {:.3}  max {:.3}",
+                p.verified, p.refused, p.bytes_total, p.bytes_max, p.verify_ms.p50, p.verify_ms.p99, p.verify_ms.max
+            ));
+            if let Some(r) = &p.first_refusal {
+                out.push_str(&format!("\nfirst refusal: {r}"));
+            }
         }
         if let Some(cpu) = self.loadgen_cpu_secs {
             out.push_str(&format!("\nload generator CPU: {cpu:.1} s"));

@@ -84,6 +84,13 @@ async fn two_hundred_hosts_for_twenty_seconds_agree_with_metrics() {
             == 0
     });
     let addr: SocketAddr = format!("127.0.0.1:{}", cp.port).parse().unwrap();
+    let trust = std::sync::Arc::new(
+        nixfleet_trust::verify::read_trust_file(
+            &pki.path("etc/trust.json"),
+            &nixfleet_trust::verify::Limits::default(),
+        )
+        .unwrap(),
+    );
     let config = |mode| RunConfig {
         endpoint: Endpoint::new(addr, "localhost").unwrap(),
         ca_pem: ca_pem.clone(),
@@ -98,6 +105,7 @@ async fn two_hundred_hosts_for_twenty_seconds_agree_with_metrics() {
         timeout: Duration::from_secs(10),
         generation: 1,
         confirmed: true,
+        trust: Some(trust.clone()),
     };
     let (keep_alive, resume) = tokio::join!(
         run::run(config(Mode::KeepAlive), first),
@@ -108,6 +116,16 @@ async fn two_hundred_hosts_for_twenty_seconds_agree_with_metrics() {
 
     for s in [&keep_alive, &resume] {
         assert_eq!(s.errors_total, 0, "errors: {:?}", s.errors);
+        // Every activation was believed from the host's own proof, through the agent's gate.
+        let p = &s.proofs;
+        assert_eq!(p.refused, 0, "{:?}", p.first_refusal);
+        assert!(
+            p.verified >= s.confirms_ok,
+            "{} proofs, {} confirms",
+            p.verified,
+            s.confirms_ok
+        );
+        assert!(p.bytes_max <= 4096, "{} bytes", p.bytes_max);
         assert_eq!(s.hosts_visible, HOSTS / 2);
         assert!(s.all_visible_secs.is_some());
         assert!(

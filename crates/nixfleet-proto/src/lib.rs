@@ -21,8 +21,8 @@ pub use fleet::{
     FLEET_SCHEMA_VERSION,
 };
 pub use manifest::{
-    HostSetEntry, Introduced, ManifestBudget, ManifestWave, RolloutManifest,
-    MANIFEST_SCHEMA_VERSION,
+    BudgetCommitment, HostProof, HostSetEntry, Introduced, ManifestBudget, ManifestHeader,
+    ManifestWave, RolloutHosts, RolloutManifest, MANIFEST_SCHEMA_V1, MANIFEST_SCHEMA_VERSION,
 };
 pub use meta::{stale_after, Meta, CLOCK_SLACK};
 pub use revocations::{Revocation, Revocations, REVOCATIONS_SCHEMA_VERSION};

@@ -6,9 +6,18 @@ use serde::{Deserialize, Serialize};
 use crate::fleet::{HealthGate, OnHealthFailure, Selector};
 use crate::meta::Meta;
 
-/// The only manifest schema this build understands.
-pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
+/// The manifest schema `nixfleet release` writes: the signed manifest commits to its host
+/// set and budget lists by hash ([`ManifestHeader`]), so that a host verifies its own entry
+/// with an inclusion proof instead of fetching every entry.
+pub const MANIFEST_SCHEMA_VERSION: u32 = 2;
 
+/// The schema before: the whole host set and budget lists in the signed manifest
+/// ([`RolloutManifest`]). Still accepted during the transition (docs/release.md).
+pub const MANIFEST_SCHEMA_V1: u32 = 1;
+
+/// A rollout's whole plan: what schema 1 signed, and what schema 2 signs the header of plus
+/// the host set and budget lists it commits to. The reconciler works on this.
+///
 /// `rolloutId` is the lowercase hex SHA-256 of the canonical bytes of the manifest's
 /// intent (channel, hostSet, waves, healthGate, onHealthFailure, complianceFrameworks,
 /// disruptionBudgets), not of `meta` or anything else a re-sign changes; see
@@ -119,3 +128,79 @@ pub struct ManifestBudget {
     #[serde(default)]
     pub max_in_flight_pct: Option<u32>,
 }
+
+/// A schema-2 rollout manifest: what CI signs. The host set is committed by the root of a
+/// Merkle tree (RFC 6962 shape, `nixfleet_trust::hostset`), each budget's frozen host list
+/// by its hash; the lists themselves are in unsigned files checked against these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestHeader {
+    pub schema_version: u32,
+    pub display_name: String,
+    pub channel: String,
+    pub channel_ref: String,
+    pub fleet_resolved_hash: String,
+    /// Lowercase hex root of the tree over the host set's entries, sorted by hostname.
+    pub host_set_root: String,
+    pub host_set_size: u64,
+    pub waves: Vec<ManifestWave>,
+    pub health_gate: HealthGate,
+    pub on_health_failure: OnHealthFailure,
+    #[serde(default)]
+    pub compliance_frameworks: Vec<String>,
+    #[serde(default)]
+    pub disruption_budgets: Vec<BudgetCommitment>,
+    #[serde(default)]
+    pub freshness_window: Option<u32>,
+    #[serde(default)]
+    pub introduced: Option<Introduced>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compliance: Option<ManifestCompliance>,
+    pub meta: Meta,
+}
+
+/// A disruption budget in a schema-2 manifest: its frozen host list by hash. The list is
+/// `budgets/<hostsSha256>.json` next to the manifest, one file per distinct list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetCommitment {
+    pub selector: Selector,
+    /// Lowercase hex SHA-256 of the RFC 8785 bytes of the sorted hostname array.
+    pub hosts_sha256: String,
+    pub hosts_count: u64,
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    #[serde(default)]
+    pub max_in_flight_pct: Option<u32>,
+}
+
+/// `<rolloutId>.hosts.json`, unsigned: a schema-2 rollout's host set, checked against the
+/// signed root by whoever reads it (the control plane, `nixfleet verify manifest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutHosts {
+    pub rollout_id: String,
+    /// Sorted by hostname.
+    pub host_set: Vec<HostSetEntry>,
+}
+
+/// `GET /v1/rollouts/{id}/hosts/{host}`: what a dispatched host needs to believe its
+/// target, a few kilobytes whatever the fleet's size. The agent keeps it as served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostProof {
+    pub rollout_id: String,
+    /// The signed schema-2 manifest, as published (JSON text).
+    pub manifest: String,
+    /// Its raw 64-byte signature, standard base64.
+    pub signature: String,
+    pub entry: HostSetEntry,
+    /// The entry's position in the host set (sorted by hostname).
+    pub index: u64,
+    /// RFC 6962 audit path, bottom-up, lowercase hex.
+    pub proof: Vec<String>,
+}
+
+/// The largest host proof a client reads (a header with long selectors and static
+/// compliance failures, and a 32-hash path).
+pub const MAX_HOST_PROOF_BYTES: usize = 256 << 10;

@@ -6,6 +6,7 @@
 //! so that every binary reads trust.json the same way.
 
 pub mod cache;
+pub mod hostset;
 pub mod jcs;
 pub mod keys;
 pub mod merkle;

@@ -14,10 +14,13 @@ use time::{Duration, OffsetDateTime};
 
 use nixfleet_proto::wire::ReportRequest;
 use nixfleet_proto::{
-    BootstrapToken, FleetResolved, KeySlot, Meta, Revocations, RolloutManifest, TokenClaims,
-    TrustFile, FLEET_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION, REVOCATIONS_SCHEMA_VERSION,
-    TOKEN_VERSION, TRUST_SCHEMA_VERSION,
+    BootstrapToken, FleetResolved, HostProof, HostSetEntry, KeySlot, ManifestHeader, Meta,
+    Revocations, RolloutManifest, TokenClaims, TrustFile, FLEET_SCHEMA_VERSION, MANIFEST_SCHEMA_V1,
+    MANIFEST_SCHEMA_VERSION, REVOCATIONS_SCHEMA_VERSION, TOKEN_VERSION, TRUST_SCHEMA_VERSION,
 };
+
+use crate::hostset::{self, HostLists, HostSetError};
+use crate::merkle;
 
 use nixfleet_proto::stale_after;
 
@@ -32,6 +35,9 @@ pub use nixfleet_proto::CLOCK_SLACK;
 pub struct Limits {
     pub fleet_bytes: usize,
     pub manifest_bytes: usize,
+    /// A schema-2 rollout's hosts file, and each budget list.
+    pub host_list_bytes: usize,
+    pub host_proof_bytes: usize,
     pub revocations_bytes: usize,
     pub token_bytes: usize,
     pub report_bytes: usize,
@@ -44,6 +50,8 @@ impl Default for Limits {
         Limits {
             fleet_bytes: 64 << 20,
             manifest_bytes: 32 << 20,
+            host_list_bytes: 64 << 20,
+            host_proof_bytes: nixfleet_proto::manifest::MAX_HOST_PROOF_BYTES,
             revocations_bytes: 16 << 20,
             token_bytes: 16 << 10,
             report_bytes: 64 << 10,
@@ -192,6 +200,23 @@ pub enum VerifyError {
         collected_at: String,
         activated_at: String,
     },
+    #[error("rollout manifest {rollout_id} has schemaVersion 2, which commits to its host set by hash; its hosts file ({rollout_id}.hosts.json) and budget lists (budgets/<hostsSha256>.json) are needed next to it to read the whole plan")]
+    HostListsMissing { rollout_id: String },
+    #[error("the host lists of rollout manifest {rollout_id} do not match what it signs: {source}; they were altered, truncated, or belong to another rollout (publish the files of the same release again)")]
+    HostLists {
+        rollout_id: String,
+        source: HostSetError,
+    },
+    #[error("host proof is not usable: {detail}")]
+    ProofShape { detail: String },
+    #[error("{what} is not usable: {detail}")]
+    HostListsShape { what: String, detail: String },
+    #[error("the inclusion proof of {hostname} (index {index}) does not lead to the hostSetRoot signed in rollout manifest {rollout_id}; the entry or the proof was altered, or belongs to another rollout")]
+    ProofMismatch {
+        hostname: String,
+        index: u64,
+        rollout_id: String,
+    },
 }
 
 /// An artifact that passed the pipeline.
@@ -272,6 +297,21 @@ fn check_slot_signature(
 #[serde(rename_all = "camelCase")]
 struct SchemaProbe {
     schema_version: Option<serde_json::Value>,
+}
+
+/// The `schemaVersion` of canonical bytes, for artifacts with more than one accepted.
+fn schema_of(artifact: Artifact, canonical: &[u8]) -> Result<u64, VerifyError> {
+    let probe: SchemaProbe = serde_json::from_slice(canonical).map_err(|e| VerifyError::Shape {
+        artifact,
+        detail: e.to_string(),
+    })?;
+    match probe.schema_version {
+        Some(serde_json::Value::Number(n)) => Ok(n.as_u64().unwrap_or(u64::MAX)),
+        _ => Err(VerifyError::Shape {
+            artifact,
+            detail: "schemaVersion is missing or not a number".into(),
+        }),
+    }
 }
 
 /// Step 4, then the typed parse.
@@ -398,16 +438,60 @@ pub struct ManifestContext<'a> {
     pub fleet: Option<&'a Verified<FleetResolved>>,
 }
 
-/// Verifies a rollout manifest against `ciReleaseKey`. Its freshness window is its own
-/// signed `freshnessWindow`, else its channel's in the fleet it is used with.
-pub fn verify_manifest(
+/// A rollout manifest whose signature, freshness, id and fleet binding passed: the whole
+/// plan (schema 1) or the header that commits to it (schema 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignedManifest {
+    V1(RolloutManifest),
+    V2(ManifestHeader),
+}
+
+impl SignedManifest {
+    pub fn channel(&self) -> &str {
+        match self {
+            SignedManifest::V1(m) => &m.channel,
+            SignedManifest::V2(h) => &h.channel,
+        }
+    }
+
+    pub fn health_gate(&self) -> &nixfleet_proto::HealthGate {
+        match self {
+            SignedManifest::V1(m) => &m.health_gate,
+            SignedManifest::V2(h) => &h.health_gate,
+        }
+    }
+
+    pub fn meta(&self) -> &Meta {
+        match self {
+            SignedManifest::V1(m) => &m.meta,
+            SignedManifest::V2(h) => &h.meta,
+        }
+    }
+
+    /// The header of either schema (for schema 1, computed from its host set).
+    pub fn header(&self) -> ManifestHeader {
+        match self {
+            SignedManifest::V1(m) => {
+                let mut h = hostset::header_of(m);
+                h.schema_version = m.schema_version;
+                h
+            }
+            SignedManifest::V2(h) => h.clone(),
+        }
+    }
+}
+
+/// Verifies a rollout manifest of either schema against `ciReleaseKey`: signature,
+/// schema, freshness (its own signed `freshnessWindow`, else its channel's in the fleet it
+/// is used with), id, fleet binding. A schema-2 manifest's lists are not read here.
+pub fn verify_manifest_header(
     bytes: &[u8],
     signature: &[u8],
     trust: &TrustFile,
     now: OffsetDateTime,
     context: ManifestContext<'_>,
     limits: &Limits,
-) -> Result<Verified<RolloutManifest>, VerifyError> {
+) -> Result<Verified<SignedManifest>, VerifyError> {
     let artifact = Artifact::Manifest;
     let slot = &trust.ci_release_key;
     let (canonical, signed_by) = check_signed(
@@ -418,17 +502,34 @@ pub fn verify_manifest(
         slot,
         Slot::CiReleaseKey,
     )?;
-    let value: RolloutManifest = check_schema(artifact, &canonical, MANIFEST_SCHEMA_VERSION)?;
-    let window = value.freshness_window.or_else(|| {
+    let value = match schema_of(artifact, &canonical)? {
+        v if v == u64::from(MANIFEST_SCHEMA_V1) => {
+            SignedManifest::V1(check_schema(artifact, &canonical, MANIFEST_SCHEMA_V1)?)
+        }
+        _ => SignedManifest::V2(check_schema(artifact, &canonical, MANIFEST_SCHEMA_VERSION)?),
+    };
+    let channel = value.channel().to_owned();
+    let (own_window, fleet_hash) = match &value {
+        SignedManifest::V1(m) => (m.freshness_window, &m.fleet_resolved_hash),
+        SignedManifest::V2(h) => (h.freshness_window, &h.fleet_resolved_hash),
+    };
+    let window = own_window.or_else(|| {
         context
             .fleet
-            .and_then(|f| f.value.channels.get(&value.channel))
+            .and_then(|f| f.value.channels.get(&channel))
             .map(|c| c.freshness_window)
     });
     if window.is_none() {
         return Err(VerifyError::NoFreshnessWindow { artifact });
     }
-    let signed_at = check_time(artifact, &value.meta, slot, Slot::CiReleaseKey, window, now)?;
+    let signed_at = check_time(
+        artifact,
+        value.meta(),
+        slot,
+        Slot::CiReleaseKey,
+        window,
+        now,
+    )?;
     let sha256 = jcs::sha256_hex(&canonical);
     let id = rollout_id(&canonical).map_err(|source| VerifyError::Parse { artifact, source })?;
     if let Some(expected) = context.rollout_id {
@@ -440,9 +541,9 @@ pub fn verify_manifest(
         }
     }
     if let Some(fleet) = context.fleet {
-        if value.fleet_resolved_hash != fleet.sha256 {
+        if *fleet_hash != fleet.sha256 {
             return Err(VerifyError::FleetMismatch {
-                manifest_fleet_hash: value.fleet_resolved_hash,
+                manifest_fleet_hash: fleet_hash.clone(),
                 fleet_hash: fleet.sha256.clone(),
             });
         }
@@ -457,13 +558,194 @@ pub fn verify_manifest(
     })
 }
 
+/// The whole plan of a verified manifest: schema 1 as signed; schema 2 from `lists`,
+/// each checked against what the header signs. `canonical` stays the signed bytes.
+pub fn complete_manifest(
+    verified: Verified<SignedManifest>,
+    lists: Option<&HostLists>,
+) -> Result<(Verified<RolloutManifest>, merkle::Tree), VerifyError> {
+    let Verified {
+        value,
+        canonical,
+        sha256,
+        id,
+        signed_at,
+        signed_by,
+    } = verified;
+    let (plan, tree) = match value {
+        SignedManifest::V1(m) => {
+            let tree = hostset::tree(&m.host_set);
+            hostset::check_sorted(&m.host_set).map_err(|source| VerifyError::HostLists {
+                rollout_id: id.clone(),
+                source,
+            })?;
+            (m, tree)
+        }
+        SignedManifest::V2(header) => {
+            let Some(hosts) = lists.and_then(|l| l.hosts.as_ref()) else {
+                return Err(VerifyError::HostListsMissing { rollout_id: id });
+            };
+            let budgets = lists.map(|l| &l.budgets).cloned().unwrap_or_default();
+            hostset::assemble(&id, &header, hosts, &budgets).map_err(|source| {
+                VerifyError::HostLists {
+                    rollout_id: id.clone(),
+                    source,
+                }
+            })?
+        }
+    };
+    Ok((
+        Verified {
+            value: plan,
+            canonical,
+            sha256,
+            id,
+            signed_at,
+            signed_by,
+        },
+        tree,
+    ))
+}
+
+/// Verifies a rollout manifest and reads its whole plan ([`verify_manifest_header`], then
+/// [`complete_manifest`]).
+pub fn verify_manifest(
+    bytes: &[u8],
+    signature: &[u8],
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    context: ManifestContext<'_>,
+    lists: Option<&HostLists>,
+    limits: &Limits,
+) -> Result<Verified<RolloutManifest>, VerifyError> {
+    let header = verify_manifest_header(bytes, signature, trust, now, context, limits)?;
+    complete_manifest(header, lists).map(|(plan, _)| plan)
+}
+
+/// Parses a rollout's hosts file (`<rolloutId>.hosts.json`) under the size limit; it is
+/// checked against the signed root by [`complete_manifest`].
+pub fn parse_rollout_hosts(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<nixfleet_proto::RolloutHosts, VerifyError> {
+    parse_list(bytes, limits, "rollout hosts file")
+}
+
+/// Parses one budget list (`budgets/<sha256>.json`, a JSON array of hostnames).
+pub fn parse_budget_list(bytes: &[u8], limits: &Limits) -> Result<Vec<String>, VerifyError> {
+    parse_list(bytes, limits, "budget list")
+}
+
+fn parse_list<T: DeserializeOwned>(
+    bytes: &[u8],
+    limits: &Limits,
+    what: &str,
+) -> Result<T, VerifyError> {
+    if bytes.len() > limits.host_list_bytes {
+        return Err(VerifyError::TooLarge {
+            artifact: Artifact::Manifest,
+            size: bytes.len(),
+            limit: limits.host_list_bytes,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| VerifyError::HostListsShape {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// A host's target as its rollout's signed manifest gives it, shown by an inclusion proof.
+#[derive(Debug, Clone)]
+pub struct VerifiedEntry {
+    pub manifest: Verified<SignedManifest>,
+    pub entry: HostSetEntry,
+    pub index: u64,
+}
+
+/// Verifies a host proof document (`GET /v1/rollouts/{id}/hosts/{host}`, or the copy an
+/// agent kept): the manifest as [`verify_manifest_header`] does, then that the proof
+/// leads from the entry to the signed root. Which host, closure and wave the entry must
+/// name is the caller's check. A schema-1 manifest carries no root and is refused here.
+pub fn verify_host_proof(
+    bytes: &[u8],
+    trust: &TrustFile,
+    now: OffsetDateTime,
+    context: ManifestContext<'_>,
+    limits: &Limits,
+) -> Result<VerifiedEntry, VerifyError> {
+    if bytes.len() > limits.host_proof_bytes {
+        return Err(VerifyError::TooLarge {
+            artifact: Artifact::Manifest,
+            size: bytes.len(),
+            limit: limits.host_proof_bytes,
+        });
+    }
+    let shape = |detail: String| VerifyError::ProofShape { detail };
+    let doc: HostProof = serde_json::from_slice(bytes).map_err(|e| shape(e.to_string()))?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(doc.signature.as_bytes())
+        .map_err(|e| shape(format!("signature is not base64: {e}")))?;
+    let context = ManifestContext {
+        rollout_id: context.rollout_id.or(Some(&doc.rollout_id)),
+        ..context
+    };
+    let manifest = verify_manifest_header(
+        doc.manifest.as_bytes(),
+        &signature,
+        trust,
+        now,
+        context,
+        limits,
+    )?;
+    let SignedManifest::V2(header) = &manifest.value else {
+        return Err(shape(
+            "its manifest has schemaVersion 1, which carries no host-set root; fetch the whole manifest instead".into(),
+        ));
+    };
+    let root: merkle::Hash = decode_hash(&header.host_set_root)
+        .ok_or_else(|| shape("the signed hostSetRoot is not 64 hex digits".into()))?;
+    let mut path = Vec::with_capacity(doc.proof.len());
+    for h in &doc.proof {
+        path.push(
+            decode_hash(h)
+                .ok_or_else(|| shape(format!("proof hash {h:?} is not 64 hex digits")))?,
+        );
+    }
+    let leaf = hostset::leaf_hash(&doc.entry);
+    if !merkle::verify_inclusion(&leaf, doc.index, header.host_set_size, &path, &root) {
+        return Err(VerifyError::ProofMismatch {
+            hostname: doc.entry.hostname,
+            index: doc.index,
+            rollout_id: manifest.id,
+        });
+    }
+    Ok(VerifiedEntry {
+        manifest,
+        entry: doc.entry,
+        index: doc.index,
+    })
+}
+
+fn decode_hash(s: &str) -> Option<merkle::Hash> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
+}
+
 /// The members of a rollout manifest that make up its intent: what the hosts get and how.
 /// Never `meta`, `displayName`, `channelRef`, `fleetResolvedHash`, `freshnessWindow` or
 /// `schemaVersion`: a re-sign, or a commit that changes nothing for this channel, keeps
 /// the id (SPEC.md §4, docs/release.md "Rollout identity").
-pub const ROLLOUT_INTENT_MEMBERS: [&str; 7] = [
+/// Schema 1 names its hosts in `hostSet`, schema 2 by `hostSetRoot` and `hostSetSize`
+/// (and its budgets by hash): either way the id commits to every host's target.
+pub const ROLLOUT_INTENT_MEMBERS: [&str; 9] = [
     "channel",
     "hostSet",
+    "hostSetRoot",
+    "hostSetSize",
     "waves",
     "healthGate",
     "onHealthFailure",

@@ -261,6 +261,7 @@ fn signed(w: &World) -> Signed {
             rollout_id: None,
             fleet: Some(&fleet_ok),
         },
+        None,
         &w.limits,
     )
     .unwrap();
@@ -336,6 +337,7 @@ fn verify_kind(
                     rollout_id: Some(&s.manifest_ok.id),
                     fleet: Some(&s.fleet_ok),
                 },
+                None,
                 &w.limits,
             ),
             &s.manifest_ok,

@@ -379,7 +379,7 @@ fn manifest_verifies_with_its_id_and_fleet() {
         rollout_id: Some(&id),
         fleet: Some(&f),
     };
-    let v = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap();
+    let v = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, None, &limits()).unwrap();
     assert_eq!(v.id, id);
     assert_eq!(
         v.sha256,
@@ -440,7 +440,7 @@ fn manifest_whose_intent_was_altered_is_refused_under_its_id() {
         rollout_id: Some(&id),
         fleet: Some(&f),
     };
-    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap_err();
+    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, None, &limits()).unwrap_err();
     assert!(
         matches!(err, VerifyError::ManifestIdMismatch { .. }),
         "{err}"
@@ -457,7 +457,7 @@ fn manifest_served_under_another_id_is_refused() {
         rollout_id: Some(&wrong),
         fleet: Some(&f),
     };
-    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap_err();
+    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, None, &limits()).unwrap_err();
     assert!(
         matches!(err, VerifyError::ManifestIdMismatch { .. }),
         "{err}"
@@ -477,7 +477,7 @@ fn manifest_from_another_release_is_refused_mix_and_match() {
         rollout_id: None,
         fleet: Some(&current),
     };
-    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, &limits()).unwrap_err();
+    let err = verify_manifest(&bytes, &sig, &trust(&k), now(), ctx, None, &limits()).unwrap_err();
     assert!(matches!(err, VerifyError::FleetMismatch { .. }), "{err}");
 }
 
@@ -492,6 +492,7 @@ fn replayed_expired_manifest_is_refused_indefinite_freeze() {
         &trust(&k),
         later,
         ManifestContext::default(),
+        None,
         &limits(),
     )
     .unwrap_err();
@@ -510,6 +511,7 @@ fn manifest_without_any_freshness_window_is_refused() {
         &trust(&k),
         now(),
         ManifestContext::default(),
+        None,
         &limits(),
     )
     .unwrap_err();
@@ -709,7 +711,7 @@ proptest! {
         let t = trust(&k);
         let l = limits();
         prop_assert!(verify_fleet(&bytes, &sig, &t, now(), &l).is_err());
-        prop_assert!(verify_manifest(&bytes, &sig, &t, now(), ManifestContext::default(), &l).is_err());
+        prop_assert!(verify_manifest(&bytes, &sig, &t, now(), ManifestContext::default(), None, &l).is_err());
         prop_assert!(verify_revocations(&bytes, &sig, &t, now(), None, &l).is_err());
         prop_assert!(verify_token(&bytes, &t, now(), &l).is_err());
         prop_assert!(verify_report(&bytes, "h", "ssh-ed25519 AAAA", &l).is_err());
@@ -733,4 +735,322 @@ proptest! {
             prop_assert!(result.is_err());
         }
     }
+}
+
+// ---- schema 2: the host set and budget lists committed by hash -------------------------
+
+use nixfleet_trust::hostset::{self, HostLists, HostSetError};
+
+/// A schema-2 plan of `n` hosts in two waves with a fleet-wide budget.
+fn plan(fleet_hash: &str, n: usize) -> RolloutManifest {
+    let mut m = manifest(fleet_hash, SIGNED_AT);
+    m.schema_version = MANIFEST_SCHEMA_VERSION;
+    m.host_set = (0..n)
+        .map(|i| HostSetEntry {
+            hostname: format!("host-{i:06}"),
+            wave_index: (i % 2) as u32,
+            target_closure: format!("{:032}-nixos-system-host-{i:06}", i).replace('0', "a"),
+        })
+        .collect();
+    m.waves = vec![ManifestWave { soak_minutes: 0 }; 2];
+    m.disruption_budgets = vec![ManifestBudget {
+        selector: Selector {
+            all: Some(true),
+            ..Selector::default()
+        },
+        hosts: m.host_set.iter().map(|e| e.hostname.clone()).collect(),
+        max_in_flight: Some(10),
+        max_in_flight_pct: None,
+    }];
+    m
+}
+
+struct V2 {
+    plan: RolloutManifest,
+    bytes: Vec<u8>,
+    sig: Vec<u8>,
+    id: String,
+}
+
+fn signed_v2(plan: RolloutManifest, key: &PrivateKey) -> V2 {
+    let (bytes, sig) = signed(&hostset::header_of(&plan), key);
+    V2 {
+        id: rollout_id(&bytes).unwrap(),
+        plan,
+        bytes,
+        sig,
+    }
+}
+
+impl V2 {
+    fn lists(&self) -> HostLists {
+        HostLists {
+            hosts: Some(RolloutHosts {
+                rollout_id: self.id.clone(),
+                host_set: self.plan.host_set.clone(),
+            }),
+            budgets: self
+                .plan
+                .disruption_budgets
+                .iter()
+                .map(|b| (hostset::budget_sha256(&b.hosts), b.hosts.clone()))
+                .collect(),
+        }
+    }
+
+    fn verify(
+        &self,
+        k: &Keys,
+        lists: Option<&HostLists>,
+    ) -> Result<Verified<RolloutManifest>, VerifyError> {
+        let ctx = ManifestContext {
+            rollout_id: Some(&self.id),
+            fleet: None,
+        };
+        verify_manifest(
+            &self.bytes,
+            &self.sig,
+            &trust(k),
+            now(),
+            ctx,
+            lists,
+            &limits(),
+        )
+    }
+
+    fn proof(&self, host: &str) -> HostProof {
+        let tree = hostset::tree(&self.plan.host_set);
+        let text = String::from_utf8(self.bytes.clone()).unwrap();
+        hostset::host_proof(&self.id, &text, &self.sig, &self.plan.host_set, &tree, host).unwrap()
+    }
+}
+
+fn check_proof(k: &Keys, proof: &HostProof) -> Result<VerifiedEntry, VerifyError> {
+    let bytes = serde_json::to_vec(proof).unwrap();
+    verify_host_proof(
+        &bytes,
+        &trust(k),
+        now(),
+        ManifestContext::default(),
+        &limits(),
+    )
+}
+
+#[test]
+fn schema_2_manifest_reads_back_the_whole_plan_from_its_lists() {
+    let k = keys();
+    let v2 = signed_v2(plan("x", 7), &k.ci);
+    let header: ManifestHeader = serde_json::from_slice(&v2.bytes).unwrap();
+    assert_eq!(header.host_set_size, 7);
+    assert!(
+        !String::from_utf8_lossy(&v2.bytes).contains("host-000003"),
+        "no hostname in the header"
+    );
+    let whole = v2.verify(&k, Some(&v2.lists())).unwrap();
+    assert_eq!(whole.value, v2.plan);
+    assert_eq!(whole.id, v2.id);
+    assert_eq!(
+        whole.canonical, v2.bytes,
+        "the signed bytes are the header's"
+    );
+}
+
+#[test]
+fn schema_2_rollout_id_commits_to_every_hosts_target() {
+    let id = |p: &RolloutManifest| {
+        rollout_id(&jcs::to_canonical(&hostset::header_of(p)).unwrap()).unwrap()
+    };
+    let first = plan("x", 5);
+    type Change = fn(&mut RolloutManifest);
+    let changes: [(&str, Change); 5] = [
+        ("closure", |m| m.host_set[3].target_closure.push('2')),
+        ("wave", |m| m.host_set[3].wave_index = 0),
+        ("host dropped", |m| {
+            m.host_set.pop();
+        }),
+        ("hostname", |m| m.host_set[4].hostname.push('x')),
+        ("budget list", |m| {
+            m.disruption_budgets[0].hosts.pop();
+        }),
+    ];
+    for (what, change) in changes {
+        let mut changed = first.clone();
+        change(&mut changed);
+        assert_ne!(id(&changed), id(&first), "{what}");
+    }
+    // A re-sign keeps it.
+    let mut resigned = plan("y", 5);
+    resigned.meta = meta(Some(SIGNED_AT + Duration::hours(1)));
+    assert_eq!(id(&resigned), id(&first));
+}
+
+#[test]
+fn schema_2_lists_that_do_not_match_what_is_signed_are_refused() {
+    let k = keys();
+    let v2 = signed_v2(plan("x", 6), &k.ci);
+    let err = v2.verify(&k, None).unwrap_err();
+    assert!(matches!(err, VerifyError::HostListsMissing { .. }), "{err}");
+    type Alter = fn(&mut HostLists);
+    let alterations: [(&str, Alter); 7] = [
+        ("closure", |l| {
+            l.hosts.as_mut().unwrap().host_set[2]
+                .target_closure
+                .push('x')
+        }),
+        ("wave", |l| {
+            l.hosts.as_mut().unwrap().host_set[2].wave_index = 1
+        }),
+        ("dropped", |l| {
+            l.hosts.as_mut().unwrap().host_set.pop();
+        }),
+        ("swapped", |l| l.hosts.as_mut().unwrap().host_set.swap(0, 1)),
+        ("other rollout", |l| {
+            l.hosts.as_mut().unwrap().rollout_id = "0".repeat(64)
+        }),
+        ("budget missing", |l| l.budgets.clear()),
+        ("budget altered", |l| {
+            for list in l.budgets.values_mut() {
+                list.pop();
+            }
+        }),
+    ];
+    for (what, alter) in alterations {
+        let mut lists = v2.lists();
+        alter(&mut lists);
+        let err = v2.verify(&k, Some(&lists)).unwrap_err();
+        let VerifyError::HostLists { source, .. } = &err else {
+            panic!("{what}: {err}");
+        };
+        let expected = match what {
+            "closure" | "wave" => matches!(source, HostSetError::Root { .. }),
+            "dropped" => matches!(source, HostSetError::Size { .. }),
+            "swapped" => matches!(source, HostSetError::Unsorted { .. }),
+            "other rollout" => matches!(source, HostSetError::WrongRollout { .. }),
+            "budget missing" => matches!(source, HostSetError::BudgetMissing { .. }),
+            _ => matches!(source, HostSetError::Budget { .. }),
+        };
+        assert!(expected, "{what}: {err}");
+    }
+}
+
+#[test]
+fn every_hosts_proof_verifies_and_any_alteration_fails() {
+    let k = keys();
+    let v2 = signed_v2(plan("x", 11), &k.ci);
+    for e in &v2.plan.host_set {
+        let ok = check_proof(&k, &v2.proof(&e.hostname)).unwrap();
+        assert_eq!(&ok.entry, e);
+        assert_eq!(ok.manifest.id, v2.id);
+    }
+    let good = v2.proof("host-000004");
+    type Alter = fn(&mut HostProof);
+    let alterations: [(&str, Alter); 6] = [
+        ("closure", |p| p.entry.target_closure.push('x')),
+        ("wave", |p| p.entry.wave_index ^= 1),
+        ("hostname", |p| p.entry.hostname = "host-000005".into()),
+        ("index", |p| p.index += 1),
+        ("sibling", |p| p.proof[1] = "0".repeat(64)),
+        ("extra hash", |p| p.proof.push("0".repeat(64))),
+    ];
+    for (what, alter) in alterations {
+        let mut p = good.clone();
+        alter(&mut p);
+        let err = check_proof(&k, &p).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::ProofMismatch { .. }),
+            "{what}: {err}"
+        );
+    }
+    // Another rollout's proof under this header, and this proof under another id.
+    let other = signed_v2(plan("x", 12), &k.ci);
+    let mut spliced = good.clone();
+    spliced.proof = other.proof("host-000004").proof;
+    assert!(matches!(
+        check_proof(&k, &spliced).unwrap_err(),
+        VerifyError::ProofMismatch { .. }
+    ));
+    let mut renamed = good.clone();
+    renamed.rollout_id = other.id.clone();
+    assert!(matches!(
+        check_proof(&k, &renamed).unwrap_err(),
+        VerifyError::ManifestIdMismatch { .. }
+    ));
+    // A foreign key, and a stale one.
+    let foreign = keys();
+    assert!(matches!(
+        check_proof(&foreign, &good).unwrap_err(),
+        VerifyError::BadSignature { .. }
+    ));
+    let bytes = serde_json::to_vec(&good).unwrap();
+    let later = SIGNED_AT + Duration::days(2);
+    let err = verify_host_proof(
+        &bytes,
+        &trust(&k),
+        later,
+        ManifestContext::default(),
+        &limits(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, VerifyError::Stale { .. }), "{err}");
+    // A schema-1 manifest has no root to prove against.
+    let (v1, v1_sig) = signed(&manifest("x", SIGNED_AT), &k.ci);
+    let mut p = good.clone();
+    p.manifest = String::from_utf8(v1).unwrap();
+    p.signature = base64::engine::general_purpose::STANDARD.encode(v1_sig);
+    p.rollout_id = rollout_id(p.manifest.as_bytes()).unwrap();
+    assert!(matches!(
+        check_proof(&k, &p).unwrap_err(),
+        VerifyError::ProofShape { .. }
+    ));
+}
+
+#[test]
+fn at_100000_hosts_what_a_host_fetches_stays_under_4_kib() {
+    let k = keys();
+    let v2 = signed_v2(plan("x", 100_000), &k.ci);
+    assert!(v2.bytes.len() < 2048, "header: {} bytes", v2.bytes.len());
+    let proof = serde_json::to_vec(&v2.proof("host-054321")).unwrap();
+    assert!(proof.len() <= 4096, "proof document: {} bytes", proof.len());
+    assert!(check_proof(&k, &v2.proof("host-099999")).is_ok());
+}
+
+#[test]
+fn schema_1_is_still_accepted_and_a_newer_schema_names_the_supported_one() {
+    let k = keys();
+    let (bytes, sig) = signed(&manifest("x", SIGNED_AT), &k.ci);
+    let v1 = verify_manifest(
+        &bytes,
+        &sig,
+        &trust(&k),
+        now(),
+        ManifestContext::default(),
+        None,
+        &limits(),
+    )
+    .unwrap();
+    assert_eq!(v1.value.schema_version, 1);
+    let mut header = hostset::header_of(&plan("x", 3));
+    header.schema_version = 3;
+    let (bytes, sig) = signed(&header, &k.ci);
+    let err = verify_manifest_header(
+        &bytes,
+        &sig,
+        &trust(&k),
+        now(),
+        ManifestContext::default(),
+        &limits(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VerifyError::UnsupportedSchema {
+                found: 3,
+                supported: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("understands only 2"), "{err}");
 }

@@ -477,6 +477,7 @@ impl Demo {
                 out,
                 trust_file: Some(self.path("keys/etc/trust.json")),
                 signed_at: None,
+                manifest_schema: Default::default(),
             })
         };
         let (summary, _) = release(staging.join("signed"), signer)?;
@@ -489,12 +490,15 @@ impl Demo {
             self.sign_revocations(&[])?;
         }
         let rollouts = rollout_ids(&signed)?;
+        // The lists a schema-2 manifest commits to go first (the demo fleet has no budgets).
         let mut publish = Vec::new();
         for id in rollouts.values() {
+            publish.push(format!("rollouts/{id}.hosts.json"));
             publish.push(format!("rollouts/{id}.json.sig"));
             publish.push(format!("rollouts/{id}.json"));
         }
         for channel in rollouts.keys() {
+            publish.push(format!("rollouts/channel/{channel}.hosts.json"));
             publish.push(format!("rollouts/channel/{channel}.json.sig"));
             publish.push(format!("rollouts/channel/{channel}.json"));
         }

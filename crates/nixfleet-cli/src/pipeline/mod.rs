@@ -38,6 +38,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::commands::{self, now_utc};
+use crate::release::ManifestSchema;
 use crate::signer::Signer;
 use crate::{files, CliError};
 
@@ -140,6 +141,7 @@ pub struct FlakeRelease {
     /// `REMOTE:BRANCH`: also commit the release there and push.
     pub publish_git: Option<String>,
     pub signed_at: Option<OffsetDateTime>,
+    pub manifest_schema: ManifestSchema,
 }
 
 /// How long one git command of `--publish-git` may take.
@@ -594,7 +596,7 @@ fn seed_source(out: &Path, publish_dir: Option<&Path>) -> Option<PathBuf> {
 
 fn sign_error(e: CliError) -> PipelineError {
     match e {
-        CliError::Verify { .. } => fail(Stage::Verify, format!("the signed release does not verify against the trust file: {e}; nothing was published")),
+        CliError::Verify { .. } | CliError::MissingHostList { .. } => fail(Stage::Verify, format!("the signed release does not verify against the trust file: {e}; nothing was published")),
         CliError::Fleet(_) => fail(Stage::Evaluate, format!("{e}")),
         CliError::Pipeline(e) => e,
         other => fail(Stage::Sign, format!("{other}; nothing was published")),
@@ -821,6 +823,7 @@ pub fn release_flake(args: FlakeRelease) -> Result<(String, Vec<String>), Pipeli
         out: staging.0.clone(),
         trust_file: Some(args.trust_file.clone()),
         signed_at: args.signed_at,
+        manifest_schema: args.manifest_schema,
     };
     progress("signing");
     let (summary, warnings) =
@@ -928,7 +931,7 @@ pub fn resign(args: Resign) -> Result<String, PipelineError> {
                 ),
             )
         })?;
-    let before = verify_ids(&args.from, &trust, &fleet)?;
+    let (before, manifest_schema) = verify_ids(&args.from, &trust, &fleet)?;
     let commit = fleet.meta.ci_commit.clone().unwrap_or_default();
     let closures: BTreeMap<String, String> = fleet
         .hosts
@@ -963,6 +966,8 @@ pub fn resign(args: Resign) -> Result<String, PipelineError> {
         out: staging.0.clone(),
         trust_file: Some(args.trust_file.clone()),
         signed_at: args.signed_at,
+        // The schema of the release re-signed: another would change every rollout id.
+        manifest_schema,
     };
     let (summary, _warnings) = commands::release(&release_args).map_err(sign_error)?;
     let mut lines = vec![summary];
@@ -991,7 +996,7 @@ pub fn resign(args: Resign) -> Result<String, PipelineError> {
                 "the re-signed release has no fleet.resolved.json",
             )
         })?;
-    let after = verify_ids(&staging.0, &trust, &resigned)?;
+    let (after, _) = verify_ids(&staging.0, &trust, &resigned)?;
     if before != after {
         return Err(fail(Stage::Verify, format!("re-signing changed rollout ids ({before:?} -> {after:?}); this is a bug: nothing was published")));
     }
@@ -1017,17 +1022,18 @@ pub fn resign(args: Resign) -> Result<String, PipelineError> {
 }
 
 /// channel -> rollout id of the release at `dir`, each manifest checked as of its fleet's
-/// signing time.
+/// signing time, and the manifest schema it was released with (1 if any manifest is).
 fn verify_ids(
     dir: &Path,
     trust: &TrustFile,
     fleet: &FleetResolved,
-) -> Result<BTreeMap<String, String>, PipelineError> {
+) -> Result<(BTreeMap<String, String>, ManifestSchema), PipelineError> {
     let path = dir.join("fleet.resolved.json");
     let signed_at = signed_at_of(&path).map_err(|e| fail(Stage::Verify, e))?;
     let verified = commands::verify_fleet_file(&path, None, trust, signed_at)
         .map_err(|e| fail(Stage::Verify, e.to_string()))?;
     let mut ids = BTreeMap::new();
+    let mut schema = ManifestSchema::V2;
     for channel in fleet.channels.keys() {
         let by_channel = dir.join("rollouts/channel").join(format!("{channel}.json"));
         let manifest =
@@ -1038,9 +1044,12 @@ fn verify_ids(
                         format!("{e}; refusing to re-sign a release whose manifests do not verify"),
                     )
                 })?;
+        if manifest.value.schema_version == ManifestSchema::V1.version() {
+            schema = ManifestSchema::V1;
+        }
         ids.insert(channel.clone(), manifest.id);
     }
-    Ok(ids)
+    Ok((ids, schema))
 }
 
 fn read_revocations(dir: &Path, trust: &TrustFile) -> Result<Option<Revocations>, PipelineError> {

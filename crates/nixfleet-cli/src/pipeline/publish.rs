@@ -185,7 +185,12 @@ fn assemble(release: &Path, target: &Path, staging: &Path) -> std::io::Result<()
         fs::copy(release.join(&rel), &to)?;
     }
     // Directories created above follow the umask; a forge serves them to anyone.
-    for dir in [staging.join("rollouts"), staging.join("rollouts/channel")] {
+    for dir in [
+        staging.join("rollouts"),
+        staging.join("rollouts/budgets"),
+        staging.join("rollouts/channel"),
+        staging.join("rollouts/channel/budgets"),
+    ] {
         if dir.is_dir() {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
         }
@@ -262,25 +267,31 @@ pub fn publish(release: &Path, target: &Path) -> Result<(), String> {
     }
 }
 
+/// Where a release file comes in [`publish_file_by_file`]'s order.
+fn publish_rank(rel: &Path) -> u8 {
+    let s = rel.to_string_lossy();
+    let list = s.ends_with(".hosts.json") || s.contains("/budgets/");
+    match () {
+        _ if s.starts_with("rollouts/channel/") && list => 2,
+        _ if s.starts_with("rollouts/channel/") => 3,
+        _ if s.starts_with("rollouts/") && list => 0,
+        _ if s.starts_with("rollouts/") => 1,
+        _ if s.starts_with("revocations") => 4,
+        _ if s.ends_with(".sig") => 5,
+        _ => 6,
+    }
+}
+
 /// Each release file renamed into place on its own, in the order that keeps every fleet a
-/// poller can see backed by its manifests: manifests by id, manifests by channel, the
-/// revocation list, then the fleet's signature and the fleet.
+/// poller can see backed by its manifests, and every manifest by the lists it commits to:
+/// lists and manifests by id, lists and manifests by channel, the revocation list, then
+/// the fleet's signature and the fleet.
 fn publish_file_by_file(release: &Path, target: &Path) -> std::io::Result<()> {
     let mut files: Vec<PathBuf> = walk(release)?
         .into_iter()
         .filter(|rel| is_release_file(rel))
         .collect();
-    let rank = |rel: &Path| -> u8 {
-        let s = rel.to_string_lossy();
-        match () {
-            _ if s.starts_with("rollouts/channel/") => 1,
-            _ if s.starts_with("rollouts/") => 0,
-            _ if s.starts_with("revocations") => 2,
-            _ if s.ends_with(".sig") => 3,
-            _ => 4,
-        }
-    };
-    files.sort_by_key(|rel| (rank(rel), rel.clone()));
+    files.sort_by_key(|rel| (publish_rank(rel), rel.clone()));
     for rel in files {
         let to = target.join(&rel);
         if let Some(parent) = to.parent() {
@@ -304,6 +315,38 @@ fn publish_file_by_file(release: &Path, target: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_by_file_every_list_comes_before_the_manifest_that_commits_to_it() {
+        let id = "f".repeat(64);
+        let mut files: Vec<PathBuf> = [
+            "fleet.resolved.json".to_owned(),
+            "fleet.resolved.json.sig".to_owned(),
+            "revocations.json".to_owned(),
+            "rollouts/channel/stable.json".to_owned(),
+            "rollouts/channel/stable.json.sig".to_owned(),
+            "rollouts/channel/stable.hosts.json".to_owned(),
+            format!("rollouts/channel/budgets/{}.json", "0".repeat(64)),
+            format!("rollouts/{id}.json"),
+            format!("rollouts/{id}.json.sig"),
+            format!("rollouts/{id}.hosts.json"),
+            format!("rollouts/budgets/{}.json", "0".repeat(64)),
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+        files.sort_by_key(|rel| (publish_rank(rel), rel.clone()));
+        let at = |name: &str| files.iter().position(|f| f == Path::new(name)).unwrap();
+        let budgets = format!("rollouts/budgets/{}.json", "0".repeat(64));
+        let hosts = format!("rollouts/{id}.hosts.json");
+        let manifest = format!("rollouts/{id}.json");
+        assert!(at(&budgets) < at(&manifest) && at(&hosts) < at(&manifest));
+        let channel_budgets = format!("rollouts/channel/budgets/{}.json", "0".repeat(64));
+        assert!(at(&channel_budgets) < at("rollouts/channel/stable.json"));
+        assert!(at("rollouts/channel/stable.hosts.json") < at("rollouts/channel/stable.json"));
+        assert!(at("rollouts/channel/stable.json.sig") < at("fleet.resolved.json"));
+        assert_eq!(files.last().unwrap(), Path::new("fleet.resolved.json"));
+    }
 
     #[test]
     fn publish_replaces_release_files_and_keeps_the_rest() {

@@ -141,7 +141,8 @@ pub struct LeaderInfo {
 /// bytes themselves rather than fetch them again. The database is not trusted with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedArtifact {
-    /// [`FLEET_ARTIFACT`], [`REVOCATIONS_ARTIFACT`], or [`MANIFEST_PREFIX`] and a rollout id.
+    /// [`FLEET_ARTIFACT`], [`REVOCATIONS_ARTIFACT`], or [`MANIFEST_PREFIX`] or
+    /// [`LISTS_PREFIX`] and a rollout id.
     pub name: String,
     /// The bytes the signature covers, as received.
     pub body: Vec<u8>,
@@ -153,17 +154,20 @@ pub struct SignedArtifact {
 pub const FLEET_ARTIFACT: &str = "fleet";
 pub const REVOCATIONS_ARTIFACT: &str = "revocations";
 pub const MANIFEST_PREFIX: &str = "manifest/";
+/// A schema-2 manifest's host set and budget lists, unsigned (the manifest signs their
+/// root and hashes), stored and pruned with the manifest of the same rollout id.
+pub const LISTS_PREFIX: &str = "manifest-lists/";
 
 /// The report kind a host's signed compliance evidence is stored under.
 pub const EVIDENCE_KIND: &str = "compliance-evidence";
 
 /// What publishing `set` changes, given the stored `(name, sha256, signed_at)` rows:
 /// the artifacts to write and the names to remove. A fleet older than the stored one
-/// changes nothing (a replica that lost the leadership may publish late). Manifests are
-/// added, or replaced by a newer signature under the same rollout id (a re-sign); those
-/// of a replaced fleet are removed, while a set with the same fleet but
-/// fewer manifests (a new leader still loading them) removes none. A revocation list
-/// replaces only an older one.
+/// changes nothing (a replica that lost the leadership may publish late). Manifests and
+/// their lists are added, or replaced by a newer signature under the same rollout id (a
+/// re-sign); those of a replaced fleet are removed, while a set with the same fleet but
+/// fewer manifests (a new leader still loading them) removes none. Lists never outlive
+/// their manifest. A revocation list replaces only an older one.
 pub fn plan_artifacts<'a>(
     stored: &[(String, String, OffsetDateTime)],
     set: &'a [SignedArtifact],
@@ -173,6 +177,8 @@ pub fn plan_artifacts<'a>(
         None => true,
         Some((_, sha, at)) => *sha != a.sha256 && a.signed_at >= *at,
     };
+    let per_rollout =
+        |name: &str| name.starts_with(MANIFEST_PREFIX) || name.starts_with(LISTS_PREFIX);
     let mut write = Vec::new();
     let mut remove = Vec::new();
     if let Some(fleet) = set.iter().find(|a| a.name == FLEET_ARTIFACT) {
@@ -193,14 +199,32 @@ pub fn plan_artifacts<'a>(
                 remove.extend(
                     stored
                         .iter()
-                        .filter(|(n, _, _)| {
-                            n.starts_with(MANIFEST_PREFIX) && !set.iter().any(|a| &a.name == n)
-                        })
+                        .filter(|(n, _, _)| per_rollout(n) && !set.iter().any(|a| &a.name == n))
                         .map(|(n, _, _)| n.clone()),
                 );
             }
         }
     }
+    // Lists go with their manifest: written while it is (or stays) stored, removed with it.
+    let manifest_stays = |lists_name: &str| {
+        let Some(id) = lists_name.strip_prefix(LISTS_PREFIX) else {
+            return false;
+        };
+        let name = format!("{MANIFEST_PREFIX}{id}");
+        write.iter().any(|a| a.name == name) || (find(&name).is_some() && !remove.contains(&name))
+    };
+    let lists_written: Vec<&SignedArtifact> = set
+        .iter()
+        .filter(|a| a.name.starts_with(LISTS_PREFIX) && manifest_stays(&a.name) && replaces(a))
+        .collect();
+    let orphans: Vec<String> = stored
+        .iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| n.starts_with(LISTS_PREFIX) && !manifest_stays(n) && !remove.contains(n))
+        .cloned()
+        .collect();
+    write.extend(lists_written);
+    remove.extend(orphans);
     if let Some(list) = set.iter().find(|a| a.name == REVOCATIONS_ARTIFACT) {
         if replaces(list) {
             write.push(list);

@@ -110,6 +110,7 @@ on_both!(
     attestations_since_a_cursor,
     the_leader_writes_ticks,
     signed_artifacts_only_move_forward,
+    manifest_lists_go_with_their_manifest,
     concurrent_saves_all_land_and_merge,
     latest_evidence_per_host_is_kept,
     compliance_survives_a_later_check_in,
@@ -222,6 +223,52 @@ async fn signed_artifacts_only_move_forward(f: &Fixture) {
     ];
     assert!(!f.db.publish_artifacts(older).await.unwrap());
     assert_eq!(stored_artifacts(f).await, (v3, names));
+}
+
+async fn manifest_lists_go_with_their_manifest(f: &Fixture) {
+    let t = now();
+    let (t1, t2) = (t, t + Duration::hours(1));
+    let first = vec![
+        artifact("fleet", "f1", t1),
+        artifact("manifest/a", "a1", t1),
+        artifact("manifest-lists/a", "la", t1),
+        artifact("manifest/b", "b1", t1),
+        // Lists whose manifest is not there are not kept.
+        artifact("manifest-lists/x", "lx", t1),
+    ];
+    assert!(f.db.publish_artifacts(first).await.unwrap());
+    let (v1, names) = sorted(stored_artifacts(f).await);
+    assert_eq!(
+        names,
+        [
+            "fleet=f1",
+            "manifest-lists/a=la",
+            "manifest/a=a1",
+            "manifest/b=b1"
+        ]
+    );
+    // A new leader still loading its manifests removes no lists either.
+    assert!(!f
+        .db
+        .publish_artifacts(vec![artifact("fleet", "f1", t1)])
+        .await
+        .unwrap());
+    assert_eq!(stored_artifacts(f).await.0, v1);
+    // A newer fleet: the old rollouts go with their lists, the new ones come with theirs.
+    let newer = vec![
+        artifact("fleet", "f2", t2),
+        artifact("manifest/c", "c2", t2),
+        artifact("manifest-lists/c", "lc", t2),
+    ];
+    assert!(f.db.publish_artifacts(newer).await.unwrap());
+    let (_, names) = sorted(stored_artifacts(f).await);
+    assert_eq!(names, ["fleet=f2", "manifest-lists/c=lc", "manifest/c=c2"]);
+}
+
+/// Stored names in byte order (a PostgreSQL collation may order `-` and `/` otherwise).
+fn sorted((version, mut names): (i64, Vec<String>)) -> (i64, Vec<String>) {
+    names.sort();
+    (version, names)
 }
 
 async fn token_nonce_is_claimed_once(f: &Fixture) {
