@@ -1815,27 +1815,25 @@ fn a_rollout_costs_one_agent_a_few_kilobytes_in_a_20000_host_channel() {
         .collect();
     let mut hosts: Vec<&Host> = vec![&f.host];
     hosts.extend(others.iter());
-    f.fleet = fleet_json(&hosts, single_wave());
+    let big = fleet_json(&hosts, single_wave());
     let closures = |fleet: &Value, own: &str, generation: u32| {
         let mut c = generation_closures(fleet, generation);
         c[HOST] = Value::String(own.to_owned());
         c
     };
-    release_with_fallback(
-        &f.pki,
-        &f.forge_dir,
-        &f.fleet,
-        &closures(&f.fleet, &f.gen0, 0),
-        COMMIT,
-        &[],
-    );
+    // A first rollout of this host alone, confirmed: the others join with the measured
+    // releases.
+    let gen1 = f.closure(1, |c, p| c.push(p));
+    f.release(&gen1, COMMIT, &[]);
     f.start_cp(&[]);
+    f.fleet = big;
     let relay = nixfleet_harness::relay::TcpRelay::start(
         format!("127.0.0.1:{}", f.cp_port).parse().unwrap(),
     );
     let mut config = f.agent_config();
     config.control_plane_url = format!("https://localhost:{}", relay.port);
     let mut agent = AgentProc::start(&config);
+    agent.wait_log("confirm of", LONG);
     let checkins = |agent: &AgentProc| agent.log_text().matches("checked in").count();
     let wait_checkins = |agent: &AgentProc, n: usize| {
         let start = std::time::Instant::now();
@@ -1844,7 +1842,7 @@ fn a_rollout_costs_one_agent_a_few_kilobytes_in_a_20000_host_channel() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    wait_checkins(&agent, 2);
+    wait_checkins(&agent, checkins(&agent) + 2);
     // Idle polling: what one check-in costs when there is nothing to do.
     let (b0, c0) = (relay.bytes_to_client(), checkins(&agent));
     wait_checkins(&agent, c0 + 3);
@@ -1864,7 +1862,11 @@ fn a_rollout_costs_one_agent_a_few_kilobytes_in_a_20000_host_channel() {
         );
         let start = std::time::Instant::now();
         while agent.log_text().matches("confirm of").count() == confirms {
-            assert!(start.elapsed() < LONG, "{}", agent.log_text());
+            assert!(
+                start.elapsed() < LONG,
+                "no confirm of generation {generation}; the control plane's log:\n{}",
+                f.cp().log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let (b2, c2) = (relay.bytes_to_client(), checkins(&agent));
@@ -1872,9 +1874,9 @@ fn a_rollout_costs_one_agent_a_few_kilobytes_in_a_20000_host_channel() {
         assert_eq!(f.machine.current().as_deref(), Some(closure.as_str()));
         spent.max(0.0) as u64
     };
-    let with_proof = rollout(1, "2222222222222222222222222222222222222222", &[]);
+    let with_proof = rollout(2, "2222222222222222222222222222222222222222", &[]);
     let whole = rollout(
-        2,
+        3,
         "3333333333333333333333333333333333333333",
         &["--manifest-schema", "1"],
     );

@@ -378,14 +378,27 @@ impl Publisher {
     pub fn publish(&self, closures: &Value, commit: &str) -> String {
         release_closures(&self.pki, &self.staging, &self.decl, closures, commit, &[]);
         let id = rollout_id(&self.staging, "stable");
-        for rel in [
+        // The lists a schema-2 manifest commits to go first: a reader never finds a
+        // signed manifest without them.
+        let mut lists = Vec::new();
+        for dir in ["rollouts/budgets", "rollouts/channel/budgets"] {
+            std::fs::create_dir_all(self.forge_dir.join(dir)).unwrap();
+            if let Ok(entries) = std::fs::read_dir(self.staging.join(dir)) {
+                for e in entries.flatten() {
+                    lists.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        lists.push(format!("rollouts/{id}.hosts.json"));
+        lists.push("rollouts/channel/stable.hosts.json".to_owned());
+        for rel in lists.into_iter().chain([
             format!("rollouts/{id}.json.sig"),
             format!("rollouts/{id}.json"),
             "rollouts/channel/stable.json.sig".to_owned(),
             "rollouts/channel/stable.json".to_owned(),
             "fleet.resolved.json.sig".to_owned(),
             "fleet.resolved.json".to_owned(),
-        ] {
+        ]) {
             let dest = self.forge_dir.join(&rel);
             let part = dest.with_extension("publishing");
             std::fs::copy(self.staging.join(&rel), &part).unwrap();
