@@ -74,6 +74,7 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13) / hz }' "/proc/$1/stat"; }
 # Peak resident set of a process, MiB (null once it is gone).
 rss_peak_of() { awk '/^VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo null; }
+rss_now_of() { awk '/^VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo null; }
 # Connections the kernel dropped because a listen queue was full (whole machine): a
 # client whose SYN is dropped retries after 1 s, which shows as a 1 s check-in.
 listen_overflows() {
@@ -162,8 +163,9 @@ measure() {
   curl -s --max-time 5 "http://127.0.0.1:$MPORT/metrics" > "$res/$name-metrics.txt" || true
   jq -n --argjson cpu "$(awk -v a="$cpu0" -v b="$(cpu_of "$CP_PID")" 'BEGIN { print b - a }')" \
     --argjson wall "$(elapsed "$t0" "$t1")" --argjson rss "$(rss_peak_of "$CP_PID")" \
+    --argjson rss_end "$(rss_now_of "$CP_PID")" \
     --argjson seen "$(metric nixfleet_hosts_seen)" --argjson drops "$(($(listen_overflows) - drops0))" \
-    '{cp_cpu_secs: $cpu, wall_secs: $wall, cp_rss_peak_mib: $rss, cp_hosts_seen: $seen, listen_overflows: $drops}' > "$res/$name-cp.json"
+    '{cp_cpu_secs: $cpu, wall_secs: $wall, cp_rss_peak_mib: $rss, cp_rss_end_mib: $rss_end, cp_hosts_seen: $seen, listen_overflows: $drops}' > "$res/$name-cp.json"
   stop_cp
 }
 

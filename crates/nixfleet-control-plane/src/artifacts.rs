@@ -59,9 +59,6 @@ pub struct FleetSnapshot {
     /// The host-set trees of the schema-2 manifests, built once at load: each host's
     /// inclusion proof is read off them (`GET /v1/rollouts/{id}/hosts/{host}`).
     pub trees: BTreeMap<String, Arc<Tree>>,
-    /// The same manifests as the reconciler takes them, copied once here rather than on
-    /// every tick (at 100,000 hosts a copy is over a million strings).
-    pub manifest_values: BTreeMap<String, RolloutManifest>,
 }
 
 impl FleetSnapshot {
@@ -76,10 +73,6 @@ impl FleetSnapshot {
             signatures,
             trees,
         } = manifests;
-        let manifest_values = verified
-            .iter()
-            .map(|(id, m)| (id.clone(), m.value.clone()))
-            .collect();
         FleetSnapshot {
             fleet,
             fleet_signature,
@@ -87,7 +80,6 @@ impl FleetSnapshot {
             manifests: verified,
             signatures,
             trees,
-            manifest_values,
         }
     }
 
@@ -103,8 +95,6 @@ impl FleetSnapshot {
         signature: Vec<u8>,
         tree: Option<Arc<Tree>>,
     ) {
-        self.manifest_values
-            .insert(id.to_owned(), manifest.value.clone());
         self.manifests.insert(id.to_owned(), manifest);
         self.signatures.insert(id.to_owned(), signature);
         match tree {

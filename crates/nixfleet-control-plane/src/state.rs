@@ -19,7 +19,9 @@ const SHARDS: usize = 64;
 
 /// Latest attestation per host, sharded by hostname.
 pub struct Attestations {
-    shards: Vec<Mutex<HashMap<String, Attestation>>>,
+    /// Shared with the tick's snapshot, which copies pointers; a check-in during a tick
+    /// copies only its own host's attestation ([`Arc::make_mut`]).
+    shards: Vec<Mutex<HashMap<String, Arc<Attestation>>>>,
     /// Hosts whose attestation changed since it was last written to a database no other
     /// replica reads (a single control plane writes them in batches, so that after a
     /// restart it knows which hosts it has seen before).
@@ -85,7 +87,11 @@ fn progress(
 }
 
 impl Attestations {
-    fn with<T>(&self, hostname: &str, f: impl FnOnce(&mut HashMap<String, Attestation>) -> T) -> T {
+    fn with<T>(
+        &self,
+        hostname: &str,
+        f: impl FnOnce(&mut HashMap<String, Arc<Attestation>>) -> T,
+    ) -> T {
         let mut shard = match self.shards[shard_of(hostname)].lock() {
             Ok(guard) => guard,
             // A panic mid-update leaves at worst one stale attestation; keep serving.
@@ -141,6 +147,7 @@ impl Attestations {
         // making the host's attestation right now cannot miss it.
         self.with(hostname, |map| {
             if let Some(a) = map.get_mut(hostname) {
+                let a = Arc::make_mut(a);
                 match &mut a.compliance {
                     Some(mine) => keep_newest(mine, summary),
                     None => a.compliance = Some(summary),
@@ -195,8 +202,8 @@ impl Attestations {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for (host, a) in self.snapshot() {
-            if let Some(c) = a.compliance {
-                out.insert(host, c);
+            if let Some(c) = &a.compliance {
+                out.insert(host, c.clone());
             }
         }
         out.into_iter().collect()
@@ -208,7 +215,7 @@ impl Attestations {
             None => {
                 map.insert(
                     req.hostname.clone(),
-                    Attestation {
+                    Arc::new(Attestation {
                         last_seen: now,
                         current_closure: Some(req.current_generation.closure_hash.clone()),
                         last_confirmed_at: req.last_confirmed_at,
@@ -220,11 +227,12 @@ impl Attestations {
                         // Taken under the shard lock: evidence arriving now waits for it.
                         compliance: self.take_restored(&req.hostname),
                         compliance_claimed_at: req.compliance_evidence_at,
-                    },
+                    }),
                 );
                 Change::FirstSinceStart
             }
             Some(a) => {
+                let a = Arc::make_mut(a);
                 let changed = a.current_closure.as_deref()
                     != Some(req.current_generation.closure_hash.as_str())
                     || a.failed_targets != req.failed_targets
@@ -269,7 +277,7 @@ impl Attestations {
                 false
             }
             Some(a) => {
-                a.delivered = Some(Delivery {
+                Arc::make_mut(a).delivered = Some(Delivery {
                     rollout_id: rollout_id.to_owned(),
                     at: now,
                 });
@@ -282,9 +290,8 @@ impl Attestations {
     /// Records an accepted confirm: a confirm is an attestation of the running closure.
     pub fn confirmed(&self, hostname: &str, closure: &str, now: OffsetDateTime) {
         self.with(hostname, |map| {
-            let a = map
-                .entry(hostname.to_owned())
-                .or_insert_with(|| Attestation {
+            let a = map.entry(hostname.to_owned()).or_insert_with(|| {
+                Arc::new(Attestation {
                     last_seen: now,
                     current_closure: None,
                     last_confirmed_at: None,
@@ -295,7 +302,9 @@ impl Attestations {
                     activation: None,
                     compliance: self.take_restored(hostname),
                     compliance_claimed_at: None,
-                });
+                })
+            });
+            let a = Arc::make_mut(a);
             a.last_seen = now;
             a.current_closure = Some(closure.to_owned());
             a.last_confirmed_at = Some(now);
@@ -325,10 +334,11 @@ impl Attestations {
         }
         self.with(hostname, |map| match map.get_mut(hostname) {
             None => {
-                map.insert(hostname.to_owned(), remote);
+                map.insert(hostname.to_owned(), Arc::new(remote));
                 true
             }
             Some(a) => {
+                let a = Arc::make_mut(a);
                 let before = a.clone();
                 // The same rules as the database's upsert: times only move forward, and
                 // the observed fields come from the more recent observation.
@@ -380,11 +390,11 @@ impl Attestations {
     }
 
     pub fn get(&self, hostname: &str) -> Option<Attestation> {
-        self.with(hostname, |map| map.get(hostname).cloned())
+        self.with(hostname, |map| map.get(hostname).map(|a| (**a).clone()))
     }
 
     /// A consistent-enough copy for one reconcile tick.
-    pub fn snapshot(&self) -> BTreeMap<String, Attestation> {
+    pub fn snapshot(&self) -> BTreeMap<String, Arc<Attestation>> {
         let mut out = BTreeMap::new();
         for shard in &self.shards {
             let guard = match shard.lock() {

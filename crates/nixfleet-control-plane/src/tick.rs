@@ -117,10 +117,16 @@ fn compute(
         offline_after_secs: config.offline_after_secs,
         late_confirm_grace_secs: config.late_confirm_grace_secs,
     };
+    // References, not copies: each manifest's plan holds its whole host set.
+    let manifests: BTreeMap<String, &RolloutManifest> = snapshot
+        .manifests
+        .iter()
+        .map(|(id, m)| (id.clone(), &m.value))
+        .collect();
     let mut plan = reconciler::reconcile(
         &snapshot.fleet.value,
         &snapshot.fleet.sha256,
-        &snapshot.manifest_values,
+        &manifests,
         &observed,
         &rc,
         now,

@@ -230,7 +230,7 @@ fn input() -> Input {
                     });
                 }
             }
-            attestations.insert(h.clone(), att);
+            attestations.insert(h.clone(), att.into());
         }
         rollouts.insert(
             id.clone(),

@@ -70,6 +70,7 @@ mod rollout;
 mod stored;
 mod tick;
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use nixfleet_proto::{FleetResolved, RolloutManifest};
@@ -88,13 +89,26 @@ pub use stored::{HostRecord, RolloutRecord, StoredState};
 ///   stored rollout.
 /// - `fleet_resolved_hash` identifies `fleet`: a channel's manifest with that
 ///   `fleetResolvedHash` is the channel's newest ref.
-pub fn reconcile(
+///   Values are anything that borrows as a manifest, so a caller holding its verified
+///   manifests elsewhere passes references instead of a copy of every host set.
+pub fn reconcile<M: Borrow<RolloutManifest>>(
     fleet: &FleetResolved,
     fleet_resolved_hash: &str,
-    manifests: &BTreeMap<String, RolloutManifest>,
+    manifests: &BTreeMap<String, M>,
     observed: &Observed,
     config: &Config,
     now: OffsetDateTime,
 ) -> Plan {
-    tick::reconcile(fleet, fleet_resolved_hash, manifests, observed, config, now)
+    let manifests: BTreeMap<&str, &RolloutManifest> = manifests
+        .iter()
+        .map(|(id, m)| (id.as_str(), m.borrow()))
+        .collect();
+    tick::reconcile(
+        fleet,
+        fleet_resolved_hash,
+        &manifests,
+        observed,
+        config,
+        now,
+    )
 }

@@ -2,6 +2,7 @@
 //! stored rollout records, and the control plane's settings.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use nixfleet_proto::compliance::ComplianceSummary;
 use nixfleet_proto::wire::{ActivationProgress, FailedTarget};
@@ -22,9 +23,10 @@ pub struct Observed {
     /// like the whole fleet going offline and waves would promote over unknown hosts.
     #[serde(with = "time::serde::rfc3339")]
     pub attestations_since: OffsetDateTime,
-    /// Latest attestation per hostname.
+    /// Latest attestation per hostname. Shared, so that a tick's copy of 100,000
+    /// attestations is 100,000 pointers.
     #[serde(default)]
-    pub hosts: BTreeMap<String, Attestation>,
+    pub hosts: BTreeMap<String, Arc<Attestation>>,
     #[serde(default)]
     pub stored: StoredState,
 }

@@ -16,6 +16,7 @@
 //! same current wave and halt from attestations.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use nixfleet_proto::compliance::{ComplianceMode, FailingControl};
 use nixfleet_proto::wire::{closure_blocked, ActivationPhase, FailedTarget};
@@ -36,7 +37,7 @@ const MAX_HOST_STEPS: usize = 8;
 pub(crate) fn reconcile(
     fleet: &FleetResolved,
     fleet_resolved_hash: &str,
-    manifests: &BTreeMap<String, RolloutManifest>,
+    manifests: &BTreeMap<&str, &RolloutManifest>,
     observed: &Observed,
     config: &Config,
     now: OffsetDateTime,
@@ -69,7 +70,7 @@ struct Ctx<'a> {
     attestations_since: OffsetDateTime,
     /// Seen at or after this instant means online.
     online_since: OffsetDateTime,
-    hosts: &'a BTreeMap<String, Attestation>,
+    hosts: &'a BTreeMap<String, Arc<Attestation>>,
     /// Host edges: `after` → its `before`s, sorted.
     edges: BTreeMap<&'a str, Vec<&'a str>>,
     /// Channel edges: `after` → its `before`s, sorted.
@@ -338,7 +339,7 @@ impl<'a> Tick<'a> {
         &mut self,
         fleet: &'a FleetResolved,
         fleet_resolved_hash: &str,
-        manifests: &'a BTreeMap<String, RolloutManifest>,
+        manifests: &'a BTreeMap<&'a str, &'a RolloutManifest>,
         observed: &'a Observed,
     ) {
         let mut live: BTreeMap<&str, Vec<(&str, &RolloutRecord)>> = BTreeMap::new();
@@ -352,12 +353,12 @@ impl<'a> Tick<'a> {
         }
         // The newest ref of a channel is its manifest projected from the current fleet.
         let mut newest: BTreeMap<&str, (&str, &RolloutManifest)> = BTreeMap::new();
-        for (id, m) in manifests {
+        for (&id, &m) in manifests {
             if m.fleet_resolved_hash != fleet_resolved_hash {
                 continue;
             }
             let entry = newest.entry(&m.channel).or_insert((id, m));
-            if (m.meta.signed_at, id.as_str()) > (entry.1.meta.signed_at, entry.0) {
+            if (m.meta.signed_at, id) > (entry.1.meta.signed_at, entry.0) {
                 *entry = (id, m);
             }
         }
@@ -477,7 +478,7 @@ impl<'a> Tick<'a> {
         // Both sorted by hostname: walk them together instead of looking each host up.
         let mut records = record.map(|r| r.hosts.iter().peekable());
         for (i, entry) in entries.into_iter().enumerate() {
-            let obs = ctx.hosts.get(&entry.hostname);
+            let obs = ctx.hosts.get(&entry.hostname).map(Arc::as_ref);
             // A wave index past the manifest's waves sequences with the last wave.
             let wave = (entry.wave_index as usize).min(last_wave);
             waves[wave].push(i);
@@ -716,7 +717,7 @@ impl<'a> Tick<'a> {
 
     // Pass 3: budgets and dispatch.
 
-    fn count_budgets(&mut self, manifests: &'a BTreeMap<String, RolloutManifest>) {
+    fn count_budgets(&mut self, manifests: &'a BTreeMap<&'a str, &'a RolloutManifest>) {
         let mut budgets: Vec<Budget> = Vec::new();
         let live = |view: &View| !matches!(view.state, RolloutState::Superseded { .. });
         for view in self.views.iter_mut().filter(|v| live(v)) {

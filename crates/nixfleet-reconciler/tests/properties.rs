@@ -43,7 +43,7 @@ fn scramble(world: &mut World, seed: u64, share: f64) {
         let target = world.target(&rollout, &name).map(str::to_owned);
         let offset = |rng: &mut Rng| Duration::seconds(rng.below(7200) as i64 - 3600);
         let att = world.observed.hosts.entry(name.clone()).or_insert_with(|| {
-            nixfleet_reconciler::Attestation {
+            std::sync::Arc::new(nixfleet_reconciler::Attestation {
                 last_seen: now,
                 current_closure: None,
                 last_confirmed_at: None,
@@ -54,8 +54,9 @@ fn scramble(world: &mut World, seed: u64, share: f64) {
                 activation: None,
                 compliance: None,
                 compliance_claimed_at: None,
-            }
+            })
         });
+        let att = std::sync::Arc::make_mut(att);
         att.last_seen = now - Duration::seconds(rng.below(900) as i64);
         att.health_at = rng.chance(0.9).then_some(att.last_seen);
         att.current_closure = match rng.below(3) {

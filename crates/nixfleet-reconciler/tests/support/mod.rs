@@ -378,7 +378,7 @@ impl World {
                 world
                     .observed
                     .hosts
-                    .insert(name.clone(), attestation(agent, seen));
+                    .insert(name.clone(), attestation(agent, seen).into());
             }
         }
         world
@@ -608,7 +608,7 @@ impl World {
                 None => {}
             }
             let att = attestation(agent, now);
-            self.observed.hosts.insert(name, att);
+            self.observed.hosts.insert(name, att.into());
         }
     }
 
@@ -617,7 +617,7 @@ impl World {
         let mut observed = self.observed.clone();
         observed.stored = StoredState::default();
         for att in observed.hosts.values_mut() {
-            att.delivered = None;
+            std::sync::Arc::make_mut(att).delivered = None;
         }
         observed
     }
