@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use nixfleet_pki::Role;
 use nixfleet_proto::{HostProof, MANIFEST_SCHEMA_V1};
 use nixfleet_trust::hostset;
 
@@ -48,13 +49,28 @@ pub async fn signature(
 }
 
 /// `GET /v1/rollouts/{id}/hosts/{host}`: the host's entry in a schema-2 rollout with its
-/// inclusion proof and the signed header, read off the tree built when it was loaded.
+/// inclusion proof and the signed header, read off the tree built when it was loaded. A
+/// host gets only its own: one host's key does not list the fleet's hosts and closures.
 pub async fn host_proof(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
     Path((id, host)): Path<(String, String)>,
 ) -> ApiResult<Json<HostProof>> {
     require_agent_or_operator(&app, &peer)?;
+    if let Peer::Identified(who) = &peer {
+        if let Role::Host { hostname } = &who.role {
+            if *hostname != host {
+                tracing::warn!(
+                    caller = %hostname, asked = %host, rollout = %id,
+                    "host proof refused: a host fetches only its own"
+                );
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("host {hostname} may fetch only its own proof, not {host}'s"),
+                ));
+            }
+        }
+    }
     let fleet = app.shared.fleet().ok_or_else(|| not_found(&id))?;
     let proof = proof_of(&fleet, &id, &host)?;
     Metrics::inc(&app.metrics.host_proofs_served);

@@ -78,6 +78,16 @@ async fn a_host_proof_verifies_and_shows_that_hosts_signed_target() {
     let entry = verified_entry(&r, &rollout, &reply);
     assert_eq!(entry, plan.entry("web-02").unwrap().clone());
     assert_eq!(reply.json()["index"], 2);
+    // Not a neighbour's: one host's key does not walk the host set.
+    let reply = web02
+        .get(&format!("/v1/rollouts/{rollout}/hosts/web-01"))
+        .await;
+    assert_eq!(reply.status, 403);
+    assert!(
+        error_of(&reply).contains("web-02 may fetch only its own proof"),
+        "{}",
+        error_of(&reply)
+    );
 
     // Every host's proof leads to the same signed root; the manifest route still serves
     // the small signed header, which the proof carries as published.
