@@ -133,6 +133,15 @@ fn not_replayed(
     })
 }
 
+/// The signed manifest must be the target's rollout. The agent holds no fleet, so the
+/// fleet binding is the control plane's check (it loads a manifest only with its fleet).
+fn of_target(target: &Target) -> ManifestContext<'_> {
+    ManifestContext {
+        rollout_id: Some(&target.rollout_id),
+        fleet: None,
+    }
+}
+
 /// Verifies a whole manifest (signature against ciReleaseKey, id = hash of its intent,
 /// freshness from its own signed window), that it gives this host this closure in this
 /// wave, and that it is not older than a manifest of its channel this host already
@@ -155,10 +164,7 @@ pub fn check(
         signature,
         trust,
         now,
-        ManifestContext {
-            rollout_id: Some(&target.rollout_id),
-            fleet: None,
-        },
+        of_target(target),
         &Limits::default(),
     )
     .map_err(|e| verify_refusal(manifest_source, e))?;
@@ -194,17 +200,9 @@ pub fn check_proof(
     source: &str,
     newest: &BTreeMap<String, crate::store::Accepted>,
 ) -> Result<Passed, Refusal> {
-    let verified = verify::verify_host_proof(
-        proof,
-        trust,
-        now,
-        ManifestContext {
-            rollout_id: Some(&target.rollout_id),
-            fleet: None,
-        },
-        &Limits::default(),
-    )
-    .map_err(|e| verify_refusal(source, e))?;
+    let verified =
+        verify::verify_host_proof(proof, trust, now, of_target(target), &Limits::default())
+            .map_err(|e| verify_refusal(source, e))?;
     let e = &verified.entry;
     if e.hostname != hostname {
         return Err(disagrees(

@@ -22,14 +22,9 @@ pub async fn manifest(
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    require_agent_or_operator(&app, &peer)?;
-    let fleet = app.shared.fleet().ok_or_else(|| not_found(&id))?;
-    let m = fleet.manifests.get(&id).ok_or_else(|| not_found(&id))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        m.canonical.clone(),
-    )
-        .into_response())
+    published(&app, &peer, &id, "application/json", |f| {
+        f.manifests.get(&id).map(|m| m.canonical.clone())
+    })
 }
 
 /// `GET /v1/rollouts/{id}/sig`: the raw signature.
@@ -38,14 +33,23 @@ pub async fn signature(
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    require_agent_or_operator(&app, &peer)?;
-    let fleet = app.shared.fleet().ok_or_else(|| not_found(&id))?;
-    let sig = fleet.signatures.get(&id).ok_or_else(|| not_found(&id))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        sig.clone(),
-    )
-        .into_response())
+    published(&app, &peer, &id, "application/octet-stream", |f| {
+        f.signatures.get(&id).cloned()
+    })
+}
+
+/// Bytes of a verified rollout as published, or 404.
+fn published(
+    app: &App,
+    peer: &Peer,
+    id: &str,
+    content_type: &'static str,
+    pick: impl FnOnce(&FleetSnapshot) -> Option<Vec<u8>>,
+) -> ApiResult<Response> {
+    require_agent_or_operator(app, peer)?;
+    let fleet = app.shared.fleet().ok_or_else(|| not_found(id))?;
+    let bytes = pick(&fleet).ok_or_else(|| not_found(id))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
 }
 
 /// `GET /v1/rollouts/{id}/hosts/{host}`: the host's entry in a schema-2 rollout with its

@@ -247,13 +247,7 @@ fn check_signed(
     slot: &KeySlot,
     slot_name: Slot,
 ) -> Result<(Vec<u8>, SignedBy), VerifyError> {
-    if bytes.len() > limit {
-        return Err(VerifyError::TooLarge {
-            artifact,
-            size: bytes.len(),
-            limit,
-        });
-    }
+    within(bytes, artifact, limit)?;
     let canonical =
         jcs::canonicalize(bytes).map_err(|source| VerifyError::Parse { artifact, source })?;
     let signed_by = check_slot_signature(artifact, &canonical, signature, slot, slot_name)?;
@@ -429,7 +423,8 @@ pub fn verify_fleet(
 }
 
 /// What a manifest is expected to be: both checks are optional so that an auditor can
-/// verify a manifest file on its own, but every runtime caller passes both.
+/// verify a manifest file on its own. The control plane passes both; the agent, which
+/// holds no fleet, passes the rollout id of its target.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ManifestContext<'a> {
     /// The rollout id it was fetched under (URL, file name, or a check-in target).
@@ -636,18 +631,24 @@ pub fn parse_budget_list(bytes: &[u8], limits: &Limits) -> Result<Vec<String>, V
     parse_list(bytes, limits, "budget list")
 }
 
+/// Refuses input over its limit before anything parses it.
+fn within(bytes: &[u8], artifact: Artifact, limit: usize) -> Result<(), VerifyError> {
+    if bytes.len() > limit {
+        return Err(VerifyError::TooLarge {
+            artifact,
+            size: bytes.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
 fn parse_list<T: DeserializeOwned>(
     bytes: &[u8],
     limits: &Limits,
     what: &str,
 ) -> Result<T, VerifyError> {
-    if bytes.len() > limits.host_list_bytes {
-        return Err(VerifyError::TooLarge {
-            artifact: Artifact::Manifest,
-            size: bytes.len(),
-            limit: limits.host_list_bytes,
-        });
-    }
+    within(bytes, Artifact::Manifest, limits.host_list_bytes)?;
     serde_json::from_slice(bytes).map_err(|e| VerifyError::HostListsShape {
         what: what.to_owned(),
         detail: e.to_string(),
@@ -673,13 +674,7 @@ pub fn verify_host_proof(
     context: ManifestContext<'_>,
     limits: &Limits,
 ) -> Result<VerifiedEntry, VerifyError> {
-    if bytes.len() > limits.host_proof_bytes {
-        return Err(VerifyError::TooLarge {
-            artifact: Artifact::Manifest,
-            size: bytes.len(),
-            limit: limits.host_proof_bytes,
-        });
-    }
+    within(bytes, Artifact::Manifest, limits.host_proof_bytes)?;
     let shape = |detail: String| VerifyError::ProofShape { detail };
     let doc: HostProof = serde_json::from_slice(bytes).map_err(|e| shape(e.to_string()))?;
     let signature = base64::engine::general_purpose::STANDARD
@@ -815,13 +810,7 @@ fn canonical_member(
     limit: usize,
     member: &str,
 ) -> Result<(Vec<u8>, serde_json::Value), VerifyError> {
-    if bytes.len() > limit {
-        return Err(VerifyError::TooLarge {
-            artifact,
-            size: bytes.len(),
-            limit,
-        });
-    }
+    within(bytes, artifact, limit)?;
     let canonical =
         jcs::canonicalize(bytes).map_err(|source| VerifyError::Parse { artifact, source })?;
     let whole: serde_json::Value =
